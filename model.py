@@ -1,0 +1,331 @@
+"""The three towers of 3T (Kossen et al. 2023, Sec. 3 and Fig. 2), and the CLIP and LiT baselines.
+
+    f    image tower, trained from scratch   (torchvision ViT or ResNet, head -> embed_dim)
+    g    text tower, trained from scratch    (causal Transformer over bytes, pooled at EOS)
+    h    third tower: a FROZEN pretrained image classifier, classification layer removed;
+         its output is the pre-logits embedding of dimension D_h
+    f_h, g_h   linear adaptor heads on f and g, for the alignment with h
+    h_f, h_g   linear heads on h, one per pairing (drop them with tower3_heads=False, then
+               f_h and g_h map straight into D_h)
+
+`ThreeTowers` holds every *trainable* part (f, g, heads, temperatures). The frozen tower h is a
+separate `FrozenTower`: the trainer runs it under no_grad (or reads its cached output) and passes
+its embedding to `ThreeTowers.forward`. Keeping it outside makes "never in DDP, never in the
+optimiser, never in a checkpoint" true by construction.
+
+Modes (../shared/DESIGN.md):
+    clip: f, g                   -> L(f, g)
+    lit : h, g (g maps into D_h) -> L(h, g); no trainable image side at all (LiT, App. C)
+    3t  : f, g, f_h, g_h, h_f, h_g -> (L(f,g) + L(f_h,h_f) + L(g_h,h_g)) / 3
+"""
+from __future__ import annotations
+
+import math
+import os
+import urllib.error
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+from losses import PAIRS
+
+# ----------------------------------------------------------------------------------------------
+# Image tower f (also the classifier that `train.py --mode supervised` pretrains as a tower h)
+# ----------------------------------------------------------------------------------------------
+# ViT sizes: patch, width, depth, heads (MLP = 4 x width). vit-b/16 and vit-b/32 are ViT-Base
+# (Dosovitskiy et al. 2021, Table 1); the small ones are for 64x64 images on a CPU.
+VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "vit-micro": (8, 32, 1, 2),      # unit tests
+    "vit-tiny": (8, 128, 4, 4),      # the CPU default on the 64x64 shapes world
+    "vit-small": (8, 256, 6, 4),
+    "vit-s/16": (16, 384, 12, 6),
+    "vit-b/32": (32, 768, 12, 12),
+    "vit-b/16": (16, 768, 12, 12),
+    "vit-l/16": (16, 1024, 24, 16),
+}
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+IMAGE_ARCHS = tuple(VIT_PRESETS) + RESNETS
+
+
+def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = False) -> nn.Module:
+    """A torchvision ViT/ResNet from scratch whose classifier is a linear map to `out_dim`
+    (embed_dim for f; the number of classes for a supervised classifier). (B,3,S,S) -> (B,out_dim)."""
+    if arch in VIT_PRESETS:
+        patch, width, depth, heads = VIT_PRESETS[arch]
+        if image_size % patch:
+            raise ValueError(f"--image-size {image_size} is not a multiple of {arch}'s patch {patch}")
+        net = VisionTransformer(image_size=image_size, patch_size=patch, num_layers=depth,
+                                num_heads=heads, hidden_dim=width, mlp_dim=4 * width)
+        # torchvision zero-initialises the classifier; a zero embedding has no direction to
+        # normalise, so the projection gets a CLIP-like width^-0.5 init instead.
+        net.heads = nn.Linear(width, out_dim, bias=bias)
+        nn.init.normal_(net.heads.weight, std=width ** -0.5)
+        return net
+    if arch in RESNETS:
+        return getattr(torchvision.models, arch)(weights=None, num_classes=out_dim)
+    raise ValueError(f"unknown image architecture {arch!r}; choose one of {', '.join(IMAGE_ARCHS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Text tower g: a causal Transformer over byte tokens (data.ByteTokenizer), pooled at EOS
+# ----------------------------------------------------------------------------------------------
+TEXT_PRESETS: dict[str, tuple[int, int, int]] = {   # width, depth, heads
+    "micro": (32, 1, 2),
+    "tiny": (128, 4, 4),
+    "small": (256, 6, 4),
+    "base": (512, 12, 8),      # CLIP's text tower size (Radford et al. 2021, Sec. 2.4)
+}
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block with causal self-attention through the fused
+    `scaled_dot_product_attention` kernel."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor) -> Tensor:                                  # x: (B, L, W)
+        B, L, W = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(B, L, 3, self.heads, W // self.heads).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)  # (B, heads, L, W/h)
+        x = x + self.out(y.transpose(1, 2).reshape(B, L, W))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TextTower(nn.Module):
+    """g. Causal attention + pooling at the first EOS token (as CLIP does) means the PAD tokens
+    after EOS never influence the embedding, so no padding mask is needed and a batch may be
+    cut to its longest caption."""
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int,
+                 out_dim: int, eos_id: int):
+        super().__init__()
+        self.eos_id = eos_id
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.ln_final = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, out_dim, bias=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.proj.weight, std=width ** -0.5)
+
+    def forward(self, ids: Tensor) -> Tensor:                         # (B, L) -> (B, out_dim)
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        eos = (ids == self.eos_id).int().argmax(dim=1)                   # first EOS per caption
+        x = x[torch.arange(ids.shape[0], device=ids.device), eos]        # (B, W)
+        return self.proj(self.ln_final(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Third tower h: a frozen pretrained classifier without its classification layer
+# ----------------------------------------------------------------------------------------------
+class FrozenTower(nn.Module):
+    """h. Parameters never require grad; eval mode always (a parent's .train() cannot switch it,
+    so BatchNorm statistics and dropout never change); forward runs under no_grad."""
+
+    def __init__(self, backbone: nn.Module, dim: int, image_size: int, source: str):
+        super().__init__()
+        self.backbone, self.dim, self.image_size, self.source = backbone, dim, image_size, source
+        self.backbone.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "FrozenTower":
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def forward(self, image: Tensor) -> Tensor:                       # (B,3,S,S) -> (B, D_h)
+        return self.backbone(image)
+
+
+def strip_classifier(net: nn.Module) -> int:
+    """Replace the last nn.Linear of a torchvision classifier (ResNet .fc, ViT .heads.head,
+    ConvNeXt/EfficientNet .classifier[-1], ...) by Identity; return its input width, D_h."""
+    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(net).__name__} has no nn.Linear classifier to remove")
+    name, last = linears[-1]
+    parent_name, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent_name) if parent_name else net, child, nn.Identity())
+    return last.in_features
+
+
+def load_tower3(spec: str) -> FrozenTower:
+    """Build the frozen tower h from `spec`:
+
+    torchvision:ARCH:WEIGHTS   torchvision weights by name, e.g. torchvision:resnet50:IMAGENET1K_V2
+                               (downloaded into torch.hub.get_dir() on first use)
+    torchvision:ARCH:FILE      a torchvision state_dict saved to FILE for architecture ARCH
+    FILE                       a checkpoint written by `train.py --mode supervised`
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "torchvision":
+        arch, _, weights = rest.partition(":")
+        if arch not in torchvision.models.list_models(torchvision.models):
+            raise ValueError(f"--tower3 {spec!r}: unknown torchvision architecture {arch!r}")
+        if os.sep in weights or weights.endswith((".pt", ".pth")):
+            net = torchvision.models.get_model(arch, weights=None)
+            net.load_state_dict(_load_file(weights, spec))
+            image_size = 224
+        else:
+            try:
+                enum = torchvision.models.get_model_weights(arch)[weights]
+            except KeyError:
+                raise ValueError(f"--tower3 {spec!r}: {arch} has no weights {weights!r}") from None
+            try:
+                net = torchvision.models.get_model(arch, weights=enum)
+            except (urllib.error.URLError, OSError, RuntimeError) as e:
+                raise RuntimeError(
+                    f"--tower3 {spec!r}: could not download the weights ({e}). Offline? Copy "
+                    f"{enum.url.rsplit('/', 1)[-1]} into {torch.hub.get_dir()}/checkpoints/, or "
+                    f"pass --tower3 torchvision:{arch}:/path/to/state_dict.pth") from e
+            image_size = enum.transforms().crop_size[0]
+        return FrozenTower(net, strip_classifier(net), image_size, spec)
+    ckpt = _load_file(spec, spec)
+    if not isinstance(ckpt, dict) or "classifier" not in ckpt:
+        raise ValueError(f"--tower3 {spec!r}: not a `train.py --mode supervised` checkpoint "
+                         f"(no 'classifier' entry); for a torchvision state_dict use "
+                         f"torchvision:ARCH:{spec}")
+    c = ckpt["classifier"]
+    net = build_image_tower(c["arch"], c["image_size"], c["num_classes"], bias=True)
+    net.load_state_dict(ckpt["model"])
+    return FrozenTower(net, strip_classifier(net), c["image_size"], spec)
+
+
+def _load_file(path: str, spec: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--tower3 {spec!r}: no such file {path!r}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainable model of each mode
+# ----------------------------------------------------------------------------------------------
+MAX_TEMPERATURE = 100.0   # CLIP clamps t = exp(s) at 100 (Radford et al. 2021, Sec. 2.5)
+
+
+class ThreeTowers(nn.Module):
+    """Everything that trains in `mode` (clip | lit | 3t). forward(image, text, h) returns
+    L2-normalised embeddings keyed by the paper's symbols (f, g, h, f_h, g_h, h_f, h_g; only
+    those the mode uses) and one temperature t_<term> per contrastive term of losses.PAIRS
+    (plus a bias b_<term> with loss="sigmoid")."""
+
+    def __init__(self, mode: str, *, image_arch: str = "vit-tiny", image_size: int = 64,
+                 text_arch: str = "tiny", vocab_size: int = 259, context_length: int = 128,
+                 eos_id: int = 257, embed_dim: int = 128, tower3_dim: int | None = None,
+                 tower3_heads: bool = True, init_temperature: float = 10.0,
+                 loss: str = "softmax", init_bias: float = -10.0):
+        super().__init__()
+        if mode not in PAIRS:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(PAIRS)}")
+        if mode != "clip" and not tower3_dim:
+            raise ValueError(f"mode {mode!r} needs the third tower's width tower3_dim (D_h)")
+        if text_arch not in TEXT_PRESETS:
+            raise ValueError(f"unknown text architecture {text_arch!r}; choose one of "
+                             f"{', '.join(TEXT_PRESETS)}")
+        if loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown loss {loss!r}; choose softmax or sigmoid")
+        self.mode, self.tower3_heads = mode, tower3_heads
+        # LiT: the text tower projects straight into the frozen space D_h; no image side at all.
+        text_dim = tower3_dim if mode == "lit" else embed_dim
+        self.image = None if mode == "lit" else build_image_tower(image_arch, image_size, embed_dim)
+        self.text = TextTower(vocab_size, context_length, *TEXT_PRESETS[text_arch],
+                              out_dim=text_dim, eos_id=eos_id)
+        if mode == "3t":
+            head_dim = embed_dim if tower3_heads else tower3_dim
+            self.f_h = nn.Linear(embed_dim, head_dim, bias=False)
+            self.g_h = nn.Linear(embed_dim, head_dim, bias=False)
+            if tower3_heads:
+                self.h_f = nn.Linear(tower3_dim, embed_dim, bias=False)
+                self.h_g = nn.Linear(tower3_dim, embed_dim, bias=False)
+        # t = exp(s), s learnable, init t = 10 (our choice, DESIGN.md); one per term.
+        self.log_temperature = nn.ParameterDict(
+            {term: nn.Parameter(torch.tensor(math.log(init_temperature))) for term in PAIRS[mode]})
+        self.bias = nn.ParameterDict(
+            {term: nn.Parameter(torch.tensor(float(init_bias))) for term in PAIRS[mode]}
+        ) if loss == "sigmoid" else None
+
+    # -- public API -----------------------------------------------------------------------------
+    def encode_image(self, image: Tensor | None = None, h: Tensor | None = None) -> Tensor:
+        """The image embedding used at test time: f(I), or h(I) for LiT (pass h = tower3(I)).
+        Normalised, (B, D)."""
+        if self.mode == "lit":
+            return _norm(h)
+        return _norm(self.image(image))
+
+    def encode_text(self, text: Tensor) -> Tensor:
+        """g(T), normalised, (B, D)."""
+        return _norm(self.text(text))
+
+    def embed_images(self, image: Tensor | None, h: Tensor | None = None) -> dict[str, Tensor]:
+        """Image-side embeddings: f (clip, 3t); h (lit); 3t also f_h(f), h_f(h), h_g(h).
+        The head f_h reads f's unnormalised output (as g_h reads g's)."""
+        out = {}
+        if self.image is not None:
+            f = self.image(image)
+            out["f"] = _norm(f)
+        if self.mode == "lit":
+            out["h"] = _norm(h)
+        if self.mode == "3t":
+            out["f_h"] = _norm(self.f_h(f))
+            out["h_f"] = _norm(self.h_f(h) if self.tower3_heads else h)
+            out["h_g"] = _norm(self.h_g(h) if self.tower3_heads else h)
+        return out
+
+    def embed_texts(self, text: Tensor) -> dict[str, Tensor]:
+        """Text-side embeddings: g; 3t also g_h(g)."""
+        g = self.text(text)
+        out = {"g": _norm(g)}
+        if self.mode == "3t":
+            out["g_h"] = _norm(self.g_h(g))
+        return out
+
+    def temperatures(self) -> dict[str, Tensor]:
+        """t_<term> = exp(s) clamped at 100, and b_<term> for the sigmoid loss."""
+        out = {f"t_{k}": s.clamp(max=math.log(MAX_TEMPERATURE)).exp()
+               for k, s in self.log_temperature.items()}
+        if self.bias is not None:
+            out.update({f"b_{k}": b for k, b in self.bias.items()})
+        return out
+
+    @torch.no_grad()
+    def clamp_temperatures_(self) -> None:
+        """Keep the stored s <= log(100) after each optimiser step, so t never sticks above it."""
+        for s in self.log_temperature.values():
+            s.clamp_(max=math.log(MAX_TEMPERATURE))
+
+    def forward(self, image: Tensor | None, text: Tensor, h: Tensor | None = None
+                ) -> dict[str, Tensor]:
+        """image: (B,3,S,S) for f (None in lit); text: (B,L) token ids; h: (B, D_h), the frozen
+        tower's output (lit, 3t). Returns every embedding of the mode, each (B, D), unit norm,
+        float32, plus the temperatures -- the input of losses.tower_loss."""
+        return {**self.embed_images(image, h), **self.embed_texts(text), **self.temperatures()}
+
+
+def _norm(x: Tensor) -> Tensor:
+    """L2-normalise in float32 (embeddings leave bf16 autocast before any similarity)."""
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+
+
+def summary(model: ThreeTowers, tower3: FrozenTower | None = None) -> str:
+    """Trainable and frozen parameter counts per tower, for the training log."""
+    rows = [(name, sum(p.numel() for p in child.parameters()))
+            for name, child in model.named_children()]
+    lines = [f"{'part':<18}{'trainable':>14}{'frozen':>14}"]
+    lines += [f"{name:<18}{n:>14,}{0:>14,}" for name, n in rows]
+    if tower3 is not None:
+        lines.append(f"{'h (' + tower3.source[:12] + ')':<18}{0:>14,}"
+                     f"{sum(p.numel() for p in tower3.parameters()):>14,}")
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines.append(f"{'total':<18}{total:>14,}{'':>14}")
+    return "\n".join(lines)
