@@ -84,6 +84,10 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+# torch >= 2.10 renames all_gather_into_tensor to all_gather_single; requirements allow torch 2.4.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _GatherRows(torch.autograd.Function):
     """all_gather along dim 0. Backward: each rank's gradient w.r.t. the gathered tensor is
     summed over ranks (all_reduce SUM) and the rows of the local shard are returned -- the
@@ -94,7 +98,7 @@ class _GatherRows(torch.autograd.Function):
         rank, world = _world()
         ctx.rank, ctx.n = rank, x.shape[0]
         out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        _all_gather(out, x.contiguous())
         return out
 
     @staticmethod

@@ -1,0 +1,223 @@
+"""train.py end to end on a tiny preset: every mode, exact resume, the frozen tower, the cache,
+non-finite steps, and real multi-process runs (torchrun on 127.0.0.1 with gloo)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--image-arch", "vit-micro", "--text-arch", "micro", "--image-size", "32", "--embed-dim", "16",
+        "--batch-size", "8", "--train-samples", "64", "--workers", "0", "--eval-images", "24",
+        "--warmup", "2", "--log-every", "1", "--quiet"]
+
+
+def tiny(tmp_path, *extra, out="run"):
+    return TINY + ["--out", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache")] + list(extra)
+
+
+def weights(path) -> dict:
+    return torch.load(os.path.join(path, "ckpt.pt"), weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def tower3_file(tmp_path_factory):
+    """A genuinely (if briefly) pretrained third tower, from our own supervised mode."""
+    tmp = tmp_path_factory.mktemp("tower3")
+    result = train.main(tiny(tmp, "--mode", "supervised", "--steps", "15", "--lr", "3e-3", out="sup"))
+    assert 0.0 <= result["test/top1"] <= 1.0
+    return str(tmp / "sup" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("mode", ["clip", "lit", "3t"])
+def test_main_end_to_end(tmp_path, tower3_file, mode):
+    result = train.main(tiny(tmp_path, "--mode", mode, "--steps", "4", "--tower3", tower3_file))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert (ckpt["format"], ckpt["mode"], ckpt["step"]) == ("3t-v1", mode, 4)
+    assert not any(k.startswith("tower3") or "backbone" in k for k in ckpt["model"])  # h is not stored
+    assert ckpt["tower3"] == (None if mode == "clip" else tower3_file)
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    train_lines = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
+    terms = {"clip": {"fg"}, "lit": {"hg"}, "3t": {"fg", "fh", "gh"}}[mode]
+    assert {k.split("/")[1] for k in train_lines[0] if k.startswith("loss/")} == terms
+    assert "zeroshot/object/top1" in result and "retrieval/i2t/R@1" in result
+    assert any(k.startswith("tower3/") for k in result) == (mode == "3t")
+
+
+def test_auto_tower3_is_pretrained_once_then_reused(tmp_path, capsys):
+    args = tiny(tmp_path, "--mode", "lit", "--steps", "2", "--tower3-steps", "3", "--eval-data", "none")
+    train.main(args)
+    first = capsys.readouterr().out
+    assert "no pretrained third tower yet: pretraining one" in first
+    tower = [f for f in os.listdir(tmp_path / "cache") if f.startswith("tower3-") and f.endswith(".pt")]
+    assert len(tower) == 1
+    saved = torch.load(tmp_path / "cache" / tower[0], weights_only=True)
+    assert saved["mode"] == "supervised" and saved["classifier"]["num_classes"] > 1
+    train.main(tiny(tmp_path, "--mode", "lit", "--steps", "2", "--tower3-steps", "3", "--eval-data", "none",
+                    out="run2"))
+    assert "pretraining one" not in capsys.readouterr().out
+
+
+def test_supervised_checkpoint_loads_as_tower3(tower3_file):
+    from model import load_tower3
+    tower3 = load_tower3(tower3_file)
+    assert tower3.dim == 32 and tower3.image_size == 32        # vit-micro width, --image-size
+    assert tower3(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+
+
+def test_resume_is_exact(tmp_path, tower3_file, monkeypatch):
+    common = ["--mode", "3t", "--tower3", tower3_file, "--steps", "12", "--save-every", "5",
+              "--train-samples", "40", "--eval-data", "none"]   # 5 steps per epoch: crosses epochs
+    train.main(tiny(tmp_path, *common, out="straight"))
+    real, calls = train.train_step, [0]
+
+    def crash_at_step_8(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 8:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny(tmp_path, *common, out="interrupted"))
+    assert torch.load(tmp_path / "interrupted" / "ckpt.pt", weights_only=True)["step"] == 5
+    monkeypatch.setattr(train, "train_step", real)
+    train.main(tiny(tmp_path, *common, "--resume", "latest", out="interrupted"))
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "interrupted")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+
+
+def test_frozen_tower_unchanged_and_outside_optimizer(tmp_path, tower3_file, monkeypatch):
+    seen = {}
+    real_load, real_opt = train.load_tower3, train.build_optimizer
+
+    def spy_load(spec):
+        seen["tower3"] = real_load(spec)
+        seen["before"] = {k: v.clone() for k, v in seen["tower3"].state_dict().items()}
+        return seen["tower3"]
+
+    def spy_opt(model, args):
+        seen["opt"] = real_opt(model, args)
+        return seen["opt"]
+    monkeypatch.setattr(train, "load_tower3", spy_load)
+    monkeypatch.setattr(train, "build_optimizer", spy_opt)
+    train.main(tiny(tmp_path, "--mode", "3t", "--tower3", tower3_file, "--steps", "3", "--no-cache-tower3",
+                    "--eval-data", "none", "--lr", "1e-2"))
+    after = seen["tower3"].state_dict()
+    assert all(torch.equal(seen["before"][k], after[k]) for k in after)
+    frozen = {id(p) for p in seen["tower3"].parameters()}
+    assert not any(id(p) in frozen for g in seen["opt"].param_groups for p in g["params"])
+    no_decay = {id(p) for p in seen["opt"].param_groups[1]["params"]}
+    assert len(no_decay) > 0 and all(g["weight_decay"] == 0 for g in seen["opt"].param_groups[1:])
+
+
+def test_cache_reused_invalidated_and_equivalent(tmp_path, tower3_file, capsys):
+    base = ["--mode", "3t", "--tower3", tower3_file, "--steps", "3", "--eval-data", "none"]
+    train.main(tiny(tmp_path, *base, out="cached"))
+    assert "reusing cached" not in capsys.readouterr().out
+    caches = [f for f in os.listdir(tmp_path / "cache") if f.startswith("h-")]
+    assert len(caches) == 1
+    train.main(tiny(tmp_path, *base, out="cached2"))
+    assert "reusing cached" in capsys.readouterr().out
+    # a file under the right name whose contents do not match is recomputed, never used
+    path = tmp_path / "cache" / caches[0]
+    stale = torch.load(path, weights_only=True)
+    torch.save({"fingerprint": "0" * 16, "h": torch.zeros_like(stale["h"])}, path)
+    train.main(tiny(tmp_path, *base, out="cached3"))
+    assert "is stale: recomputing" in capsys.readouterr().out
+    torch.testing.assert_close(torch.load(path, weights_only=True)["h"], stale["h"])
+    # other data -> another fingerprint, another file
+    train.main(tiny(tmp_path, *base, "--train-samples", "48", out="cached4"))
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("h-")]) == 2
+    # training on cached embeddings equals training with h run every step
+    train.main(tiny(tmp_path, *base, "--no-cache-tower3", out="uncached"))
+    a, b = weights(tmp_path / "cached"), weights(tmp_path / "uncached")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    real, calls = train.tower_loss, [0]
+
+    def nan_on_second_call(out, mode, w):
+        calls[0] += 1
+        loss, metrics = real(out, mode, w)
+        return (loss * float("nan") if calls[0] == 2 else loss), metrics
+    monkeypatch.setattr(train, "tower_loss", nan_on_second_call)
+    train.main(tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none"))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and calls[0] == 4                          # one batch skipped
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    monkeypatch.setattr(train, "tower_loss", lambda out, mode, w: (real(out, mode, w)[0] * float("inf"), {}))
+    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "5", "--max-nonfinite", "3",
+                        "--eval-data", "none", out="run2"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mode", "3t", "--loss-weights", "1,2"], "expected 3 comma-separated numbers for the terms fg,fh,gh"),
+    (["--mode", "lit", "--train-data", "pairs.csv"], "--tower3 auto only works with --train-data shapes"),
+    (["--mode", "bogus"], "invalid choice: 'bogus'"),
+    (["--mode", "clip", "--bogus-flag", "1"], "unrecognized arguments: --bogus-flag"),
+])
+def test_bad_flags_fail_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        train.main(argv + ["--out", str(tmp_path / "run")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------- many processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, env=None, timeout=240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_two_processes_train_like_one_with_the_global_batch(tmp_path, tower3_file):
+    """DDP on 2 ranks x batch 8 follows the same trajectory as 1 process x batch 16: the loss sees
+    the global batch and DDP's averaging gives the global gradient (losses.py convention)."""
+    common = ["--mode", "3t", "--tower3", tower3_file, "--steps", "4", "--eval-data", "none"]
+    r = torchrun("--standalone", "--nproc_per_node=2", "train.py", *tiny(tmp_path, *common, out="ddp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = tiny(tmp_path, *common, out="single")
+    one[one.index("--batch-size") + 1] = "16"
+    train.main(one)
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_two_nodes_on_localhost(tmp_path, tower3_file):
+    port = free_port()
+    args = tiny(tmp_path, "--mode", "3t", "--tower3", tower3_file, "--steps", "3", "--eval-data", "none")
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test", "train.py", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in range(2)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 process(es)" in "".join(outputs)
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_elastic_restart_resumes(tmp_path, tower3_file):
+    args = tiny(tmp_path, "--mode", "clip", "--steps", "6", "--save-every", "2", "--eval-data", "none")
+    r = torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=1", "tests/elastic_entry.py", *args,
+                 env={"ELASTIC_TEST_FAIL_AT": "4"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "simulated node failure" in r.stderr
+    assert "[resume]" in r.stdout and "step 2" in r.stdout
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 6

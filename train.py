@@ -1,0 +1,562 @@
+"""Train CLIP, LiT or Three Towers (3T) -- or pretrain a third tower -- from one file.
+
+    python train.py --mode 3t                                       # one process, CPU or GPU
+    torchrun --standalone --nproc_per_node=2 train.py --mode 3t      # one machine, 2 processes
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv-backend c10d \
+             --rdzv-endpoint=HOST:29500 train.py --mode 3t ...        # many nodes
+
+The loop is visible in `train()`: data -> (cached) frozen tower h -> towers f, g and heads under
+DDP -> losses.tower_loss -> AdamW. What 3T changes relative to CLIP is only which embeddings the
+loss compares (losses.PAIRS) and that the frozen tower's embeddings enter the batch (Sec. 3 of
+Kossen et al. 2023). `--mode supervised` trains an image classifier whose checkpoint `--tower3`
+loads as a pretrained third tower; that is how an offline user gets one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from losses import PAIRS, default_weights, tower_loss
+from model import IMAGE_ARCHS, TEXT_PRESETS, FrozenTower, ThreeTowers, build_image_tower, load_tower3, summary
+
+CHECKPOINT_FORMAT = "3t-v1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags. Defaults are the CPU preset: the embedded shapes world, small towers, minutes on 2 cores.
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--mode", default="3t", choices=["clip", "lit", "3t", "supervised"],
+      help="clip: f,g from scratch; lit: frozen h + text tower; 3t: f,g + third tower h (the paper); "
+           "supervised: train an image classifier to use later as --tower3")
+    # data
+    a("--train-data", default="shapes",
+      help="'shapes' (embedded synthetic world, no download), a .csv/.tsv of image paths + captions, "
+           "or tar shards like 'data/{00000..00099}.tar' (img2dataset layout); for --mode supervised: "
+           "'shapes' or an ImageFolder root")
+    a("--train-samples", type=int, default=50_000, help="shapes/CSV: number of training pairs (scarce regime: fewer)")
+    a("--caption-noise", type=float, default=0.0,
+      help="shapes/CSV: fraction of pairs whose caption belongs to another image (noisy web regime)")
+    a("--label", default="object", choices=["object", "scene", "position_size"],
+      help="--mode supervised on shapes: which labels to learn (object ~ JFT-like, scene ~ Places-like)")
+    a("--csv-img-key", default="filepath", help="CSV column with image paths (relative to the CSV file)")
+    a("--csv-caption-key", default="title", help="CSV column with captions")
+    a("--csv-separator", default=None, help="CSV separator (default: tab for .tsv, comma for .csv)")
+    a("--max-bad-fraction", type=float, default=0.1,
+      help="tar shards: stop with an error when more than this fraction of a shard's samples is unreadable")
+    a("--workers", type=int, default=1, help="DataLoader worker processes per rank (0: load in the main process)")
+    a("--eval-data", default="shapes", help="periodic evaluation: 'shapes' or 'none'")
+    a("--eval-images", type=int, default=500, help="images per periodic zero-shot / retrieval evaluation")
+    # towers
+    a("--image-arch", default="vit-tiny", choices=IMAGE_ARCHS, help="image tower f (or the classifier in supervised mode)")
+    a("--image-size", type=int, default=64, help="input resolution of f (the shapes world renders at this size)")
+    a("--text-arch", default="tiny", choices=list(TEXT_PRESETS), help="text tower g (base = CLIP's 512x12)")
+    a("--context-length", type=int, default=128, help="bytes per caption incl. BOS/EOS (byte-level tokenizer)")
+    a("--embed-dim", type=int, default=128, help="width of the shared embedding space of f, g and the heads")
+    a("--tower3", default="auto",
+      help="third tower h for lit/3t: torchvision:ARCH:WEIGHTS (e.g. torchvision:resnet50:IMAGENET1K_V2), "
+           "torchvision:ARCH:/path/state_dict.pth, a --mode supervised checkpoint, or 'auto' (shapes only: "
+           "pretrain one on the shapes world's --tower3-label labels on first use, then reuse it)")
+    a("--tower3-label", default="object", choices=["object", "scene"], help="labels of the auto-pretrained tower")
+    a("--tower3-steps", type=int, default=300, help="steps of the auto-pretrained tower")
+    a("--no-tower3-heads", action="store_true",
+      help="3t: drop the heads h_f, h_g on the frozen embedding; f_h, g_h then map straight into D_h")
+    a("--cache-tower3", action=argparse.BooleanOptionalAction, default=True,
+      help="compute the frozen tower's embeddings of a finite dataset once and reuse them (LiT Sec. 5.6)")
+    a("--cache-dir", default="cache", help="where third-tower caches and auto-pretrained towers live")
+    # loss
+    a("--loss", default="softmax", choices=["softmax", "sigmoid"],
+      help="softmax: the paper's contrastive loss; sigmoid: SigLIP's pairwise loss (an extension)")
+    a("--loss-weights", default=None,
+      help="3t: weights of the terms fg,fh,gh, e.g. '0.5,0.25,0.25' (default 1/3 each, Eq. 2)")
+    a("--init-temperature", type=float, default=10.0, help="initial t = exp(s) of every term (clamped at 100)")
+    # optimisation
+    a("--batch-size", type=int, default=64, help="per rank; the contrastive batch is batch-size x world size")
+    a("--steps", type=int, default=None, help="optimiser steps (default: --epochs over the data)")
+    a("--epochs", type=float, default=None, help="passes over the data when --steps is not given (default 1)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
+    a("--wd", type=float, default=0.1, help="AdamW weight decay (not on biases, norms, embeddings, temperatures)")
+    a("--beta2", type=float, default=0.98, help="AdamW beta2 (CLIP's 0.98 is steadier than 0.999)")
+    a("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
+    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    a("--max-nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+      help="auto: bf16 autocast + TF32 on CUDA, fp32 on CPU (bf16 is far slower on most CPUs)")
+    a("--compile", action="store_true", help="torch.compile the towers (before DDP)")
+    a("--seed", type=int, default=0, help="seeds the towers, the data order and the shapes world")
+    # output
+    a("--out", "--logs", dest="out", default=None, help="run folder (default runs/<mode>-s<seed>)")
+    a("--resume", default=None, help="'latest' (the run folder's ckpt.pt, if any) or a checkpoint path")
+    a("--save-every", type=int, default=200, help="write ckpt.pt every N steps (and at the end)")
+    a("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    a("--log-every", type=int, default=10, help="write averaged metrics to metrics.jsonl every N steps")
+    a("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"{args.mode}-s{args.seed}")
+    if args.loss_weights is not None and args.mode in PAIRS:
+        try:
+            values = [float(x) for x in args.loss_weights.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != len(PAIRS[args.mode]):
+            p.error(f"--loss-weights {args.loss_weights!r}: expected {len(PAIRS[args.mode])} comma-separated "
+                    f"numbers for the terms {','.join(PAIRS[args.mode])} of --mode {args.mode}")
+        args.weights = dict(zip(PAIRS[args.mode], values))
+    else:
+        args.weights = default_weights(args.mode) if args.mode in PAIRS else {}
+    if args.tower3 == "auto" and args.mode in ("lit", "3t") and args.train_data != "shapes":
+        p.error(f"--tower3 auto only works with --train-data shapes; for {args.train_data!r} give e.g. "
+                f"--tower3 torchvision:resnet50:IMAGENET1K_V2")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes and devices (torchrun's RANK / LOCAL_RANK / WORLD_SIZE; a plain `python` run is rank 0)
+# ----------------------------------------------------------------------------------------------
+class Env:
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            if "OMP_NUM_THREADS" not in os.environ:   # share the cores between local ranks
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        self.owns_group = self.world > 1 and not dist.is_initialized()
+        if self.owns_group:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.master = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def log(env: Env, message: str) -> None:
+    if env.master:
+        tqdm.write(message)
+
+
+def autocast(args: argparse.Namespace, env: Env):
+    """bf16 autocast on CUDA (the paper's towers train in bf16); nothing on CPU."""
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
+    if bf16:
+        return torch.autocast(env.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# The third tower: source, auto-pretraining on the shapes world, and the embedding cache
+# ----------------------------------------------------------------------------------------------
+def resolve_tower3(args: argparse.Namespace, env: Env) -> FrozenTower:
+    """Load h. 'auto' on the shapes world pretrains a classifier once (supervised mode, all ranks)
+    and caches it, so the default run uses a genuinely pretrained tower, never a random one."""
+    spec = args.tower3
+    if spec == "auto":
+        spec = os.path.abspath(os.path.join(
+            args.cache_dir, f"tower3-shapes-{args.tower3_label}-{args.image_arch}-{args.image_size}px"
+                            f"-s{args.seed}-{args.tower3_steps}steps.pt"))
+        if not os.path.exists(spec):
+            log(env, f"[tower3] no pretrained third tower yet: pretraining one on the shapes world's "
+                     f"'{args.tower3_label}' labels ({args.tower3_steps} steps, supervised); it is saved "
+                     f"to {spec} and reused by later runs")
+            folder = spec[:-3]
+            run(parse_args(["--mode", "supervised", "--label", args.tower3_label, "--image-arch", args.image_arch,
+                            "--image-size", str(args.image_size), "--steps", str(args.tower3_steps),
+                            "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--lr", "2e-3",
+                            "--workers", str(args.workers), "--eval-images", str(args.eval_images),
+                            "--out", folder, "--resume", "latest"] + (["--quiet"] if args.quiet else [])), env)
+            if env.master:   # a slim copy, written only once pretraining has finished
+                ckpt = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True)
+                atomic_save({k: ckpt[k] for k in ("format", "mode", "classifier", "model", "args")}, spec)
+            env.barrier()
+    tower3 = load_tower3(spec).to(env.device)
+    log(env, f"[tower3] {spec}: D_h = {tower3.dim}, input {tower3.image_size}px, frozen")
+    return tower3
+
+
+def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset) -> torch.Tensor | None:
+    """h(x_i) for every sample i of a finite dataset, computed once (sharded over ranks, gathered)
+    and stored on disk under a fingerprint of the tower's weights and the data. A cache whose
+    fingerprint does not match is recomputed, never used."""
+    if not args.cache_tower3:
+        return None
+    if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
+        log(env, "[tower3] streaming data: no cache, h runs every step")
+        return None
+    digest = hashlib.sha256()
+    for t in tower3.state_dict().values():
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps([args.train_data, len(dataset), args.seed, args.image_size, tower3.image_size,
+                              _data_stamp(args.train_data)]).encode())
+    fingerprint = digest.hexdigest()[:16]
+    path = os.path.join(args.cache_dir, f"h-{fingerprint}.pt")
+    if os.path.exists(path):
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("fingerprint") == fingerprint and cached["h"].shape == (len(dataset), tower3.dim):
+            log(env, f"[tower3] reusing cached embeddings {path}")
+            return cached["h"].to(env.device)
+        log(env, f"[tower3] cache {path} is stale: recomputing")
+    loader = data.make_loader(dataset, 256, workers=args.workers, rank=env.rank, world_size=env.world,
+                              shuffle=False, drop_last=False)
+    h = torch.zeros(len(dataset), tower3.dim, device=env.device)
+    for batch in tqdm(loader, desc="caching h", disable=not env.master or args.quiet):
+        with autocast(args, env):
+            h[batch["index"].to(env.device)] = tower3(_tower3_view(batch, tower3, env.device)).float()
+    if env.world > 1:
+        dist.all_reduce(h)   # every index was written by exactly one rank (padded repeats excepted)
+        h = h / _coverage(len(dataset), env.world).to(env.device)[:, None]
+    if env.master:
+        os.makedirs(args.cache_dir, exist_ok=True)
+        atomic_save({"fingerprint": fingerprint, "h": h.cpu()}, path)
+    env.barrier()
+    return h
+
+
+def _coverage(n: int, world: int) -> torch.Tensor:
+    """How many ranks saw each index with drop_last=False (the sampler pads by wrapping)."""
+    count = torch.ones(n)
+    count[: (-n) % world] += 1
+    return count
+
+
+def _data_stamp(spec: str) -> list:
+    return [os.path.getmtime(spec), os.path.getsize(spec)] if os.path.isfile(spec) else []
+
+
+def _tower3_view(batch: dict, tower3: FrozenTower, device: torch.device) -> torch.Tensor:
+    """The third tower's own input view (its size may differ from f's)."""
+    return batch.get("image_h", batch["image"]).to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser, schedule, checkpoints
+# ----------------------------------------------------------------------------------------------
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on weight matrices -- not on biases, norms, embeddings (token,
+    positional, class token) or the temperatures/biases of the loss (CLIP, Sec. 2.5)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "embedding" in name or "class_token" in name or name.startswith(("log_temperature", "bias."))
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def atomic_save(obj: dict, path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def find_resume(args: argparse.Namespace) -> str | None:
+    """--resume latest -> the run folder's ckpt.pt; also after an elastic restart by torchrun
+    (--max-restarts), so a restarted worker continues instead of starting over."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    latest = os.path.join(args.out, "ckpt.pt")
+    if args.resume == "latest" or (args.resume is None and restarted):
+        return latest if os.path.exists(latest) else None
+    if args.resume and not os.path.exists(args.resume):
+        raise SystemExit(f"--resume {args.resume!r}: no such checkpoint")
+    return args.resume
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def build(args: argparse.Namespace, env: Env):
+    """Model, frozen tower (lit/3t), training data, and the per-step batch -> loss function."""
+    tokenizer = data.ByteTokenizer(args.context_length)
+    torch.manual_seed(args.seed)          # identical initial weights on every rank
+    if args.mode == "supervised":
+        dataset = data.make_labelled_dataset(args.train_data, "pretrain", label=args.label, image_size=args.image_size,
+                                             num_samples=args.train_samples, seed=args.seed)
+        classnames = list(getattr(dataset, "classnames", getattr(dataset, "classes", [])))
+        model = build_image_tower(args.image_arch, args.image_size, len(classnames), bias=True)
+        config = {"arch": args.image_arch, "image_size": args.image_size, "num_classes": len(classnames),
+                  "classnames": classnames}
+        return model, config, None, dataset, tokenizer
+    tower3 = resolve_tower3(args, env) if args.mode != "clip" else None
+    h_size = tower3.image_size if tower3 is not None and tower3.image_size != args.image_size else None
+    dataset = data.make_pairs_dataset(
+        args.train_data, "train", tokenizer=tokenizer, image_size=args.image_size, tower3_image_size=h_size,
+        num_samples=args.train_samples if args.train_data == "shapes" or args.train_data.endswith((".csv", ".tsv"))
+        else None, caption_noise=args.caption_noise, seed=args.seed, rank=env.rank, world_size=env.world,
+        csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
+        max_bad_fraction=args.max_bad_fraction)
+    config = dict(mode=args.mode, image_arch=args.image_arch, image_size=args.image_size, text_arch=args.text_arch,
+                  vocab_size=tokenizer.vocab_size, context_length=args.context_length, eos_id=tokenizer.EOS,
+                  embed_dim=args.embed_dim, tower3_dim=tower3.dim if tower3 else None,
+                  tower3_heads=not args.no_tower3_heads, init_temperature=args.init_temperature, loss=args.loss)
+    torch.manual_seed(args.seed)
+    return ThreeTowers(**config), config, tower3, dataset, tokenizer
+
+
+def train_step(args, env, ddp_model, batch, tower3, h_cache, weights) -> tuple[torch.Tensor, dict]:
+    """One forward pass: batch -> (loss, metrics). The frozen tower runs under no_grad outside DDP
+    (or is read from the cache); only the trainable towers run inside the DDP wrapper."""
+    image = batch["image"].to(env.device, non_blocking=True)
+    with autocast(args, env):
+        if args.mode == "supervised":
+            logits = ddp_model(image)
+            labels = batch["label"].to(env.device, non_blocking=True)
+            loss = F.cross_entropy(logits.float(), labels)
+            return loss, {"loss/ce": loss.detach(), "acc/train": (logits.argmax(1) == labels).float().mean()}
+        text = batch["text"]
+        text = text[:, : int((text != data.ByteTokenizer.PAD).sum(1).max())]   # cut padding (CPU, no sync)
+        text = text.to(env.device, non_blocking=True)
+        h = None
+        if tower3 is not None:
+            h = h_cache[batch["index"].to(env.device)] if h_cache is not None else \
+                tower3(_tower3_view(batch, tower3, env.device))
+        out = ddp_model(image if args.mode != "lit" else None, text, h)
+        return tower_loss(out, args.mode, weights)
+
+
+def run(args: argparse.Namespace, env: Env) -> dict:
+    """Train according to args on the processes of env; returns the final metrics."""
+    os.makedirs(args.out, exist_ok=True)
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model, config, tower3, dataset, tokenizer = build(args, env)
+    model.to(env.device)
+    torch.manual_seed(args.seed + env.rank)   # after the identical init: per-rank randomness
+    log(env, f"[{args.mode}] {env.world} process(es) on {env.device.type}; data {args.train_data!r}\n"
+             + (summary(model, tower3) if args.mode != "supervised" else
+                f"classifier {args.image_arch}: {sum(p.numel() for p in model.parameters()):,} parameters"))
+    optimizer = build_optimizer(model, args)
+    weights = args.weights
+    per_epoch = len(dataset) // (args.batch_size * env.world) if hasattr(dataset, "__len__") else None
+    if args.steps is None and per_epoch is None:
+        raise SystemExit("--steps is required for streaming (tar-shard) data")
+    total = args.steps or max(1, int((args.epochs or 1) * per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, total))
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    data_errors: Counter = Counter()
+    resume = find_resume(args)
+    if resume:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("mode") != args.mode:
+            raise SystemExit(f"--resume {resume!r}: not a {CHECKPOINT_FORMAT} checkpoint of mode {args.mode}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        data_errors.update(ckpt.get("data_errors", {}))
+        set_rng_state(ckpt["rng"][env.rank])
+        log(env, f"[resume] {resume}: step {step}, epoch {epoch}, batch {batch_in_epoch}")
+
+    h_cache = tower3_cache(args, env, tower3, dataset) if tower3 is not None else None
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)              # compile first, then wrap: DDP sees the compiled graph
+    ddp_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.world > 1 else model
+    loader = data.make_loader(dataset, args.batch_size, workers=args.workers, rank=env.rank, world_size=env.world,
+                              seed=args.seed, start_batch=batch_in_epoch, pin_memory=env.device.type == "cuda")
+    data.set_epoch(loader, epoch)
+    suite = build_suite(args, tokenizer) if env.master else None
+
+    def save(final: bool = False) -> None:
+        rngs = [None] * env.world
+        if env.world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if env.master:
+            ckpt = {"format": CHECKPOINT_FORMAT, "mode": args.mode, "args": vars(args), "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rngs, "data_errors": dict(data_errors)}
+            if args.mode == "supervised":
+                ckpt["classifier"] = config
+            else:
+                ckpt["model_config"], ckpt["tower3"] = config, tower3.source if tower3 is not None else None
+            atomic_save(ckpt, os.path.join(args.out, "ckpt.pt"))
+
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if env.master else None
+    bar = tqdm(total=total, initial=step, desc=args.mode, disable=not env.master or args.quiet, dynamic_ncols=True)
+    running: dict[str, float] = Counter()
+    nonfinite, t_last, n_last = 0, time.time(), 0
+    raw_model.train()
+    batches = iter(loader)
+    while step < total:
+        try:
+            batch = next(batches)
+        except StopIteration:                     # end of an epoch: reshuffle and go on
+            epoch, batch_in_epoch = epoch + 1, 0
+            data.set_epoch(loader, epoch)
+            batches = iter(loader)
+            continue
+        batch_in_epoch += 1
+        data_errors.update(batch.get("data_errors", {}))
+        loss, metrics = train_step(args, env, ddp_model, batch, tower3, h_cache, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # One host sync per step: a non-finite loss makes the (all-reduced, so rank-identical)
+        # gradient norm non-finite, and every rank skips the same step.
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(norm).item():
+            nonfinite += 1
+            log(env, f"[warn] step {step}: non-finite loss/gradient, step skipped ({nonfinite} in a row)")
+            if nonfinite >= args.max_nonfinite:
+                raise FloatingPointError(f"{nonfinite} non-finite steps in a row at step {step}: lower --lr, "
+                                         f"check the data, or use --precision fp32")
+            continue
+        nonfinite = 0
+        optimizer.step()
+        scheduler.step()
+        if args.mode != "supervised":
+            raw_model.clamp_temperatures_()
+        step += 1
+        for k, v in {"loss": loss.detach(), **metrics}.items():
+            running[k] += v
+        running["n"] += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == total:
+            record = reduce_metrics(running, env)
+            now = time.time()
+            record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
+                          samples_per_s=(step - n_last) * args.batch_size * env.world / (now - t_last),
+                          data_errors=dict(data_errors))
+            t_last, n_last, running = now, step, Counter()
+            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "lr", "samples_per_s")
+                             or k.startswith("t/")})
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+        if step % args.save_every == 0 or step == total:
+            save()
+        if args.eval_every and step % args.eval_every == 0 and step < total:
+            periodic_eval(args, env, raw_model, tower3, suite, step, metrics_file)
+    bar.close()
+    final = periodic_eval(args, env, raw_model, tower3, suite, step, metrics_file)
+    if data_errors:
+        log(env, f"[data] skipped samples: {dict(data_errors)}")
+    env.barrier()
+    if metrics_file:
+        metrics_file.close()
+    return final
+
+
+def reduce_metrics(running: dict, env: Env) -> dict[str, float]:
+    """Mean of the accumulated metrics over steps and ranks (one all_reduce per log line)."""
+    keys = sorted(k for k in running if k != "n")
+    values = torch.stack([torch.as_tensor(running[k], dtype=torch.float32, device=env.device) for k in keys])
+    values = values / running["n"]
+    if env.world > 1:
+        dist.all_reduce(values)
+        values /= env.world
+    return dict(zip(keys, values.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation during and after training (eval.py holds the tasks; rank 0 runs them on the raw model)
+# ----------------------------------------------------------------------------------------------
+def build_suite(args: argparse.Namespace, tokenizer: data.ByteTokenizer):
+    """The held-out tasks, built once: zero-shot + retrieval (eval.py), or held-out accuracy for a
+    classifier on the shapes world."""
+    if args.eval_data == "none" or args.train_data != "shapes":
+        return None
+    if args.mode == "supervised":
+        return data.make_labelled_dataset("shapes", "test", label=args.label, image_size=args.image_size,
+                                          num_samples=args.eval_images, seed=args.seed)
+    import eval as evaluation
+    return evaluation.build_eval_suite("shapes", tokenizer=tokenizer, image_size=args.image_size,
+                                       num_images=args.eval_images, seed=args.seed)
+
+
+@torch.no_grad()
+def classifier_accuracy(model: torch.nn.Module, dataset, device: torch.device) -> dict[str, float]:
+    model.eval()
+    correct = 0
+    for batch in data.make_loader(dataset, 256, shuffle=False, drop_last=False):
+        correct += (model(batch["image"].to(device)).argmax(1).cpu() == batch["label"]).sum().item()
+    model.train()
+    return {"test/top1": correct / len(dataset)}
+
+
+def periodic_eval(args, env, model, tower3, suite, step, metrics_file) -> dict[str, float]:
+    """Evaluate on rank 0 while the other ranks wait; log a line and a JSONL record."""
+    results: dict[str, float] = {}
+    if env.master and suite is not None:
+        if args.mode == "supervised":
+            results = classifier_accuracy(model, suite, env.device)
+        else:
+            import eval as evaluation
+            alphas = (1.0, 0.5, 0.0) if args.mode == "3t" else (1.0,)
+            with autocast(args, env):
+                results = evaluation.evaluate(model, tower3, suite, device=env.device, alphas=alphas)
+        shown = {k: v for k, v in results.items() if k.endswith(("top1", "R@1")) and "@" not in k.split("/")[0]}
+        log(env, f"[eval] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+        if metrics_file:
+            metrics_file.write(json.dumps({"step": step, "eval": results}) + "\n")
+            metrics_file.flush()
+    env.barrier()
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Entry point for `python train.py`, `torchrun train.py` and tests (`main([...])`)."""
+    args = parse_args(argv)
+    env = Env()
+    try:
+        return run(args, env)
+    finally:
+        env.close()
+
+
+if __name__ == "__main__":
+    main()
