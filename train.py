@@ -394,9 +394,13 @@ def run(args: argparse.Namespace, env: Env) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        if len(ckpt["ranks"]) != env.world:
+            raise SystemExit(f"--resume {resume!r} was written by {len(ckpt['ranks'])} processes; resume it "
+                             f"with the same number (now {env.world}) to continue exactly")
+        mine = ckpt["ranks"][env.rank]
+        step, epoch, batch_in_epoch = ckpt["step"], mine["epoch"], mine["batch_in_epoch"]
         data_errors.update(ckpt.get("data_errors", {}))
-        set_rng_state(ckpt["rng"][env.rank])
+        set_rng_state(mine["rng"])
         log(env, f"[resume] {resume}: step {step}, epoch {epoch}, batch {batch_in_epoch}")
 
     h_cache = tower3_cache(args, env, tower3, dataset) if tower3 is not None else None
@@ -410,16 +414,19 @@ def run(args: argparse.Namespace, env: Env) -> dict:
     data.set_epoch(loader, epoch)
     suite = build_suite(args, tokenizer) if env.master else None
 
-    def save(final: bool = False) -> None:
-        rngs = [None] * env.world
+    def save() -> None:
+        # Each rank's RNG state and data position (streaming shards may put ranks at different
+        # points of an epoch), gathered so one file resumes every rank exactly.
+        mine = {"rng": rng_state(), "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+        ranks = [None] * env.world
         if env.world > 1:
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(ranks, mine)
         else:
-            rngs = [rng_state()]
+            ranks = [mine]
         if env.master:
             ckpt = {"format": CHECKPOINT_FORMAT, "mode": args.mode, "args": vars(args), "model": raw_model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rngs, "data_errors": dict(data_errors)}
+                    "ranks": ranks, "data_errors": dict(data_errors)}
             if args.mode == "supervised":
                 ckpt["classifier"] = config
             else:

@@ -1,0 +1,1039 @@
+"""Data: byte tokenizer, the embedded "shapes" world, CSV / tar-shard readers, and loaders.
+
+3T (Kossen et al. 2023) trains image and text towers on web image-text pairs while a third, frozen tower
+comes from a classifier pretrained on labelled images: JFT, ImageNet-21k, or Places365, whose scene
+labels cover little of what captions say (there 3T beats LiT, per the abstract). The embedded world
+reproduces that set-up in miniature, with no download:
+
+* paired data       -> ShapesPairs (captions in varied templates, optional web-like caption noise)
+* labelled data     -> ShapesLabelled: "object" labels (shape x colour, like JFT) or "scene" labels
+                       (background kind only, like Places365)
+* zero-shot tasks   -> zeroshot_tasks() + ShapesLabelled(split="test"), shapes_retrieval()
+
+Real data comes from a CSV/TSV file (open_clip keys) or img2dataset/WebDataset tar shards read with the
+stdlib (no webdataset package). Every item is a dict of plain tensors; `collate` stacks them.
+Images use one normalisation for the whole project: ImageNet mean/std.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import os
+import re
+import tarfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+logger = logging.getLogger("data")
+
+# ----------------------------------------------------------------------------- images
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 [..., 3, H, W] -> float32, ImageNet-normalised (the same numbers as `image_transform`)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def image_transform(image_size: int, train: bool) -> Callable[[Tensor], Tensor]:
+    """uint8 [3, H, W] -> normalised float [3, S, S].
+
+    Train: random resized crop with scale (0.9, 1) (open_clip's default): captions name positions and
+    objects, and heavy crops would make them false. Eval: resize the short side, centre crop; this is
+    deterministic, which is what lets the frozen third tower's embeddings be cached (DESIGN.md).
+    """
+    if train:
+        geometry = v2.RandomResizedCrop(image_size, scale=(0.9, 1.0), antialias=True)
+    else:
+        geometry = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+    return v2.Compose([geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def decode_rgb(data: bytes) -> Tensor:
+    """Encoded JPEG/PNG/WebP bytes -> uint8 [3, H, W]; raises on corrupt or truncated data.
+
+    torchvision >= 0.29 marks its decoders deprecated in favour of torchcodec, a package this
+    project may not depend on; they still work, so the warning (once per image) is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*image decoding and encoding")
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: no vocabulary file, no unknown words, any language or emoji.
+
+    A row is BOS, bytes..., EOS, PAD... of fixed length. Truncation always keeps EOS, because the text
+    tower pools at the first EOS (causal mask), so PAD after it never matters.
+    """
+
+    BOS, EOS, PAD = 256, 257, 258
+    vocab_size = 259
+
+    def __init__(self, context_length: int = 128):
+        if context_length < 3:
+            raise ValueError(f"context_length must be >= 3 (BOS, a byte, EOS), got {context_length}")
+        self.context_length = context_length
+
+    def encode(self, texts: str | bytes | Sequence[str | bytes]) -> Tensor:
+        """Text(s) -> LongTensor (N, context_length); a single str/bytes gives N = 1."""
+        if isinstance(texts, (str, bytes, bytearray)):
+            texts = [texts]
+        out = torch.full((len(texts), self.context_length), self.PAD, dtype=torch.long)
+        out[:, 0] = self.BOS
+        for row, text in enumerate(texts):
+            # errors="replace": a lone surrogate (e.g. from a file name) becomes "?" instead of a crash
+            data = text.encode("utf-8", errors="replace") if isinstance(text, str) else bytes(text)
+            data = _cut_utf8(data, self.context_length - 2)
+            if data:
+                out[row, 1 : 1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            out[row, 1 + len(data)] = self.EOS
+        return out
+
+    def decode(self, ids: Sequence[int] | Tensor) -> str:
+        """One row of ids -> text, for display; stops at EOS; invalid UTF-8 becomes U+FFFD."""
+        if isinstance(ids, Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"decode takes one row of ids, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        out = bytearray()
+        for i in ids:
+            if i == self.EOS:
+                break
+            if i in (self.BOS, self.PAD):
+                continue
+            if not 0 <= i < 256:
+                raise ValueError(f"token id {i} outside the byte vocabulary of size {self.vocab_size}")
+            out.append(i)
+        return out.decode("utf-8", errors="replace")
+
+
+def _cut_utf8(data: bytes, limit: int) -> bytes:
+    """Truncate to <= limit bytes without splitting a UTF-8 character (back off up to 3 bytes)."""
+    if len(data) <= limit:
+        return data
+    cut = limit
+    while cut > limit - 3 and cut > 0 and (data[cut] & 0xC0) == 0x80:  # 0b10xxxxxx: continuation byte
+        cut -= 1
+    return data[:cut]
+
+
+# ----------------------------------------------------------------------------- shapes world: vocabulary
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan")
+SIZES = ("small", "medium", "large")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+SCENES = ("plain", "striped", "checkered", "dotted", "gradient", "speckled")
+
+_RGB = np.array([[220, 40, 40], [40, 170, 60], [40, 80, 220], [235, 210, 40], [140, 60, 190], [245, 135, 20],
+                 [40, 200, 215]], np.float32)  # saturated object colours, one row per COLOURS entry
+_BG_RGB = np.array([[25, 25, 25], [80, 80, 80], [140, 140, 140], [200, 200, 200], [110, 90, 70], [210, 195, 160]],
+                   np.float32)  # muted background colours, so objects stay visible
+_RADIUS = np.array([0.08, 0.12, 0.17], np.float32)  # per SIZES, as a fraction of the image side
+_SECOND_OBJECT_P = 0.3
+_NOISE_TILES = 4
+
+# Words a caption may use for each attribute value (synonyms keep text towers from memorising one form).
+CAPTION_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "shape": {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",),
+              "diamond": ("diamond", "rhombus"), "cross": ("cross",)},
+    "colour": {c: (c,) for c in COLOURS},
+    "size": {"small": ("small", "tiny", "little"), "medium": ("medium", "mid-size"), "large": ("large", "big")},
+    "position": {"top left": ("at the top left", "in the upper left"), "top": ("at the top", "up top"),
+                 "top right": ("at the top right", "in the upper right"), "left": ("on the left", "at the left"),
+                 "center": ("in the center", "in the middle"), "right": ("on the right", "at the right"),
+                 "bottom left": ("at the bottom left", "in the lower left"), "bottom": ("at the bottom", "down below"),
+                 "bottom right": ("at the bottom right", "in the lower right")},
+    "scene": {"plain": ("plain", "blank"), "striped": ("striped", "stripy"), "checkered": ("checkered", "checked"),
+              "dotted": ("dotted", "polka-dot"), "gradient": ("gradient", "fading"),
+              "speckled": ("speckled", "grainy")},
+}
+# The main object is always described before the optional second one ({second}), so "first colour word"
+# etc. identify it. With the longest words every template stays <= 126 bytes (fits context 128).
+CAPTION_TEMPLATES = (
+    "a {size} {colour} {shape} {pos}{second} on a {scene} background",
+    "on a {scene} background, a {size} {colour} {shape} {pos}{second}",
+    "{pos} there is a {size} {colour} {shape}{second}, {scene} background",
+    "a {colour} {shape}, {size}, {pos}{second}; {scene} background",
+    "a {scene} background with a {size} {colour} {shape} {pos}{second}",
+    "{size} {colour} {shape} {pos}{second} over a {scene} backdrop",
+    "the {shape} is {colour} and {size}, {pos}{second}, {scene} background",
+    "photo of a {size} {shape} in {colour} {pos}{second}, {scene} background",
+    "{pos}: a {colour} {size} {shape}{second} on a {scene} backdrop",
+)
+_SECOND_TEMPLATE = "{conn} a {colour} {shape} {pos}"  # no size word: "size" always means the main object
+_CONNECTIVES = (" and", " by", ", with")
+
+
+def zeroshot_tasks() -> dict[str, tuple[list[str], list[str]]]:
+    """Task -> (class names in label order, prompt templates with '{}'), for the shapes world."""
+    pos_phrase = {p: CAPTION_WORDS["position"][p][0] for p in POSITIONS}
+    return {
+        "object": ([f"{c} {s}" for s in SHAPES for c in COLOURS],  # label = shape * len(COLOURS) + colour
+                   ["a {}.", "a photo of a {}.", "a {} on a background.", "there is a {} in the picture.",
+                    "an image showing a {}."]),
+        "position_size": ([f"{z} object {pos_phrase[p]}" for p in POSITIONS for z in SIZES],  # pos * 3 + size
+                          ["a {}.", "a picture of a {}.", "there is a {}."]),
+        "scene": ([f"{s} background" for s in SCENES], ["a {}.", "an object on a {}.", "a picture with a {}."]),
+    }
+
+
+# ----------------------------------------------------------------------------- shapes world: generator
+
+
+class ShapesWorld:
+    """Deterministic procedural world. Splits are disjoint index ranges.
+
+    Every sample is a pure function of (seed, split offset + index): any rank or worker can make any
+    sample and nothing is stored. Attributes are drawn per sample (cheap scalar draws), then a whole
+    batch is painted with vectorised numpy masks on a coordinate grid.
+    """
+
+    SPLIT_SIZE = 10**8
+    SPLITS: dict[str, int] = {"train": 0, "pretrain": 10**8, "test": 2 * 10**8, "val": 3 * 10**8}
+
+    def __init__(self, seed: int = 0, image_size: int = 64):
+        if image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {image_size}")
+        self.seed, self.image_size = seed, image_size
+        s = image_size
+        grid = np.arange(s, dtype=np.float32) + 0.5  # pixel centres
+        x, y = np.broadcast_to(grid[None, :], (s, s)), np.broadcast_to(grid[:, None], (s, s))
+        self._grid = grid
+        self._coords = np.stack([x, y, (x + y) / np.sqrt(2)])  # (3, S, S): horizontal, vertical, diagonal
+        self._ramps = self._coords / self._coords.max(axis=(1, 2), keepdims=True)  # the same, scaled to [0, 1]
+        # Per-pixel noise comes from a few seeded tiles cropped at a per-sample offset: as random-looking
+        # as fresh noise per image, but ~50x cheaper than drawing 3*S*S normals per sample.
+        rng = np.random.default_rng([seed, 7919])
+        self._noise = rng.standard_normal((_NOISE_TILES, 3, 2 * s, 2 * s), dtype=np.float32)
+        self._high = np.array([len(SHAPES), len(COLOURS), len(SIZES), 9, len(SCENES), len(_BG_RGB),
+                               len(_BG_RGB) - 1, len(SHAPES), len(COLOURS), 8, 3, 3, _NOISE_TILES, s, s, 3])
+
+    # --- attributes ---
+    def _draw(self, index: int, split: str) -> dict[str, Any]:
+        if split not in self.SPLITS:
+            raise ValueError(f"unknown split {split!r}; splits are {list(self.SPLITS)}")
+        if not 0 <= index < self.SPLIT_SIZE:
+            raise IndexError(f"index {index} outside [0, {self.SPLIT_SIZE})")
+        rng = np.random.default_rng([self.seed, self.SPLITS[split] + index])
+        k, u = rng.integers(0, self._high).tolist(), rng.random(8).tolist()
+        second = None
+        if u[0] < _SECOND_OBJECT_P:  # a different grid cell than the main object
+            second = {"shape": k[7], "colour": k[8], "position": (k[3] + 1 + k[9]) % 9, "size": k[15],
+                      "jitter": (u[7] - 0.5, 0.5 - u[1])}
+        return {"shape": k[0], "colour": k[1], "size": k[2], "position": k[3], "scene": k[4], "bg1": k[5],
+                "bg2": (k[5] + 1 + k[6]) % len(_BG_RGB), "orient": k[10], "period": k[11], "tile": k[12],
+                "oy": k[13], "ox": k[14], "jitter": (u[1] - 0.5, u[2] - 0.5), "tint": (u[3], u[4], u[5]),
+                "noise": 2.0 + 10.0 * u[6], "second": second}
+
+    def attributes(self, index: int, split: str = "train") -> dict[str, Any]:
+        """Named attributes of one sample; 'second' is None or the second object's attributes."""
+        d = self._draw(index, split)
+        named = lambda o: {"shape": SHAPES[o["shape"]], "colour": COLOURS[o["colour"]],
+                           "position": POSITIONS[o["position"]], "size": SIZES[o["size"]]}
+        return {**named(d), "scene": SCENES[d["scene"]], "noise": d["noise"],
+                "second": named(d["second"]) if d["second"] else None}
+
+    @staticmethod
+    def _labels(d: dict[str, Any]) -> dict[str, int]:
+        """All label sets; labels always describe the main object (never the second one)."""
+        return {"object": d["shape"] * len(COLOURS) + d["colour"], "scene": d["scene"],
+                "position_size": d["position"] * len(SIZES) + d["size"], "shape": d["shape"],
+                "colour": d["colour"], "size": d["size"], "position": d["position"]}
+
+    # --- captions ---
+    def captions(self, index: int, split: str = "train", n: int = 1) -> list[str]:
+        """n distinct phrasings (different templates, synonyms) of the same image."""
+        return self._captions(self._draw(index, split), index, split, n)
+
+    def _captions(self, d: dict[str, Any], index: int, split: str, n: int) -> list[str]:
+        if not 1 <= n <= len(CAPTION_TEMPLATES):
+            raise ValueError(f"n must be in [1, {len(CAPTION_TEMPLATES)}], got {n}")
+        rng = np.random.default_rng([self.seed, self.SPLITS[split] + index, 1])  # own stream: images unaffected
+        pick = lambda options: options[int(rng.integers(len(options)))]
+        word = lambda attr, names, value: pick(CAPTION_WORDS[attr][names[value]])
+        out = []
+        for t in rng.permutation(len(CAPTION_TEMPLATES))[:n]:
+            second, o = "", d["second"]
+            if o:
+                second = _SECOND_TEMPLATE.format(conn=pick(_CONNECTIVES), colour=COLOURS[o["colour"]],
+                                                 shape=word("shape", SHAPES, o["shape"]),
+                                                 pos=word("position", POSITIONS, o["position"]))
+            out.append(CAPTION_TEMPLATES[t].format(
+                size=word("size", SIZES, d["size"]), colour=COLOURS[d["colour"]], second=second,
+                shape=word("shape", SHAPES, d["shape"]), pos=word("position", POSITIONS, d["position"]),
+                scene=word("scene", SCENES, d["scene"])))
+        return out
+
+    # --- images ---
+    def sample(self, index: int, split: str = "train") -> dict[str, Any]:
+        """One sample: image uint8 [3, S, S], a caption, all label sets, named attributes."""
+        d = self._draw(index, split)
+        return {"image": torch.from_numpy(self._paint([d]))[0], "caption": self._captions(d, index, split, 1)[0],
+                "labels": self._labels(d), "attributes": self.attributes(index, split)}
+
+    def render_batch(self, indices: Sequence[int], split: str = "train") -> Tensor:
+        """Fast path: uint8 [N, 3, S, S] for many indices at once."""
+        return torch.from_numpy(self._paint([self._draw(int(i), split) for i in indices]))
+
+    def _paint(self, draws: list[dict[str, Any]]) -> np.ndarray:
+        """Attributes -> uint8 (N, 3, S, S). float32, channel-first and in place: this is the hot loop."""
+        s = self.image_size
+        col = lambda key, src=draws: np.array([d[key] for d in src])
+        noise = np.stack([self._noise[d["tile"], :, d["oy"]:d["oy"] + s, d["ox"]:d["ox"] + s] for d in draws])
+        phase = col("ox").astype(np.float32)  # stripe phase, reusing the noise offset
+        mix = self._scene_mix(col("scene"), col("orient"), col("period"), phase, noise[:, 0])  # (N, S, S)
+        bg1, bg2 = _BG_RGB[col("bg1")][:, :, None, None], _BG_RGB[col("bg2")][:, :, None, None]  # (N, 3, 1, 1)
+        img = np.multiply(mix[:, None], bg2 - bg1)  # (N, 3, S, S)
+        img += bg1
+        # The second object is painted first so the labelled main object is never hidden.
+        two = [i for i, d in enumerate(draws) if d["second"]]
+        if two:
+            objs = [draws[i]["second"] for i in two]
+            mask = self._object_mask(col("shape", objs), col("position", objs), col("size", objs),
+                                     col("jitter", objs))
+            img[two] = np.where(mask[:, None], _RGB[col("colour", objs)][:, :, None, None], img[two])
+        mask = self._object_mask(col("shape"), col("position"), col("size"), col("jitter"))
+        rgb = np.clip(_RGB[col("colour")] + 40.0 * (col("tint") - 0.5), 0, 255).astype(np.float32)  # +-20
+        np.copyto(img, rgb[:, :, None, None], where=mask[:, None])
+        noise *= col("noise").astype(np.float32)[:, None, None, None]
+        img += noise
+        return np.clip(img, 0, 255, out=img).astype(np.uint8)
+
+    def _object_mask(self, shape: np.ndarray, position: np.ndarray, size: np.ndarray,
+                     jitter: np.ndarray) -> np.ndarray:
+        """Boolean (N, S, S): shape k centred in grid cell `position` (3x3 grid, +-4% jitter)."""
+        s, n = self.image_size, len(shape)
+        cx = (0.2 + 0.3 * (position % 3) + 0.08 * jitter[:, 0]) * s
+        cy = (0.2 + 0.3 * (position // 3) + 0.08 * jitter[:, 1]) * s
+        r = (_RADIUS[size] * s)[:, None, None]
+        dx = self._grid[None, None, :] - cx[:, None, None].astype(np.float32)  # (N, 1, S)
+        dy = self._grid[None, :, None] - cy[:, None, None].astype(np.float32)  # (N, S, 1)
+        ax, ay = np.abs(dx), np.abs(dy)
+        mask = np.zeros((n, s, s), bool)
+        for k in range(len(SHAPES)):
+            sel = shape == k
+            if not sel.any():
+                continue
+            a, b, y, rr = ax[sel], ay[sel], dy[sel], r[sel]
+            if SHAPES[k] == "circle":
+                m = a * a + b * b <= rr * rr
+            elif SHAPES[k] == "square":
+                m = np.maximum(a, b) <= 0.85 * rr
+            elif SHAPES[k] == "triangle":  # apex up, base at +0.8 r
+                m = (y >= -rr) & (y <= 0.8 * rr) & (a <= 0.6 * (y + rr))
+            elif SHAPES[k] == "diamond":
+                m = a + b <= 1.15 * rr
+            else:  # cross
+                m = (np.minimum(a, b) <= 0.3 * rr) & (np.maximum(a, b) <= rr)
+            mask[sel] = m
+        return mask
+
+    def _scene_mix(self, scene: np.ndarray, orient: np.ndarray, period: np.ndarray, phase: np.ndarray,
+                   speck: np.ndarray) -> np.ndarray:
+        """Per-pixel blend factor in [0, 1] between the two background colours, (N, S, S)."""
+        s = self.image_size
+        mix = np.zeros((len(scene), s, s), np.float32)
+        x, y = self._coords[0], self._coords[1]
+        for k, name in enumerate(SCENES):
+            sel = scene == k
+            if name == "plain" or not sel.any():
+                continue
+            p = (np.array([0.125, 0.17, 0.25], np.float32)[period[sel]] * s)[:, None, None]
+            if name == "striped":
+                mix[sel] = (np.floor((self._coords[orient[sel]] + phase[sel, None, None]) / (p / 2)) % 2)
+            elif name == "checkered":
+                mix[sel] = (np.floor(x / p) + np.floor(y / p)) % 2
+            elif name == "dotted":
+                mix[sel] = ((x % p - p / 2) ** 2 + (y % p - p / 2) ** 2) < (0.3 * p) ** 2
+            elif name == "gradient":
+                mix[sel] = self._ramps[orient[sel]]
+            else:  # speckled: isolated bright pixels (~16%)
+                mix[sel] = speck[sel] > 1.0
+        return mix
+
+
+def render_throughput(num_images: int = 4096, batch_size: int = 256, image_size: int = 64, seed: int = 0) -> float:
+    """Images per second of ShapesWorld.render_batch in this process (for the benchmark script)."""
+    import time
+
+    world = ShapesWorld(seed, image_size)
+    world.render_batch(range(min(batch_size, num_images)))  # warm-up
+    start = time.perf_counter()
+    for lo in range(0, num_images, batch_size):
+        world.render_batch(range(lo, min(lo + batch_size, num_images)))
+    return num_images / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- shapes datasets
+
+
+def _noisy_source(seed: int, index: int, num_samples: int, p: float) -> int:
+    """Index whose caption pair `index` gets: itself, or (with prob. p) another one (web alt-text noise)."""
+    if p <= 0 or num_samples < 2:
+        return index
+    rng = np.random.default_rng([seed, 104729, index])
+    if rng.random() >= p:
+        return index
+    other = int(rng.integers(num_samples - 1))
+    return other + (other >= index)  # uniform over the other indices
+
+
+def _check_index(index: int, length: int) -> int:
+    index = int(index)
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for dataset of length {length}")
+    return index
+
+
+def _with_tower3_view(items: list[dict[str, Any]], images: Tensor, size: int | None) -> list[dict[str, Any]]:
+    """Add 'image_h': the same normalised images resized (bilinear, antialiased) for the third tower.
+
+    Deterministic, so the frozen tower's embeddings of it can be cached.
+    """
+    if size is not None:
+        high = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        for item, image in zip(items, high):
+            item["image_h"] = image
+    return items
+
+
+class ShapesPairs(Dataset):
+    """Image-text pairs from ShapesWorld. Rendering is batched via `__getitems__` (used by DataLoader).
+
+    No augmentation: captions name positions, and a crop or flip would make them false.
+    """
+
+    def __init__(self, split: str = "train", num_samples: int = 100_000, *, tokenizer: ByteTokenizer,
+                 seed: int = 0, image_size: int = 64, tower3_image_size: int | None = None,
+                 caption_noise: float = 0.0):
+        if not 1 <= num_samples <= ShapesWorld.SPLIT_SIZE:
+            raise ValueError(f"num_samples must be in [1, {ShapesWorld.SPLIT_SIZE}], got {num_samples}")
+        if not 0.0 <= caption_noise <= 1.0:
+            raise ValueError(f"caption_noise must be in [0, 1], got {caption_noise}")
+        self.world = ShapesWorld(seed, image_size)
+        self.split, self.num_samples, self.seed = split, num_samples, seed
+        self.tokenizer, self.tower3_image_size, self.caption_noise = tokenizer, tower3_image_size, caption_noise
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def caption(self, index: int) -> str:
+        """The caption paired with `index` (another index's caption for a noisy pair)."""
+        source = _noisy_source(self.seed, index, self.num_samples, self.caption_noise)
+        return self.world.captions(source, self.split, 1)[0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        indices = [_check_index(i, self.num_samples) for i in indices]
+        draws = [self.world._draw(i, self.split) for i in indices]  # drawn once, for image and caption
+        images = normalize(torch.from_numpy(self.world._paint(draws)))
+        captions = []
+        for d, i in zip(draws, indices):  # the same as self.caption(i), reusing the draw
+            source = _noisy_source(self.seed, i, self.num_samples, self.caption_noise)
+            d = d if source == i else self.world._draw(source, self.split)
+            captions.append(self.world._captions(d, source, self.split, 1)[0])
+        texts = self.tokenizer.encode(captions)
+        items = [{"image": images[n], "text": texts[n], "index": i} for n, i in enumerate(indices)]
+        return _with_tower3_view(items, images, self.tower3_image_size)
+
+
+class ShapesLabelled(Dataset):
+    """Labelled shapes images (supervised pretraining of the third tower, or zero-shot eval on 'test').
+
+    label: 'object' (shape x colour, covers most of a caption), 'scene' (background kind, covers little),
+    or 'position_size'. Items: {'image', 'label'} (+ 'image_h' when tower3_image_size is given).
+    """
+
+    def __init__(self, split: str = "pretrain", num_samples: int = 50_000, *, label: str = "object", seed: int = 0,
+                 image_size: int = 64, tower3_image_size: int | None = None):
+        tasks = zeroshot_tasks()
+        if label not in tasks:
+            raise ValueError(f"unknown label set {label!r}; choose from {list(tasks)}")
+        if not 1 <= num_samples <= ShapesWorld.SPLIT_SIZE:
+            raise ValueError(f"num_samples must be in [1, {ShapesWorld.SPLIT_SIZE}], got {num_samples}")
+        self.world = ShapesWorld(seed, image_size)
+        self.split, self.num_samples, self.label, self.tower3_image_size = split, num_samples, label, tower3_image_size
+        self.classnames = tasks[label][0]
+        self.num_classes = len(self.classnames)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        draws = [self.world._draw(_check_index(i, self.num_samples), self.split) for i in indices]
+        images = normalize(torch.from_numpy(self.world._paint(draws)))
+        items = [{"image": images[n], "label": self.world._labels(d)[self.label]} for n, d in enumerate(draws)]
+        return _with_tower3_view(items, images, self.tower3_image_size)
+
+
+@dataclass
+class RetrievalSet:
+    """COCO-style retrieval: caption i describes image caption_image[i] (several captions per image)."""
+
+    images: Dataset
+    captions: list[str]
+    caption_image: Tensor
+
+
+def shapes_retrieval(num_images: int = 500, captions_per_image: int = 5, *, seed: int = 0, image_size: int = 64,
+                     tower3_image_size: int | None = None) -> RetrievalSet:
+    """Retrieval test set on the 'test' split; each image gets captions from distinct templates."""
+    images = ShapesLabelled("test", num_images, seed=seed, image_size=image_size,
+                            tower3_image_size=tower3_image_size)
+    captions = [c for i in range(num_images) for c in images.world.captions(i, "test", captions_per_image)]
+    owner = torch.arange(num_images).repeat_interleave(captions_per_image)
+    return RetrievalSet(images, captions, owner)
+
+
+# ----------------------------------------------------------------------------- CSV / TSV pairs
+
+
+class CsvPairs(Dataset):
+    """Image paths (relative to the file's folder) + captions from a .csv/.tsv file, open_clip keys.
+
+    At construction: missing columns raise (listing the columns the file has); rows with an empty
+    caption are dropped and counted in `skipped`; image files that do not exist raise, listing the
+    count and the first few (a CSV pointing at missing files is a broken dataset, better found before
+    training than mid-epoch). An image that fails to decode later is replaced by the next row and
+    counted in the item's 'data_errors', so the trainer logs it.
+    """
+
+    def __init__(self, path: str, *, tokenizer: ByteTokenizer, img_key: str = "filepath", caption_key: str = "title",
+                 separator: str | None = None, image_size: int = 224, train: bool = True,
+                 tower3_image_size: int | None = None, num_samples: int | None = None, caption_noise: float = 0.0,
+                 seed: int = 0):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"caption file not found: {path}")
+        sep = separator or ("\t" if path.lower().endswith(".tsv") else ",")
+        folder = os.path.dirname(os.path.abspath(path))
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f, delimiter=sep)
+            columns = reader.fieldnames or []
+            for key in (img_key, caption_key):
+                if key not in columns:
+                    raise ValueError(f"{path}: no column {key!r} (separator {sep!r}); its columns are {columns}")
+            rows = [(os.path.join(folder, r[img_key] or ""), (r[caption_key] or "").strip()) for r in reader]
+        self.skipped = {"empty_caption": sum(1 for _, c in rows if not c)}
+        if self.skipped["empty_caption"]:
+            logger.warning("%s: dropped %d rows with an empty caption", path, self.skipped["empty_caption"])
+        rows = [r for r in rows if r[1]][:num_samples]
+        missing = [p for p, _ in rows if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{path}: {len(missing)} image file(s) missing, first: {missing[:5]}")
+        if not rows:
+            raise ValueError(f"{path}: no usable rows")
+        self.rows, self.path, self.seed, self.caption_noise, self.logged = rows, path, seed, caption_noise, 0
+        self.tokenizer, self.tower3_image_size = tokenizer, tower3_image_size
+        self.transform = image_transform(image_size, train)
+        self.transform_h = image_transform(tower3_image_size, False) if tower3_image_size else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = _check_index(index, len(self.rows))
+        errors: Counter[str] = Counter()
+        for attempt in range(16):  # a corrupt image is replaced by the next row, and counted
+            row = (index + attempt) % len(self.rows)
+            try:
+                image = decode_rgb(_read_bytes(self.rows[row][0]))
+                break
+            except Exception as e:  # noqa: BLE001 - decoder errors have no common type
+                errors["decode_error"] += 1
+                if self.logged < 5:  # the first few per worker; every one is counted
+                    self.logged += 1
+                    logger.warning("%s row %d: cannot decode %s (%s)", self.path, row, self.rows[row][0], e)
+        else:
+            raise RuntimeError(f"{self.path}: 16 consecutive undecodable images from row {index}")
+        caption = self.rows[_noisy_source(self.seed, row, len(self.rows), self.caption_noise)][1]
+        item = {"image": self.transform(image), "text": self.tokenizer.encode(caption)[0], "index": index,
+                "data_errors": dict(errors)}
+        if self.transform_h:
+            item["image_h"] = self.transform_h(image)
+        return item
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# ----------------------------------------------------------------------------- tar shards
+
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_BAD_CHECK_MIN = 100  # a shard is judged by its bad fraction only once it has shown this many samples
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """'data/{00000..00099}.tar', '{a,b}.tar' and globs -> sorted existing paths; errors name the pattern."""
+    paths, missing = set(), []
+    for p in _expand_braces(pattern):
+        if any(c in p for c in "*?["):
+            paths.update(glob.glob(p))
+        elif os.path.exists(p):
+            paths.add(p)
+        else:
+            missing.append(p)
+    if missing:
+        raise FileNotFoundError(f"pattern {pattern!r}: {len(missing)} file(s) missing, first: {missing[:3]}")
+    if not paths:
+        raise FileNotFoundError(f"pattern {pattern!r} matched no files")
+    return sorted(paths)
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, body, tails = pattern[: m.start()], m.group(1), _expand_braces(pattern[m.end():])
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        a, b = r.groups()
+        if int(a) > int(b):
+            raise ValueError(f"pattern {pattern!r}: descending range {{{body}}}")
+        width = len(a) if (len(a) == len(b) or a.startswith("0")) else 0  # {00000..00099} keeps the padding
+        items = [str(i).zfill(width) for i in range(int(a), int(b) + 1)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        items = ["{" + body + "}"]  # not a brace expression: literal text
+    return [head + item + tail for item in items for tail in tails]
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """'dir/000123.jpg' -> ('dir/000123', 'jpg'): the key is the basename up to its first dot."""
+    folder, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(folder, stem), ext.lower()
+
+
+def _check_tar_end(shard: str, offset: int) -> None:
+    """tarfile stops quietly at a cut or garbled header; a complete tar ends in >= 2 zero blocks.
+
+    Compressed shards need no check: their decompressor raises on truncation.
+    """
+    with open(shard, "rb") as f:
+        if f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+            return
+        f.seek(offset)
+        rest = f.read(1 << 20)
+    if len(rest) < 1024 or rest.strip(b"\0"):
+        raise tarfile.ReadError(f"no end-of-archive marker after byte {offset}; file cut short or corrupt")
+
+
+class _SkipLog:
+    """Counts skipped samples per reason and shard; raises when a shard is mostly bad.
+
+    Rule: once a shard has shown >= 100 samples, it raises as soon as more than max_bad_fraction of
+    them were skipped. Shards with fewer samples are never judged by fraction (their skips are still
+    counted and reported). `take()` returns skips since the previous call (what a yielded item carries).
+    """
+
+    def __init__(self, max_bad_fraction: float):
+        self.max_bad_fraction = max_bad_fraction
+        self.pending, self.logged, self.seen, self.bad = Counter(), Counter(), Counter(), Counter()
+
+    def see(self, shard: str) -> None:
+        self.seen[shard] += 1
+        self._check(shard)
+
+    def skip(self, shard: str, key: str, reason: str) -> None:
+        self.pending[reason] += 1
+        self.bad[shard] += 1
+        if self.logged[reason] < 5:
+            self.logged[reason] += 1
+            logger.warning("skipping sample %r in %s: %s", key, shard, reason)
+        self._check(shard)
+
+    def _check(self, shard: str) -> None:
+        seen, bad = self.seen[shard], self.bad[shard]
+        if seen >= _BAD_CHECK_MIN and bad > self.max_bad_fraction * seen:
+            raise RuntimeError(f"shard {shard}: {bad} of {seen} samples bad, more than max_bad_fraction="
+                               f"{self.max_bad_fraction}; skips in this reader so far: {dict(self.pending)}")
+
+    def take(self) -> dict[str, int]:
+        out, self.pending = dict(self.pending), Counter()
+        return out
+
+
+class TarShards(IterableDataset):
+    """Streams img2dataset/WebDataset tar shards (KEY.jpg|jpeg|png|webp + KEY.txt [+ KEY.json]).
+
+    Splitting: each epoch the shard list is permuted with (seed, epoch) identically on every rank, then
+    reader g = rank * workers + worker takes shards g, g + R*W, ... so every sample is read exactly once
+    per epoch. train=True shuffles shard order and samples (a seeded shuffle buffer of raw bytes, so
+    memory stays small); train=False streams in sorted order. Each item carries 'data_errors': skips
+    since that reader's previous item. Ranks get whole shards, so their sample counts differ when shard
+    sizes do: under DDP, bound each epoch by a step count that every rank reaches.
+    """
+
+    def __init__(self, pattern: str, *, tokenizer: ByteTokenizer, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 1000, image_size: int = 224, train: bool = True,
+                 tower3_image_size: int | None = None, max_bad_fraction: float = 0.1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.shards = expand_pattern(pattern)
+        for shard in self.shards:  # fail before training, not hours into an epoch
+            try:
+                with tarfile.open(shard):
+                    pass
+            except (tarfile.TarError, OSError) as e:
+                raise ValueError(f"not a readable tar file: {shard} ({e})") from e
+        if len(self.shards) < world_size:
+            raise ValueError(f"{len(self.shards)} shards for {world_size} ranks: every rank needs a shard")
+        self.pattern, self.rank, self.world_size, self.seed = pattern, rank, world_size, seed
+        self.shuffle_buffer, self.train, self.max_bad_fraction = shuffle_buffer, train, max_bad_fraction
+        self.tokenizer, self.tower3_image_size = tokenizer, tower3_image_size
+        self.transform = image_transform(image_size, train)
+        self.transform_h = image_transform(tower3_image_size, False) if tower3_image_size else None
+        self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def check_readers(self, workers: int) -> int:
+        """Number of readers (ranks x workers); raises unless each one gets at least one shard."""
+        readers = self.world_size * workers
+        if len(self.shards) < readers:
+            raise ValueError(f"{len(self.shards)} shards ({self.pattern!r}) cannot feed {self.world_size} ranks x "
+                             f"{workers} workers = {readers} readers; use more shards or fewer workers")
+        return readers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        readers = self.check_readers(workers)
+        order = np.arange(len(self.shards))
+        if self.train:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        # Resuming at batch b: DataLoader takes batch k from worker k % workers, always starting at worker
+        # 0, so worker w plays the part of worker (w + b) % workers and skips that worker's share of b.
+        role = (worker + self.skip_batches) % workers
+        skip = -(-(self.skip_batches - role) // workers) * self.batch_size
+        reader = self.rank * workers + role
+        shards = [self.shards[k] for k in order[reader::readers]]
+        # Everything is read here, not lazily in the generator, so the loader can reset skip_batches.
+        return self._stream(shards, role, skip, self.epoch)
+
+    def _stream(self, shards: list[str], worker: int, skip: int, epoch: int) -> Iterator[dict[str, Any]]:
+        log = _SkipLog(self.max_bad_fraction)
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
+        size = max(1, self.shuffle_buffer) if self.train else 1
+        buffer: list[tuple[str, str, bytes, str]] = []
+        held = None  # one item is held back so skips found after the last item still reach the log
+
+        def shuffled() -> Iterator[tuple[str, str, bytes, str]]:
+            for raw in self._raw(shards, log):
+                if len(buffer) < size:
+                    buffer.append(raw)
+                    continue
+                j = int(rng.integers(size))
+                buffer[j], raw = raw, buffer[j]
+                yield raw
+            yield from (buffer[j] for j in (rng.permutation(len(buffer)) if size > 1 else range(len(buffer))))
+
+        for shard, key, data, caption in shuffled():
+            try:
+                image = decode_rgb(data)
+            except Exception:  # noqa: BLE001 - decoder errors have no common type
+                log.skip(shard, key, "decode_error")
+                continue
+            if skip > 0:  # resuming mid-epoch: same order, decoded so that skips stay identical
+                skip -= 1
+                if skip == 0:
+                    log.take()  # counted by the run that did see these samples
+                continue
+            if held is not None:
+                held["data_errors"] = log.take()
+                yield held
+            held = {"image": self.transform(image), "text": self.tokenizer.encode(caption)[0]}
+            if self.transform_h:
+                held["image_h"] = self.transform_h(image)
+        if held is not None:
+            held["data_errors"] = log.take()
+            yield held
+
+    def _raw(self, shards: list[str], log: _SkipLog) -> Iterator[tuple[str, str, bytes, str]]:
+        """(shard, key, image bytes, caption) per complete sample; incomplete ones are counted."""
+        for shard in shards:
+            try:
+                with tarfile.open(shard, mode="r|*") as tar:  # streaming: one pass, no index
+                    key, group = None, {}
+                    for member in tar:
+                        name = os.path.basename(member.name)
+                        if not member.isfile() or name.startswith("."):
+                            continue
+                        k, ext = _split_member(member.name)
+                        if k != key:
+                            yield from self._complete(shard, key, group, log)
+                            key, group = k, {}
+                        group[ext] = tar.extractfile(member).read()
+                    yield from self._complete(shard, key, group, log)
+                    _check_tar_end(shard, tar.offset)
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise RuntimeError(f"shard {shard}: unreadable or truncated tar ({e})") from e
+
+    @staticmethod
+    def _complete(shard: str, key: str | None, group: dict[str, bytes],
+                  log: _SkipLog) -> Iterator[tuple[str, str, bytes, str]]:
+        if not group:
+            return
+        log.see(shard)
+        ext = next((e for e in _IMAGE_EXTS if e in group), None)
+        if ext is None:
+            log.skip(shard, key, "missing_image")
+        elif "txt" not in group:
+            log.skip(shard, key, "missing_caption")
+        else:
+            caption = group["txt"].decode("utf-8", errors="replace").strip()
+            if caption:
+                yield shard, key, group[ext], caption
+            else:
+                log.skip(shard, key, "empty_caption")
+
+
+# ----------------------------------------------------------------------------- zero-shot eval sources
+
+
+class LabelledImages(Dataset):
+    """Items {'image', 'label'} from image files or an HWC uint8 array (CIFAR); .classnames, .num_classes."""
+
+    def __init__(self, transform: Callable[[Tensor], Tensor], classnames: list[str], targets: Sequence[int],
+                 paths: Sequence[str] | None = None, array: np.ndarray | None = None):
+        self.transform, self.classnames, self.targets = transform, list(classnames), list(targets)
+        self.paths, self.array, self.num_classes = paths, array, len(self.classnames)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.array is not None:
+            image = torch.from_numpy(np.ascontiguousarray(self.array[index])).permute(2, 0, 1)
+        else:
+            try:  # eval data should be clean: a broken file is an error, not a skip
+                image = decode_rgb(_read_bytes(self.paths[index]))
+            except Exception as e:  # noqa: BLE001
+                raise RuntimeError(f"cannot decode image {self.paths[index]}: {e}") from e
+        return {"image": self.transform(image), "label": self.targets[index]}
+
+
+def _image_folder(root: str, transform: Callable[[Tensor], Tensor]) -> LabelledImages:
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    folder = ImageFolder(root)  # only scans: classes = sorted sub-folder names
+    return LabelledImages(transform, folder.classes, folder.targets, paths=[p for p, _ in folder.samples])
+
+
+def imagefolder_zeroshot(root: str, classnames_file: str, image_size: int = 224) -> tuple[Dataset, list[str]]:
+    """ImageNet-val-style folder + a class-name file (one name per line, in sorted folder order)."""
+    data = _image_folder(root, image_transform(image_size, train=False))
+    with open(classnames_file, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    if len(names) != data.num_classes:
+        raise ValueError(f"{classnames_file} has {len(names)} names but {root} has {data.num_classes} class folders")
+    data.classnames = names
+    return data, names
+
+
+def cifar_zeroshot(name: str, root: str, image_size: int = 224, download: bool = False) -> tuple[Dataset, list[str]]:
+    """CIFAR-10/100 test set from torchvision's on-disk format; downloads only when asked."""
+    from torchvision import datasets
+
+    builders = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+    if name not in builders:
+        raise ValueError(f"unknown CIFAR variant {name!r}; choose from {list(builders)}")
+    try:
+        base = builders[name](root, train=False, download=download)
+    except RuntimeError as e:
+        raise FileNotFoundError(f"{name} not found under {root!r} (pass download=True to fetch it): {e}") from e
+    names = [c.replace("_", " ") for c in base.classes]  # "aquarium_fish" -> "aquarium fish" for prompts
+    return LabelledImages(image_transform(image_size, train=False), names, base.targets, array=base.data), names
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def make_pairs_dataset(spec: str, split: str = "train", *, tokenizer: ByteTokenizer, image_size: int = 64,
+                       tower3_image_size: int | None = None, num_samples: int | None = None,
+                       caption_noise: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                       csv_img_key: str = "filepath", csv_caption_key: str = "title",
+                       csv_separator: str | None = None, max_bad_fraction: float = 0.1,
+                       shuffle_buffer: int = 1000) -> Dataset:
+    """spec: 'shapes' | a .csv/.tsv file | a tar-shard pattern. Only split 'train' augments/shuffles."""
+    train = split == "train"
+    if spec == "shapes":
+        n = num_samples or (100_000 if train else 10_000)
+        return ShapesPairs(split, n, tokenizer=tokenizer, seed=seed, image_size=image_size,
+                           tower3_image_size=tower3_image_size, caption_noise=caption_noise)
+    if spec.lower().endswith((".csv", ".tsv")):
+        return CsvPairs(spec, tokenizer=tokenizer, img_key=csv_img_key, caption_key=csv_caption_key,
+                        separator=csv_separator, image_size=image_size, train=train,
+                        tower3_image_size=tower3_image_size, num_samples=num_samples,
+                        caption_noise=caption_noise, seed=seed)
+    if num_samples is not None or caption_noise > 0:
+        raise ValueError("num_samples / caption_noise are not supported for tar shards: select fewer shards")
+    return TarShards(spec, tokenizer=tokenizer, rank=rank, world_size=world_size, seed=seed,
+                     shuffle_buffer=shuffle_buffer, image_size=image_size, train=train,
+                     tower3_image_size=tower3_image_size, max_bad_fraction=max_bad_fraction)
+
+
+def make_labelled_dataset(spec: str, split: str = "pretrain", *, label: str = "object", image_size: int = 64,
+                          num_samples: int | None = None, seed: int = 0) -> Dataset:
+    """'shapes' (label object|scene|position_size) or an ImageFolder root (its folders are the labels,
+    `label` is ignored; Inception-style crop + flip, a seeded subset when num_samples is given)."""
+    if spec == "shapes":
+        return ShapesLabelled(split, num_samples or 50_000, label=label, seed=seed, image_size=image_size)
+    transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(),
+                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    data = _image_folder(spec, transform)
+    if num_samples is not None and num_samples < len(data):
+        keep = np.sort(np.random.default_rng(seed).choice(len(data), num_samples, replace=False))
+        data.targets, data.paths = [data.targets[i] for i in keep], [data.paths[i] for i in keep]
+    return data
+
+
+# ----------------------------------------------------------------------------- batching and loading
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors, ints -> LongTensor, nested dicts recursively, sum 'data_errors' over the batch."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        if key == "data_errors":
+            continue
+        values = [s[key] for s in samples]
+        if isinstance(values[0], Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], (bool, int, np.integer)):
+            out[key] = torch.tensor(values, dtype=torch.long)
+        elif isinstance(values[0], float):
+            out[key] = torch.tensor(values, dtype=torch.float32)
+        elif isinstance(values[0], dict):
+            out[key] = collate(values)
+        else:
+            out[key] = values
+    if any("data_errors" in s for s in samples):
+        total: Counter[str] = Counter()
+        for s in samples:
+            total.update(s.get("data_errors", {}))
+        out["data_errors"] = dict(total)
+    return out
+
+
+class EpochSampler(Sampler[int]):
+    """Distributed, deterministic: permutation seeded by seed + epoch, rank r takes every world_size-th.
+
+    drop_last trims the permutation to a multiple of world_size (equal batches on every rank, so DDP
+    never waits on a rank that ran out); otherwise it pads by wrapping, like DistributedSampler.
+    `skip` (samples) applies to the next iteration only: that is how a resumed run starts mid-epoch.
+    """
+
+    def __init__(self, length: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.length, self.rank, self.world_size, self.seed = length, rank, world_size, seed
+        self.shuffle, self.drop_last, self.epoch, self.skip = shuffle, drop_last, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        """This rank's indices for the current epoch (before any skip)."""
+        order = list(range(self.length))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        if self.drop_last:
+            order = order[: self.length - self.length % self.world_size]
+        else:
+            order += order[: (-self.length) % self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return iter(self.indices()[skip:])
+
+    def __len__(self) -> int:
+        per_rank = self.length // self.world_size if self.drop_last else -(-self.length // self.world_size)
+        return max(0, per_rank - self.skip)
+
+
+class _TarLoader(DataLoader):
+    """DataLoader over TarShards whose first iteration starts at batch `start_batch` (a resumed run)."""
+
+    start_batch = 0
+
+    def __iter__(self):
+        # Workers copy the dataset when the iterator starts, so the skip reaches this iteration only.
+        self.dataset.skip_batches, self.dataset.batch_size = self.start_batch, self.batch_size
+        self.start_batch = 0
+        try:
+            return super().__iter__()
+        finally:
+            self.dataset.skip_batches = 0
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, workers: int = 0, rank: int = 0, world_size: int = 1,
+                seed: int = 0, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """DataLoader over one rank's share of the data; `start_batch` resumes mid-epoch (first iteration).
+
+    Map-style datasets get an EpochSampler; TarShards splits itself by rank and worker. Resuming a tar
+    stream is exact while every worker still has data (not in the ragged end of an epoch).
+    """
+    kwargs = dict(batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=drop_last,
+                  pin_memory=pin_memory, persistent_workers=False,
+                  generator=torch.Generator().manual_seed(seed + rank))  # seeds worker RNGs (random crops)
+    if isinstance(dataset, TarShards):
+        if (dataset.rank, dataset.world_size) != (rank, world_size):
+            raise ValueError(f"loader rank/world_size {rank}/{world_size} differ from the dataset's "
+                             f"{dataset.rank}/{dataset.world_size}")
+        dataset.check_readers(max(1, workers))  # fail here, not inside a worker process
+        loader = _TarLoader(dataset, **kwargs)
+        loader.start_batch = start_batch
+        return loader
+    if isinstance(dataset, IterableDataset):
+        if start_batch:
+            raise ValueError(f"start_batch is not supported for {type(dataset).__name__}")
+        return DataLoader(dataset, **kwargs)
+    sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
+                           drop_last=drop_last)
+    sampler.skip = start_batch * batch_size
+    return DataLoader(dataset, sampler=sampler, **kwargs)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Forward the epoch to the sampler (map-style) or the streaming dataset (tar shards)."""
+    for target in (loader.sampler, loader.dataset):
+        if hasattr(target, "set_epoch"):
+            target.set_epoch(epoch)
+            return
+    raise TypeError("neither the loader's sampler nor its dataset has set_epoch; build it with make_loader")

@@ -1,0 +1,605 @@
+"""Evaluation of CLIP / LiT / 3T checkpoints on the paper's three task families (Kossen et al. 2023,
+Sec. 5; ../shared/DESIGN.md "Evaluation"), and 3T's choice of embeddings at test time.
+
+    zero-shot classification   class names x prompt templates, text embeddings averaged over the
+                               templates (normalise, mean, normalise); top-1 / top-5 accuracy
+    retrieval                  image->text and text->image Recall@1/5/10 with several captions per
+                               image (COCO/Flickr30k: an image->text hit is ANY of its captions)
+    few-shot linear probe      k examples per class, closed-form ridge regression to one-hot
+                               targets on frozen image embeddings; mean top-1 over seeds
+
+Which embeddings score an image-text pair (a "view"):
+    main     cos(f(I), g(T)) for clip and 3t;  cos(h(I), g(T)) for lit
+    tower3   cos(h_g(h(I)), g_h(g(T)))         3t only: the LiT-like pairing 3T trains for free
+    mix@a    a * main + (1 - a) * tower3       3t only: DESIGN.md's s_alpha, an analysis option,
+                                               not the paper's protocol (a=1: main, a=0: tower3)
+Few-shot probes read f ('main' of clip and 3t) or h ('main' of lit, 'tower3' of 3t).
+
+Conventions: every metric is a percentage. A tie counts against the positive (a negative scoring
+exactly as high as the best positive ranks above it), so a constant scorer gets 0, never 100.
+
+    python eval.py --checkpoint runs/NAME/ckpt.pt --tasks zeroshot,retrieval,fewshot
+
+train.py builds `build_eval_suite(...)` once and calls `evaluate(...)` periodically (rank 0 only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import textwrap
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from data import (IMAGENET_MEAN, IMAGENET_STD, ByteTokenizer, CsvPairs, RetrievalSet,
+                  ShapesLabelled, cifar_zeroshot, collate, imagefolder_zeroshot, shapes_retrieval,
+                  zeroshot_tasks)
+from model import FrozenTower, ThreeTowers, load_tower3
+
+TASKS = ("zeroshot", "retrieval", "fewshot")
+VIEWS = ("main", "tower3", "mix")
+DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+CAPTIONS_PER_IMAGE = 5           # shapes retrieval: 5 captions per image, as in COCO
+FEWSHOT_POOL_PER_CLASS = 30      # shapes probe-train pool: 30 x classes images of split 'val'
+FEWSHOT_LAMBDA = 0.1             # ridge strength on unit-norm features; fixed (our choice)
+# Prompts for real class names (our own short list; the shapes world has its own templates).
+GENERIC_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "a photo of the {}.",
+                     "a close-up photo of a {}.", "a low resolution photo of a {}.",
+                     "an image of a {}."]
+MAIN_PAIR = {"clip": ("f", "g"), "lit": ("h", "g"), "3t": ("f", "g")}
+TOWER3_PAIR = ("h_g", "g_h")
+PROBE_KEY = {"main": {"clip": "f", "lit": "h", "3t": "f"}, "tower3": {"3t": "h"}}
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Metrics: pure functions of embeddings and labels
+# ----------------------------------------------------------------------------------------------
+def positive_rank(scores: Tensor, positive: Tensor) -> Tensor:
+    """Per row of scores (Q, K) with a boolean mask of its positives (Q, K): how many negatives
+    score >= the best positive (0 = retrieved first). Ties go against the positive; a row with
+    no positive gets rank >= K, a miss at every k."""
+    best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+    return ((scores >= best) & ~positive).sum(dim=1)
+
+
+def accuracy_topk(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Top-k accuracy (%) of logits (N, C) for integer labels (N,); ties count as misses."""
+    rank = positive_rank(logits, F.one_hot(labels, logits.shape[1]).bool())
+    return {k: 100.0 * (rank < k).float().mean().item() for k in ks}
+
+
+def chunked_ranks(queries: Tensor, keys: Tensor, query_owner: Tensor, key_owner: Tensor,
+                  chunk_size: int = 1024) -> Tensor:
+    """positive_rank of each query (Q, D) against all keys (K, D), key j being a positive of query
+    i iff key_owner[j] == query_owner[i]. chunk_size queries at a time: memory O(chunk x K)."""
+    ranks = []
+    with torch.autocast(queries.device.type, enabled=False):   # bf16 scores would make false ties
+        queries, keys = queries.float(), keys.float()
+        for lo in range(0, len(queries), chunk_size):
+            scores = queries[lo:lo + chunk_size] @ keys.T                      # (chunk, K)
+            positive = query_owner[lo:lo + chunk_size, None] == key_owner[None, :]
+            ranks.append(positive_rank(scores, positive))
+    return torch.cat(ranks)
+
+
+def recall_at_k(image_emb: Tensor, text_emb: Tensor, caption_image: Tensor,
+                ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[str, float]:
+    """COCO-style Recall@K (%) both ways from image_emb (N_img, D) and text_emb (N_cap, D); caption
+    i describes image caption_image[i]. image->text hits if any of the image's captions is in the
+    top K; text->image if its one image is. Keys 'i2t/R@K', 't2i/R@K'."""
+    images = torch.arange(len(image_emb), device=image_emb.device)
+    caption_image = caption_image.to(image_emb.device)
+    i2t = chunked_ranks(image_emb, text_emb, images, caption_image, chunk_size)
+    t2i = chunked_ranks(text_emb, image_emb, caption_image, images, chunk_size)
+    return {f"{name}/R@{k}": 100.0 * (rank < k).float().mean().item()
+            for name, rank in (("i2t", i2t), ("t2i", t2i)) for k in ks}
+
+
+def ensemble(per_template: Tensor) -> Tensor:
+    """Prompt ensembling (CLIP, Radford et al. 2021, Sec. 3.1.4): (C, T, D) text embeddings ->
+    (C, D) by normalising each, averaging over the T templates, normalising the mean."""
+    return F.normalize(F.normalize(per_template, dim=-1).mean(dim=1), dim=-1)
+
+
+def view_embeddings(image: dict[str, Tensor], text: dict[str, Tensor], mode: str, view: str,
+                    alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(A, B) whose dot products A @ B.T are the view's scores. For the mix,
+    s_alpha = alpha <f, g> + (1 - alpha) <h_g, g_h> = <[alpha f, (1-alpha) h_g], [g, g_h]>:
+    a concatenation, so retrieval stays chunked and zero-shot needs no special case."""
+    (i, t), (ih, th) = MAIN_PAIR[mode], TOWER3_PAIR
+    if view == "main":
+        return image[i], text[t]
+    if view == "tower3":
+        return image[ih], text[th]
+    return (torch.cat([alpha * image[i], (1 - alpha) * image[ih]], dim=1),
+            torch.cat([text[t], text[th]], dim=1))
+
+
+def mixed_scores(image: dict[str, Tensor], text: dict[str, Tensor], alpha: float,
+                 mode: str = "3t") -> Tensor:
+    """s_alpha(I, T) for all pairs, (N_img, N_txt) (DESIGN.md "Inference")."""
+    a, b = view_embeddings(image, text, mode, "mix", alpha)
+    return a @ b.T
+
+
+def views(mode: str, alphas: Sequence[float] = (1.0,), embeddings: Sequence[str] = VIEWS
+          ) -> list[tuple[str, str, float]]:
+    """(result-key prefix, view, alpha) of what exists in `mode`: clip and lit have only 'main'."""
+    out = [("", "main", 1.0)] if "main" in embeddings else []
+    if mode == "3t":
+        out += [("tower3/", "tower3", 0.0)] if "tower3" in embeddings else []
+        out += [(f"mix@{a:g}/", "mix", a) for a in alphas if a != 1 and "mix" in embeddings]
+    return out
+
+
+def ridge_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: int,
+                lam: float = FEWSHOT_LAMBDA) -> Tensor:
+    """Closed-form ridge regression to one-hot targets, with an unregularised bias, (N_test, C)
+    logits. Centring x and y makes the bias exact: W = (Xc^T Xc + lam I)^-1 Xc^T Yc, solved in
+    the dual Xc^T (Xc Xc^T + lam I)^-1 Yc when there are fewer examples than dimensions."""
+    x, y = train_x.double(), F.one_hot(train_y, num_classes).double()     # autocast skips float64
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    n, d = xc.shape
+    eye = lambda size: lam * torch.eye(size, dtype=x.dtype, device=x.device)
+    if n < d:
+        w = xc.T @ torch.linalg.solve(xc @ xc.T + eye(n), yc)                  # (d, C) via n x n
+    else:
+        w = torch.linalg.solve(xc.T @ xc + eye(d), xc.T @ yc)                 # (d, C) via d x d
+    return ((test_x.double() - x_mean) @ w + y_mean).float()
+
+
+def kshot_indices(labels: Tensor, k: int, seed: int, num_classes: int | None = None) -> Tensor:
+    """Exactly k seeded random indices per class, class by class. A class with fewer than k
+    examples raises: a silently unbalanced probe would not be a k-shot number."""
+    labels, generator = labels.cpu(), torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(num_classes or int(labels.max()) + 1):
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) < k:
+            raise ValueError(f"class {c} has {len(idx)} probe-train examples, fewer than k={k}")
+        picks.append(idx[torch.randperm(len(idx), generator=generator)[:k]])
+    return torch.cat(picks)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Embedding passes (inference mode, in batches; N x D in memory)
+# ----------------------------------------------------------------------------------------------
+def tower3_view(image: Tensor, size: int) -> Tensor:
+    """h's input: the normalised batch resized (bilinear, antialiased) to the size h expects.
+    Normalisation is affine per channel and interpolation weights sum to 1, so resizing after
+    normalising equals normalising after resizing."""
+    if image.shape[-1] == size:
+        return image
+    return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
+@dataclass
+class Embedder:
+    """Embeds datasets and token batches with one model; an image set is embedded once per
+    evaluate() call (the shapes tasks and retrieval share their images)."""
+    model: ThreeTowers
+    tower3: FrozenTower | None
+    device: torch.device | str
+    batch_size: int = 256
+    progress: bool = False
+    cache: dict = field(default_factory=dict)
+
+    def images(self, dataset: Dataset) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Every image-side embedding of model.embed_images, plus 'h' = normalised h(I) when a
+        third tower is used; and the labels, if the items have them."""
+        if id(dataset) not in self.cache:
+            loader = DataLoader(dataset, self.batch_size, shuffle=False, collate_fn=collate)
+            parts, labels = [], []
+            for batch in tqdm(loader, desc="images", disable=not self.progress, leave=False):
+                image, h = batch["image"].to(self.device), None
+                if self.tower3 is not None:
+                    view = batch["image_h"] if "image_h" in batch else batch["image"]
+                    h = self.tower3(tower3_view(view.to(self.device), self.tower3.image_size))
+                out = self.model.embed_images(image, h)
+                if h is not None:
+                    out.setdefault("h", F.normalize(h.float(), dim=-1))
+                parts.append(out)
+                labels += [batch["label"]] if "label" in batch else []
+            labels = torch.cat(labels).to(self.device) if labels else None
+            self.cache[id(dataset)] = (_cat(parts), labels)
+        return self.cache[id(dataset)]
+
+    def texts(self, ids: Tensor) -> dict[str, Tensor]:
+        """model.embed_texts of token ids (N, L), each batch cut after its last EOS (the text
+        tower pools at EOS under a causal mask, so later PAD tokens cannot matter)."""
+        parts = []
+        for lo in tqdm(range(0, len(ids), self.batch_size), desc="texts", disable=not self.progress,
+                       leave=False):
+            batch = ids[lo:lo + self.batch_size]
+            length = int((batch == self.model.text.eos_id).int().argmax(dim=1).max()) + 1
+            parts.append(self.model.embed_texts(batch[:, :length].to(self.device)))
+        return _cat(parts)
+
+
+def _cat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def class_embeddings(model: ThreeTowers, tokenizer: ByteTokenizer, classnames: Sequence[str],
+                     templates: Sequence[str], *, device: torch.device | str | None = None,
+                     batch_size: int = 256) -> dict[str, Tensor]:
+    """Zero-shot classifier: each text-side embedding ('g', and 'g_h' for 3t) of every class
+    name in every template, prompt-ensembled to (C, D)."""
+    device = device or next(model.parameters()).device
+    ids = tokenizer.encode([t.format(c) for c in classnames for t in templates])  # class-major
+    with torch.inference_mode():
+        emb = Embedder(model, None, device, batch_size).texts(ids)
+    return {k: ensemble(v.view(len(classnames), len(templates), -1)) for k, v in emb.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The suite (data, built once) and evaluate (model passes, called periodically)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class EvalSuite:
+    """What evaluation needs that does not depend on the model: labelled images with class names
+    and templates per zero-shot task, the retrieval set with its tokenised captions, and the
+    few-shot (probe-train pool, probe-test) datasets."""
+    tokenizer: ByteTokenizer
+    zeroshot: dict[str, tuple[Dataset, list[str], list[str]]] = field(default_factory=dict)
+    retrieval: RetrievalSet | None = None
+    retrieval_tokens: Tensor | None = None
+    fewshot: dict[str, tuple[Dataset, Dataset]] = field(default_factory=dict)
+    shots: tuple[int, ...] = (1, 5, 10)
+    fewshot_seeds: int = 3
+    fewshot_lambda: float = FEWSHOT_LAMBDA
+    notes: list[str] = field(default_factory=list)
+
+
+def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int
+                  ) -> dict[str, tuple[Dataset, list[str], list[str]]]:
+    """shapes | imagefolder:ROOT:CLASSNAMES_FILE | cifar10:ROOT | cifar100:ROOT (files: whole)."""
+    if spec == "shapes":
+        return {name: (ShapesLabelled("test", num_images, label=name, seed=seed,
+                                      image_size=image_size), classes, templates)
+                for name, (classes, templates) in zeroshot_tasks().items()}
+    kind, _, rest = spec.partition(":")
+    if kind == "imagefolder" and ":" in rest:
+        root, _, names_file = rest.rpartition(":")
+        data, classes = imagefolder_zeroshot(root, names_file, image_size)
+    elif kind in ("cifar10", "cifar100") and rest:
+        data, classes = cifar_zeroshot(kind, rest, image_size)
+    else:
+        raise ValueError(f"zero-shot data {spec!r}: use shapes, imagefolder:ROOT:CLASSNAMES_FILE, "
+                         f"cifar10:ROOT or cifar100:ROOT")
+    return {kind: (data, classes, GENERIC_TEMPLATES)}
+
+
+def csv_retrieval(path: str, *, tokenizer: ByteTokenizer, image_size: int,
+                  img_key: str = "filepath", caption_key: str = "title",
+                  separator: str | None = None) -> RetrievalSet:
+    """A CSV/TSV of (image path, caption) rows as a retrieval set: rows sharing an image path are
+    one image with several captions (how COCO/Flickr30k caption files list them)."""
+    pairs = CsvPairs(path, tokenizer=tokenizer, img_key=img_key, caption_key=caption_key,
+                     separator=separator, image_size=image_size, train=False)
+    first_row: dict[str, int] = {}
+    for row, (image_path, _) in enumerate(pairs.rows):
+        first_row.setdefault(image_path, row)
+    image_of = {image_path: i for i, image_path in enumerate(first_row)}
+    owner = torch.tensor([image_of[p] for p, _ in pairs.rows])
+    return RetrievalSet(Subset(pairs, list(first_row.values())), [c for _, c in pairs.rows], owner)
+
+
+def build_eval_suite(spec: str = "shapes", *, tokenizer: ByteTokenizer, image_size: int,
+                     num_images: int = 500, seed: int = 0,
+                     tasks: Sequence[str] = ("zeroshot", "retrieval"),
+                     zeroshot_data: str | None = None, retrieval_data: str | None = None,
+                     csv_keys: tuple[str, str, str | None] = ("filepath", "title", None)
+                     ) -> EvalSuite:
+    """Build the datasets once. `spec` names the data of every task; zeroshot_data / retrieval_data
+    override it per task. 'shapes' = the shapes world's split 'test' (num_images images, `seed`);
+    a .csv/.tsv serves retrieval only; imagefolder:/cifar: serve zero-shot only. Few-shot always
+    runs on the shapes 'object' task: probe-train examples come from split 'val', probe-test
+    images are the 'test' images, so the two are disjoint by construction."""
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown eval task(s) {sorted(unknown)}; choose from {TASKS}")
+    suite = EvalSuite(tokenizer)
+    zs_spec, rt_spec = zeroshot_data or spec, retrieval_data or spec
+    if "zeroshot" in tasks and zs_spec.lower().endswith((".csv", ".tsv")):
+        suite.notes.append(f"zero-shot skipped: {zs_spec} has captions, not class labels")
+    elif "zeroshot" in tasks:
+        suite.zeroshot = zeroshot_sets(zs_spec, image_size, num_images, seed)
+    if "retrieval" in tasks and rt_spec == "shapes":
+        suite.retrieval = shapes_retrieval(num_images, CAPTIONS_PER_IMAGE, seed=seed,
+                                           image_size=image_size)
+        if zs_spec == "shapes" and "object" in suite.zeroshot:
+            suite.retrieval.images = suite.zeroshot["object"][0]   # the same 'test' images
+    elif "retrieval" in tasks and rt_spec.lower().endswith((".csv", ".tsv")):
+        suite.retrieval = csv_retrieval(rt_spec, tokenizer=tokenizer, image_size=image_size,
+                                        img_key=csv_keys[0], caption_key=csv_keys[1],
+                                        separator=csv_keys[2])
+    elif "retrieval" in tasks:
+        suite.notes.append(f"retrieval skipped: {rt_spec} has class labels, not captions")
+    if suite.retrieval is not None:
+        suite.retrieval_tokens = tokenizer.encode(suite.retrieval.captions)
+    if "fewshot" in tasks:
+        if zs_spec == "shapes" and "object" in suite.zeroshot:
+            test = suite.zeroshot["object"][0]                      # embedded once for both
+        else:
+            test = ShapesLabelled("test", num_images, label="object", seed=seed,
+                                  image_size=image_size)
+        pool = ShapesLabelled("val", FEWSHOT_POOL_PER_CLASS * test.num_classes, label="object",
+                              seed=seed, image_size=image_size)
+        suite.fewshot["object"] = (pool, test)
+    return suite
+
+
+def evaluate(model: ThreeTowers, tower3: FrozenTower | None, suite: EvalSuite, *,
+             device: torch.device | str, batch_size: int = 256, alphas: Sequence[float] = (1.0,),
+             progress: bool = False, embeddings: Sequence[str] = VIEWS) -> dict[str, float]:
+    """Flat results, e.g. 'zeroshot/object/top1', 'retrieval/i2t/R@5', 'fewshot/object/5shot',
+    for the main embeddings; for 3t also 'tower3/...' and 'mix@a/...' per alpha != 1.
+
+    Call it on the raw model (never the DDP wrapper) and, under torchrun, on rank 0 only: it runs
+    no collectives, so the other ranks simply wait at their next one. It switches the model to
+    eval mode and restores the previous mode; the inputs go to `device`, the model stays put."""
+    if model.mode != "clip" and tower3 is None:
+        raise ValueError(f"a {model.mode} model needs its third tower h to embed images")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            embedder = Embedder(model, tower3 if model.mode != "clip" else None, device,
+                                batch_size, progress)
+            view_list = views(model.mode, alphas, embeddings)
+            return {**_zeroshot(embedder, suite, view_list), **_retrieval(embedder, suite, view_list),
+                    **_fewshot(embedder, suite, view_list)}
+    finally:
+        model.train(was_training)
+
+
+def _zeroshot(embedder: Embedder, suite: EvalSuite, view_list: list) -> dict[str, float]:
+    out, mode = {}, embedder.model.mode
+    for name, (data, classnames, templates) in suite.zeroshot.items():
+        image, labels = embedder.images(data)
+        classes = class_embeddings(embedder.model, suite.tokenizer, classnames, templates,
+                                   device=embedder.device, batch_size=embedder.batch_size)
+        class_ids = torch.arange(len(classnames), device=labels.device)
+        for prefix, view, alpha in view_list:
+            a, b = view_embeddings(image, classes, mode, view, alpha)
+            rank = chunked_ranks(a, b, labels, class_ids)
+            for k in (1, 5):
+                out[f"{prefix}zeroshot/{name}/top{k}"] = 100.0 * (rank < k).float().mean().item()
+    return out
+
+
+def _retrieval(embedder: Embedder, suite: EvalSuite, view_list: list) -> dict[str, float]:
+    if suite.retrieval is None:
+        return {}
+    image, _ = embedder.images(suite.retrieval.images)
+    text = embedder.texts(suite.retrieval_tokens)
+    out = {}
+    for prefix, view, alpha in view_list:
+        a, b = view_embeddings(image, text, embedder.model.mode, view, alpha)
+        out.update({f"{prefix}retrieval/{k}": v
+                    for k, v in recall_at_k(a, b, suite.retrieval.caption_image).items()})
+    return out
+
+
+def _fewshot(embedder: Embedder, suite: EvalSuite, view_list: list) -> dict[str, float]:
+    out, mode = {}, embedder.model.mode
+    probes = [(prefix, PROBE_KEY[view][mode]) for prefix, view, _ in view_list
+              if mode in PROBE_KEY.get(view, {})]
+    for name, (pool, test) in suite.fewshot.items():
+        (pool_x, pool_y), (test_x, test_y) = embedder.images(pool), embedder.images(test)
+        num_classes = test.num_classes
+        for prefix, key in probes:
+            for k in suite.shots:
+                accs = []
+                for seed in range(suite.fewshot_seeds):
+                    idx = kshot_indices(pool_y, k, seed, num_classes).to(pool_x[key].device)
+                    logits = ridge_probe(pool_x[key][idx], pool_y[idx], test_x[key], num_classes,
+                                         suite.fewshot_lambda)
+                    accs.append(accuracy_topk(logits, test_y, (1,))[1])
+                out[f"{prefix}fewshot/{name}/{k}shot"] = sum(accs) / len(accs)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Results: JSON records and the table
+# ----------------------------------------------------------------------------------------------
+def to_records(results: dict[str, float]) -> list[dict]:
+    """Flat results -> [{task, metric, value, embeddings: main|tower3|mix, alpha}]; alpha is set
+    for 'mix' only (main is alpha = 1, tower3 alpha = 0)."""
+    records = []
+    for key, value in results.items():
+        head, _, rest = key.partition("/")
+        embeddings, alpha = "main", None
+        if head == "tower3":
+            embeddings, key = "tower3", rest
+        elif head.startswith("mix@"):
+            embeddings, alpha, key = "mix", float(head[4:]), rest
+        task, _, metric = key.rpartition("/")
+        records.append({"task": task, "metric": metric, "value": value, "embeddings": embeddings,
+                        "alpha": alpha})
+    return records
+
+
+def format_table(results: dict[str, float]) -> str:
+    """One row per task/metric, one column per view; the mix columns are the alpha sweep."""
+    records = to_records(results)
+    column = lambda r: r["embeddings"] if r["alpha"] is None else f"a={r['alpha']:g}"
+    columns = list(dict.fromkeys(column(r) for r in records))
+    cells = {(f"{r['task']}/{r['metric']}", column(r)): r["value"] for r in records}
+    rows = list(dict.fromkeys(row for row, _ in cells))
+    width = max([len(r) for r in rows] + [6])
+    lines = [f"{'metric':<{width}}" + "".join(f"{c:>10}" for c in columns)]
+    for row in rows:
+        lines.append(f"{row:<{width}}" + "".join(
+            f"{cells[row, c]:>10.2f}" if (row, c) in cells else " " * 10 for c in columns))
+    if any(r["alpha"] is not None for r in records):
+        lines.append("a=alpha: s_alpha = alpha cos(f, g) + (1 - alpha) cos(h_g(h), g_h(g)); "
+                     "alpha = 1 is 'main'")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The retrieval grid: text queries above their top-k images
+# ----------------------------------------------------------------------------------------------
+GRID_MIN_TILE, GRID_TEXT_BAND, GRID_CHAR_PX = 96, 28, 6
+
+
+def grid_row(query: str, images: Tensor) -> Image.Image:
+    """One query (wrapped to two lines) above its images (k, 3, S, S, ImageNet-normalised),
+    upscaled (nearest) to tiles of at least GRID_MIN_TILE pixels so the text fits."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    images = (images.float().cpu() * std + mean).clamp(0, 1)
+    scale = -(-GRID_MIN_TILE // images.shape[-1])
+    images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    strip = to_pil_image(make_grid(images, nrow=len(images), padding=2, pad_value=1.0))
+    row = Image.new("RGB", (strip.width, strip.height + GRID_TEXT_BAND), "white")
+    row.paste(strip, (0, GRID_TEXT_BAND))
+    lines = textwrap.wrap(query, max(1, strip.width // GRID_CHAR_PX))[:2]
+    ImageDraw.Draw(row).multiline_text((3, 1), "\n".join(lines), fill="black")
+    return row
+
+
+def save_retrieval_grid(path: str, model: ThreeTowers, tower3: FrozenTower | None, suite: EvalSuite,
+                        queries: Sequence[str], *, device: torch.device | str, view: str = "main",
+                        alpha: float = 1.0, k: int = 5, batch_size: int = 256) -> tuple[int, int]:
+    """Retrieve the top-k images of suite.retrieval for each text query with `view` and save a
+    PNG of one row per query; returns its (width, height)."""
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        embedder = Embedder(model, tower3 if model.mode != "clip" else None, device, batch_size)
+        image, _ = embedder.images(suite.retrieval.images)
+        text = embedder.texts(suite.tokenizer.encode(list(queries)))
+        a, b = view_embeddings(image, text, model.mode, view, alpha)
+        top = (b @ a.T).topk(min(k, len(a)), dim=1).indices.cpu()              # (Q, k)
+    model.train(was_training)
+    data = suite.retrieval.images
+    rows = [grid_row(q, torch.stack([data[int(i)]["image"] for i in idx]))
+            for q, idx in zip(queries, top)]
+    canvas = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
+    for n, row in enumerate(rows):
+        canvas.paste(row, (0, n * rows[0].height))
+    canvas.save(path)
+    return canvas.size
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Checkpoints and the command line
+# ----------------------------------------------------------------------------------------------
+def load_checkpoint(path: str, tower3_spec: str | None = None
+                    ) -> tuple[ThreeTowers, FrozenTower | None, dict]:
+    """A train.py '3t-v1' checkpoint -> (model, its third tower or None for clip, the dict).
+    The third tower is reloaded from its spec (it is never stored in the checkpoint)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and tensor errors have no common type
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    if isinstance(ckpt, dict) and (ckpt.get("mode") == "supervised" or "classifier" in ckpt):
+        raise ValueError(f"{path} is a supervised classifier (train.py --mode supervised): a third "
+                         f"tower, not an image-text model. Use it as `--tower3 {path}` when "
+                         f"training lit or 3t, then evaluate that checkpoint.")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "3t-v1":
+        raise ValueError(f"{path} has no format '3t-v1': written by another project or an older "
+                         f"train.py, so eval.py cannot rebuild its model")
+    model = ThreeTowers(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    spec = tower3_spec or ckpt.get("tower3")
+    if model.mode != "clip" and not spec:
+        raise ValueError(f"{path}: a {model.mode} checkpoint without a third-tower spec; "
+                         f"pass --tower3")
+    return model, (load_tower3(spec) if model.mode != "clip" else None), ckpt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--checkpoint", required=True, help="a ckpt.pt written by train.py (format '3t-v1')")
+    add("--tasks", default="zeroshot,retrieval,fewshot", help=f"comma list of {TASKS}")
+    add("--zeroshot-data", default="shapes", help="shapes | imagefolder:ROOT:CLASSNAMES_FILE | "
+        "cifar10:ROOT | cifar100:ROOT (the files hold no captions; CIFAR in torchvision's format)")
+    add("--retrieval-data", default="shapes", help="shapes | a .csv/.tsv of image paths and "
+        "captions (rows with the same image path are one image with several captions)")
+    add("--num-images", type=int, default=500, help="shapes test images (files are used whole)")
+    add("--seed", type=int, default=0, help="shapes world seed of the evaluation images")
+    add("--embeddings", default="main,tower3,mix", help="views to score with; clip and lit have "
+        "only main")
+    add("--alphas", default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS),
+        help="mix sweep: s_alpha = alpha main + (1-alpha) tower3 (3t only)")
+    add("--shots", default="1,5,10", help="few-shot k (examples per class)")
+    add("--fewshot-seeds", type=int, default=3, help="few-shot draws averaged per k")
+    add("--fewshot-lambda", type=float, default=FEWSHOT_LAMBDA, help="ridge strength (fixed)")
+    add("--tower3", default=None, help="replace the checkpoint's third-tower spec (a moved file)")
+    add("--csv-keys", default=None, help="IMAGE_COLUMN,CAPTION_COLUMN of --retrieval-data "
+        "(default: the training run's, else filepath,title as open_clip)")
+    add("--batch-size", type=int, default=256, help="images or texts per forward pass")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add("--out", default=None, help="JSON records (default: <ckpt dir>/eval_<ckpt stem>.json)")
+    add("--save-grid", default=None, help="PNG: text queries above their top-5 retrieved images")
+    add("--grid-queries", default=None, help="';'-separated queries for --save-grid (default: "
+        "one caption of each of the first 4 retrieval images)")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    args = build_parser().parse_args(argv)
+    try:
+        model, tower3, ckpt = load_checkpoint(args.checkpoint, args.tower3)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"eval.py: error: {e}") from None
+    model.to(args.device)
+    tower3 = tower3.to(args.device) if tower3 is not None else None
+    train, config = ckpt.get("args") or {}, ckpt["model_config"]
+    csv_keys = (args.csv_keys or f"{train.get('csv_img_key', 'filepath')},"
+                f"{train.get('csv_caption_key', 'title')}").split(",")
+    suite = build_eval_suite(
+        tokenizer=ByteTokenizer(config.get("context_length", 128)), num_images=args.num_images,
+        image_size=train.get("image_size") or config.get("image_size", 64), seed=args.seed,
+        tasks=args.tasks.split(","), zeroshot_data=args.zeroshot_data,
+        retrieval_data=args.retrieval_data, csv_keys=(*csv_keys, train.get("csv_separator")))
+    suite.shots = tuple(int(k) for k in args.shots.split(","))
+    suite.fewshot_seeds, suite.fewshot_lambda = args.fewshot_seeds, args.fewshot_lambda
+    embeddings, alphas = args.embeddings.split(","), [float(a) for a in args.alphas.split(",")]
+    view_list = views(model.mode, alphas, embeddings)
+    print(f"{model.mode} checkpoint {args.checkpoint} (trained on {train.get('train_data', '?')}): "
+          f"scoring with {', '.join(dict.fromkeys(v for _, v, _ in view_list))}"
+          + ("" if model.mode == "3t" else " (only the main embeddings exist in this mode)"))
+    print("".join(f"note: {note}\n" for note in suite.notes), end="")
+    results = evaluate(model, tower3, suite, device=args.device, batch_size=args.batch_size,
+                       alphas=alphas, progress=args.progress, embeddings=embeddings)
+    print(format_table(results))
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   f"eval_{stem}.json")
+    with open(out, "w") as f:
+        json.dump(to_records(results), f, indent=1)
+    print(f"wrote {out}")
+    if args.save_grid and suite.retrieval is not None and view_list:
+        owner = suite.retrieval.caption_image.tolist()
+        queries = args.grid_queries.split(";") if args.grid_queries else \
+            [suite.retrieval.captions[owner.index(i)] for i in sorted(set(owner))[:4]]
+        _, view, alpha = view_list[0]
+        size = save_retrieval_grid(args.save_grid, model, tower3, suite, queries,
+                                   device=args.device, view=view, alpha=alpha,
+                                   batch_size=args.batch_size)
+        print(f"wrote {args.save_grid} ({size[0]}x{size[1]} pixels, scored with {view})")
+    return results
+
+
+if __name__ == "__main__":
+    main()

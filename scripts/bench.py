@@ -1,0 +1,241 @@
+"""Benchmarks: training throughput and MFU per mode, the loss's cost versus batch size, the data path.
+
+    python scripts/bench.py                 # CPU preset, ~3 minutes on 2 cores
+    python scripts/bench.py --quick         # fewer repeats
+    python scripts/bench.py --gpu-preset    # also a ViT-B/16 + base text preset when CUDA is present
+
+Prints tables and writes results/bench.json. The training step is train.py's own `train_step` on
+batches from data.py, so what is measured is what `train.py` runs. MFU = model FLOPs of one
+forward+backward (counted by torch.utils.flop_counter) / step time / the matmul peak measured in the
+same process (a large fp32 matmul on CPU, bf16 on CUDA) -- a practical, not a datasheet, peak.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import train  # noqa: E402
+from losses import _local_rows_loss  # noqa: E402
+from model import build_image_tower  # noqa: E402
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a square matmul: the practical peak that MFU is measured against."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_tower3(folder: str, arch: str, image_size: int) -> str:
+    """A classifier of the same architecture as f, saved as a supervised checkpoint: 'equal towers'.
+    Its weights do not matter for speed."""
+    path = os.path.join(folder, f"tower3-{arch.replace('/', '-')}.pt")
+    net = build_image_tower(arch, image_size, 10, bias=True)
+    torch.save({"classifier": {"arch": arch, "image_size": image_size, "num_classes": 10},
+                "model": net.state_dict()}, path)
+    return path
+
+
+def bench_mode(mode: str, cache: bool, preset: list[str], tower3: str, repeats: int, peak: float) -> dict:
+    """Time train.py's step (forward, backward, AdamW) on real batches generated beforehand."""
+    args = train.parse_args(preset + ["--mode", mode, "--tower3", tower3, "--out", tempfile.mkdtemp(),
+                                      "--cache-dir", os.path.dirname(tower3), "--quiet", "--eval-data", "none"]
+                            + ([] if cache else ["--no-cache-tower3"]))
+    env = train.Env()
+    model, _, tower3_net, dataset, _ = train.build(args, env)
+    model.to(env.device).train()
+    h_cache = train.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
+    optimizer = train.build_optimizer(model, args)
+    loader = data.make_loader(dataset, args.batch_size, workers=0, seed=0)
+    batches = [b for b, _ in zip(loader, range(3))]
+
+    def step(batch):
+        loss, _ = train.train_step(args, env, model, batch, tower3_net, h_cache, args.weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step(batches[0])
+    flops = counter.get_total_flops()
+    for b in batches[:2]:
+        step(b)
+    sync(env.device)
+    start = time.perf_counter()
+    for i in range(repeats):
+        step(batches[i % len(batches)])
+    sync(env.device)
+    seconds = (time.perf_counter() - start) / repeats
+    return {"mode": mode, "cache": cache, "batch": args.batch_size, "step_ms": 1e3 * seconds,
+            "samples_per_s": args.batch_size / seconds, "gflops_per_sample": flops / args.batch_size / 1e9,
+            "mfu": flops / seconds / peak,
+            "trainable_params": sum(p.numel() for p in model.parameters())}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def loss_memory_child(n_local: int, n_global: int, dim: int) -> None:
+    """Run in a subprocess: fwd+bwd of the loss of n_local rows against n_global columns. Peak
+    memory = the high-water mark of resident memory (reset first) above the resident memory before."""
+    torch.manual_seed(0)
+    a_all = torch.nn.functional.normalize(torch.randn(n_global, dim), dim=-1).requires_grad_()
+    b_all = torch.nn.functional.normalize(torch.randn(n_global, dim), dim=-1).requires_grad_()
+    local = n_local < n_global
+
+    def run() -> float:
+        a, b = a_all[:n_local], b_all[:n_local]
+        start = time.perf_counter()
+        loss, _ = _local_rows_loss(a, b, a_all if local else a, b_all if local else b, torch.tensor(10.0), None)
+        loss.backward()
+        return time.perf_counter() - start
+    run()                                               # warm-up (thread pools, allocator)
+    a_all.grad = b_all.grad = None
+    with open("/proc/self/clear_refs", "w") as f:       # reset the high-water mark (VmHWM)
+        f.write("5")
+    before = _rss_kib("VmRSS:")
+    seconds = run()
+    print(json.dumps({"ms": 1e3 * seconds, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024}))
+
+
+def bench_loss(sizes: list[int], world: int, dim: int = 128) -> list[dict]:
+    """The loss over a global batch N: on one process (N x N logits) and as one of `world` ranks
+    (N/world x N logits, the distributed path) -- time and peak memory, each in a fresh process."""
+    rows = []
+    for n in sizes:
+        row = {"global_batch": n}
+        for name, n_local in (("one_process", n), (f"rank_of_{world}", n // world)):
+            if n_local * n * 4 * 6 > 20 * 2 ** 30:      # logits + softmax + grads would not fit
+                row[name] = None
+                continue
+            out = subprocess.run([sys.executable, __file__, "--loss-child", str(n_local), str(n), str(dim)],
+                                 capture_output=True, text=True, check=True)
+            row[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+    return rows
+
+
+def write_shard(path: str, count: int, size: int = 256) -> None:
+    """A tar shard of `count` JPEG + caption pairs in the img2dataset layout."""
+    world = data.ShapesWorld(0, size)
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            sample = world.sample(i)
+            for name, payload in ((f"{i:06d}.jpg", bytes(data_jpeg(sample["image"]))),
+                                  (f"{i:06d}.txt", sample["caption"].encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def data_jpeg(image: torch.Tensor) -> torch.Tensor:
+    from torchvision.io import encode_jpeg
+    return encode_jpeg(image, quality=90).numpy()
+
+
+def bench_data(image_size: int, count: int = 512) -> dict:
+    """Images/s on one core: the shapes generator, and decoding + augmenting a tar shard."""
+    torch.set_num_threads(1)
+    shapes = data.render_throughput(num_images=2048, image_size=image_size)
+    tokenizer = data.ByteTokenizer(128)
+    pairs = data.make_pairs_dataset("shapes", tokenizer=tokenizer, image_size=image_size, num_samples=4096)
+    loader = data.make_loader(pairs, 256, workers=0)
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(batch["index"])
+    pairs_per_s = n / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shard(os.path.join(tmp, "000000.tar"), count)
+        shards = data.TarShards(os.path.join(tmp, "000000.tar"), tokenizer=tokenizer, image_size=224)
+        start, n = time.perf_counter(), 0
+        for _ in shards:
+            n += 1
+        tar_per_s = n / (time.perf_counter() - start)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {"shapes_render_per_s_per_core": shapes, "shapes_pairs_loader_per_s_per_core": pairs_per_s,
+            "tar_256px_jpeg_to_224_per_s_per_core": tar_per_s}
+
+
+def table(rows: list[dict], keys: list[str]) -> str:
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)   # noqa: E731
+    lines = [" | ".join(keys), " | ".join("---" for _ in keys)]
+    lines += [" | ".join(fmt(r.get(k)) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats and loss sizes (a smoke run)")
+    p.add_argument("--gpu-preset", action="store_true", help="with CUDA: also ViT-B/16 + base text at 224px")
+    p.add_argument("--out", default="results/bench.json", help="where to write the JSON figures")
+    p.add_argument("--loss-child", nargs=3, type=int, help=argparse.SUPPRESS)   # internal: one loss run
+    a = p.parse_args()
+    if a.loss_child:
+        return loss_memory_child(*a.loss_child)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    repeats = 3 if a.quick else 8
+    peak = matmul_peak(device, dtype)
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                          "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                          "torch": torch.__version__, "matmul_peak_tflops": peak / 1e12}}
+    print(f"[bench] {result['machine']}")
+    presets = {"cpu": ["--batch-size", "128"]}
+    if a.gpu_preset and device.type == "cuda":
+        presets["gpu-vit-b16"] = ["--batch-size", "256", "--image-arch", "vit-b/16", "--image-size", "224",
+                                  "--text-arch", "base", "--embed-dim", "512", "--context-length", "64"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, preset in presets.items():
+            arch = preset[preset.index("--image-arch") + 1] if "--image-arch" in preset else "vit-tiny"
+            size = int(preset[preset.index("--image-size") + 1]) if "--image-size" in preset else 64
+            tower3 = random_tower3(tmp, arch, size)
+            runs = [bench_mode(m, c, preset + ["--train-samples", "2048"], tower3, repeats, peak)
+                    for m, c in (("clip", True), ("lit", True), ("3t", True), ("3t", False))]
+            clip = runs[0]["step_ms"]
+            for r in runs:
+                r["vs_clip"] = r["step_ms"] / clip
+            result[f"train_{name}"] = runs
+            print(f"\n## training step, {name} preset\n" + table(runs, ["mode", "cache", "batch", "step_ms",
+                  "samples_per_s", "vs_clip", "gflops_per_sample", "mfu", "trainable_params"]))
+    sizes = [1024, 4096] if a.quick else [1024, 2048, 4096, 8192, 16384, 32768]
+    result["loss"] = bench_loss(sizes, world=8)
+    print("\n## loss fwd+bwd vs global batch (D=128): one process vs one of 8 ranks\n" + "\n".join(
+        f"N={r['global_batch']:>6}: " + ", ".join(
+            f"{k}: {v['ms']:.0f} ms, {v['peak_mib']:.0f} MiB" if v else f"{k}: (would not fit)"
+            for k, v in r.items() if k != "global_batch") for r in result["loss"]))
+    result["data"] = bench_data(64)
+    print("\n## data path (images/s on one core)\n" + "\n".join(f"{k}: {v:.0f}" for k, v in result["data"].items()))
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n[bench] wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

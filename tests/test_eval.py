@@ -1,0 +1,303 @@
+"""eval.py: the metrics on hand-built scores with known answers, prompt ensembling, the alpha mix,
+the ridge probe, and `main([...])` end to end on tiny clip / lit / 3t checkpoints."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import eval as ev
+from data import ByteTokenizer, ShapesPairs, shapes_retrieval
+from losses import tower_loss
+from model import ThreeTowers, build_image_tower, load_tower3
+
+
+def unit(n: int, d: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recall@K and accuracy on hand-built scores. recall_at_k only takes dot products, so
+# image_emb = S and text_emb = I give the score matrix S exactly.
+# ----------------------------------------------------------------------------------------------
+def recall_of_scores(scores, caption_image, ks=(1, 2, 5), chunk_size=1024):
+    return ev.recall_at_k(scores, torch.eye(scores.shape[1]), caption_image, ks, chunk_size)
+
+
+def test_recall_perfect_and_reversed():
+    n = 6
+    perfect = recall_of_scores(torch.eye(n), torch.arange(n))
+    assert all(v == 100.0 for v in perfect.values())
+    # Row i ranks caption i last (scores fall towards i): every hit needs K = n.
+    reversed_ = -((torch.arange(n)[:, None] - torch.arange(n)[None, :] - 1) % n).float()
+    r = ev.recall_at_k(reversed_, torch.eye(n), torch.arange(n), ks=(1, 5, 6))
+    assert (r["i2t/R@1"], r["i2t/R@5"], r["i2t/R@6"]) == (0.0, 0.0, 100.0)
+
+
+def test_recall_several_captions_per_image():
+    """Image 0's best caption is first (hit@1) though its other caption ranks last; image 1's
+    best caption has two negatives above it (hit only from K = 3)."""
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.2],
+                           [0.8, 0.7, 0.6, 0.1]])
+    r = recall_of_scores(scores, torch.tensor([0, 0, 1, 1]), ks=(1, 2, 3))
+    assert (r["i2t/R@1"], r["i2t/R@2"], r["i2t/R@3"]) == (50.0, 50.0, 100.0)
+    # Text->image reads the transpose: captions 1, 2 rank their image first; 0, 3 second.
+    assert (r["t2i/R@1"], r["t2i/R@2"]) == (50.0, 100.0)
+
+
+def test_ties_count_as_misses():
+    r = recall_of_scores(torch.zeros(3, 3), torch.arange(3), ks=(1, 2, 3))
+    assert (r["i2t/R@1"], r["i2t/R@2"], r["i2t/R@3"]) == (0.0, 0.0, 100.0)
+    acc = ev.accuracy_topk(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]), ks=(1, 2, 3))
+    assert acc == {1: 0.0, 2: 0.0, 3: 100.0}
+    # A tie below the positive does not matter.
+    assert ev.accuracy_topk(torch.tensor([[2.0, 1.0, 1.0]]), torch.tensor([0]), ks=(1,)) == {1: 100.0}
+
+
+def test_accuracy_topk_known_answers():
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0],       # label 0: rank 0
+                           [5.0, 4, 3, 2, 1, 0],       # label 5: rank 5
+                           [0.0, 9, 1, 2, 3, 4]])      # label 5: rank 1
+    assert ev.accuracy_topk(logits, torch.tensor([0, 5, 5]), ks=(1, 2, 5, 6)) == pytest.approx(
+        {1: 100 / 3, 2: 200 / 3, 5: 200 / 3, 6: 100.0})
+
+
+def naive_recall(image, text, caption_image, k):
+    """Sort everything, loop over queries."""
+    i2t = sum(any(int(caption_image[j]) == i for j in (image[i] @ text.T).argsort(descending=True)[:k])
+              for i in range(len(image)))
+    t2i = sum(int(caption_image[j]) in (text[j] @ image.T).argsort(descending=True)[:k].tolist()
+              for j in range(len(text)))
+    return 100.0 * i2t / len(image), 100.0 * t2i / len(text)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+def test_recall_chunked_equals_naive(chunk_size):
+    image, text = unit(23, 8, 0), unit(69, 8, 1)
+    shuffle = torch.randperm(69, generator=torch.Generator().manual_seed(2))
+    caption_image = torch.arange(23).repeat_interleave(3)[shuffle]          # 3 captions per image
+    got = ev.recall_at_k(image, text, caption_image, ks=(1, 5, 10), chunk_size=chunk_size)
+    for k in (1, 5, 10):
+        expected = naive_recall(image, text, caption_image, k)
+        assert (got[f"i2t/R@{k}"], got[f"t2i/R@{k}"]) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt ensembling and the alpha mix
+# ----------------------------------------------------------------------------------------------
+def test_ensemble_normalises_before_the_mean():
+    per_template = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])            # 1 class, 2 templates
+    torch.testing.assert_close(ev.ensemble(per_template), torch.tensor([[0.5 ** 0.5, 0.5 ** 0.5]]))
+
+
+def tiny_3t(tower3_dim=32, seed=0, **kw):
+    torch.manual_seed(seed)
+    return ThreeTowers("3t", image_arch="vit-micro", image_size=32, text_arch="micro", context_length=128,
+                       embed_dim=16, tower3_dim=tower3_dim, **kw)
+
+
+def test_class_embeddings_ensemble_each_class_over_its_templates():
+    model, tok = tiny_3t().eval(), ByteTokenizer(128)
+    classes, templates = ["red circle", "blue square", "dog"], ["a {}.", "photo of a {}", "{}!"]
+    got = ev.class_embeddings(model, tok, classes, templates, device="cpu")
+    for key in ("g", "g_h"):
+        for c, name in enumerate(classes):
+            with torch.no_grad():
+                per = model.embed_texts(tok.encode([t.format(name) for t in templates]))[key]
+            expected = F.normalize(F.normalize(per, dim=-1).mean(0), dim=-1)
+            torch.testing.assert_close(got[key][c], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_alpha_mix_endpoints_and_middle():
+    image = {"f": unit(5, 4, 0), "h_g": unit(5, 6, 1)}
+    text = {"g": unit(7, 4, 2), "g_h": unit(7, 6, 3)}
+    main, third = image["f"] @ text["g"].T, image["h_g"] @ text["g_h"].T
+    torch.testing.assert_close(ev.mixed_scores(image, text, 1.0), main)
+    torch.testing.assert_close(ev.mixed_scores(image, text, 0.0), third)
+    torch.testing.assert_close(ev.mixed_scores(image, text, 0.25), 0.25 * main + 0.75 * third)
+
+
+def test_views_offer_only_what_exists():
+    assert ev.views("clip", (0, 0.5, 1)) == [("", "main", 1.0)]
+    assert ev.views("lit", (0, 0.5, 1)) == [("", "main", 1.0)]
+    assert [p for p, _, _ in ev.views("3t", (0, 0.5, 1))] == ["", "tower3/", "mix@0/", "mix@0.5/"]
+    lit_image, text = {"h": unit(3, 6, 0)}, {"g": unit(3, 6, 1)}
+    a, b = ev.view_embeddings(lit_image, text, "lit", "main")
+    assert a is lit_image["h"] and b is text["g"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Few-shot: k-shot sampling and the ridge probe
+# ----------------------------------------------------------------------------------------------
+def test_kshot_picks_exactly_k_per_class():
+    labels = torch.arange(4).repeat(10)[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
+    idx = ev.kshot_indices(labels, 3, seed=0)
+    assert len(set(idx.tolist())) == 12
+    assert torch.bincount(labels[idx], minlength=4).tolist() == [3, 3, 3, 3]
+    assert torch.equal(idx, ev.kshot_indices(labels, 3, seed=0))
+    assert not torch.equal(idx, ev.kshot_indices(labels, 3, seed=1))
+    with pytest.raises(ValueError, match="fewer than k=11"):
+        ev.kshot_indices(labels, 11, seed=0)
+
+
+def test_ridge_probe_separates_separable_classes():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(3, 12) * 3
+    x = F.normalize(centres.repeat_interleave(20, 0) + 0.3 * torch.randn(60, 12, generator=g), dim=-1)
+    y = torch.arange(3).repeat_interleave(20)
+    train = ev.kshot_indices(y, 5, seed=0)
+    logits = ev.ridge_probe(x[train], y[train], x, 3)
+    assert ev.accuracy_topk(logits, y, (1,))[1] == 100.0
+
+
+@pytest.mark.parametrize("n", [5, 40])                                 # dual (n < d) and primal
+def test_ridge_probe_matches_naive_normal_equations(n):
+    x, y, test = unit(n, 16, 0).double(), torch.arange(n) % 3, unit(9, 16, 1).double()
+    lam = 0.3
+    # Naive: augment with a bias column, regularise every weight but the bias.
+    xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    reg = lam * torch.eye(17, dtype=x.dtype)
+    reg[-1, -1] = 0
+    w = torch.linalg.solve(xa.T @ xa + reg, xa.T @ F.one_hot(y, 3).double())
+    expected = torch.cat([test, torch.ones(9, 1, dtype=x.dtype)], 1) @ w
+    torch.testing.assert_close(ev.ridge_probe(x, y, test, 3, lam), expected.float(), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: tiny checkpoints written the way train.py writes them
+# ----------------------------------------------------------------------------------------------
+TOWER3_SIZE, D_H = 16, 32         # h runs at 16 px, the main towers at 32 px: exercises the resize
+
+
+def save_checkpoint(path, model, tower3_spec):
+    config = dict(mode=model.mode, image_arch="vit-micro", image_size=32, text_arch="micro",
+                  context_length=128, embed_dim=16, tower3_dim=None if model.mode == "clip" else D_H)
+    torch.save({"format": "3t-v1", "mode": model.mode, "model_config": config, "model": model.state_dict(),
+                "tower3": tower3_spec, "args": {"train_data": "shapes", "seed": 0, "image_size": 32,
+                                                "context_length": 128}}, path)
+
+
+def train_a_little(model, tower3, steps=20):
+    """A few contrastive steps on shapes pairs, so the checkpoint is not random."""
+    data = ShapesPairs("train", 16 * steps, tokenizer=ByteTokenizer(128), image_size=32)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for step in range(steps):
+        batch = ev.collate(data.__getitems__(range(16 * step, 16 * step + 16)))
+        h = tower3(ev.tower3_view(batch["image"], TOWER3_SIZE))
+        loss, _ = tower_loss(model(batch["image"], batch["text"][:, :100], h), model.mode)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    classifier = build_image_tower("vit-micro", TOWER3_SIZE, 4, bias=True)
+    supervised = str(root / "supervised.pt")
+    torch.save({"format": "3t-v1", "mode": "supervised", "model": classifier.state_dict(),
+                "classifier": {"arch": "vit-micro", "image_size": TOWER3_SIZE, "num_classes": 4}}, supervised)
+    model = tiny_3t(D_H)
+    train_a_little(model, load_tower3(supervised))
+    paths = {"supervised": supervised, "3t": str(root / "3t" / "ckpt.pt")}
+    os.makedirs(root / "3t")
+    save_checkpoint(paths["3t"], model, supervised)
+    for mode in ("clip", "lit"):
+        paths[mode] = str(root / f"{mode}.pt")
+        m = ThreeTowers(mode, image_arch="vit-micro", image_size=32, text_arch="micro", context_length=128,
+                        embed_dim=16, tower3_dim=None if mode == "clip" else D_H)
+        save_checkpoint(paths[mode], m, None if mode == "clip" else supervised)
+    return paths
+
+
+FAST = ["--num-images", "24", "--shots", "1,2", "--fewshot-seeds", "2", "--device", "cpu", "--no-progress"]
+
+
+def test_main_3t_writes_json_table_and_grid(ckpts, capsys, tmp_path):
+    grid = str(tmp_path / "retrieval.png")
+    results = ev.main(["--checkpoint", ckpts["3t"], "--alphas", "0,0.5,1", "--save-grid", grid] + FAST)
+    out = os.path.join(os.path.dirname(ckpts["3t"]), "eval_ckpt.json")
+    records = json.load(open(out))
+    assert len(records) == len(results)
+    got = {(r["embeddings"], r["alpha"], r["task"], r["metric"]) for r in records}
+    tasks = [("zeroshot/" + t, m) for t in ("object", "position_size", "scene") for m in ("top1", "top5")]
+    tasks += [("retrieval/" + d, f"R@{k}") for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    views = [("main", None), ("tower3", None), ("mix", 0.0), ("mix", 0.5)]
+    expected = {(e, a, t, m) for e, a in views for t, m in tasks}
+    expected |= {(e, None, "fewshot/object", f"{k}shot") for e in ("main", "tower3") for k in (1, 2)}
+    assert got == expected
+    assert all(0.0 <= r["value"] <= 100.0 for r in records)
+    # alpha = 0 is the third-tower pairing, end to end.
+    paired = [k[len("tower3/"):] for k in results if k.startswith("tower3/") and "shot" not in k]
+    assert paired and all(results[f"mix@0/{k}"] == results[f"tower3/{k}"] for k in paired)
+    table = capsys.readouterr().out
+    assert "zeroshot/object/top1" in table and "a=0.5" in table and "tower3" in table
+    # 4 queries; 5 tiles of 32 px upscaled x3 = 96 px, padding 2; a 28 px text band per row.
+    with Image.open(grid) as image:
+        assert image.size == (5 * 98 + 2, 4 * (28 + 100))
+        lo, hi = image.convert("L").getextrema()
+        assert hi - lo > 100                                              # not a blank canvas
+
+
+@pytest.mark.parametrize("mode", ["clip", "lit"])
+def test_clip_and_lit_offer_only_main(ckpts, tmp_path, capsys, mode):
+    out = str(tmp_path / "r.json")
+    ev.main(["--checkpoint", ckpts[mode], "--out", out, "--tasks", "zeroshot,fewshot"] + FAST)
+    records = json.load(open(out))
+    assert {r["embeddings"] for r in records} == {"main"}
+    assert {r["task"] for r in records} == {"zeroshot/object", "zeroshot/position_size", "zeroshot/scene",
+                                            "fewshot/object"}
+    assert "only the main embeddings exist" in capsys.readouterr().out
+
+
+def test_evaluate_keys_and_restores_training_mode(ckpts):
+    model, tower3, _ = ev.load_checkpoint(ckpts["3t"])
+    suite = ev.build_eval_suite("shapes", tokenizer=ByteTokenizer(128), image_size=32, num_images=12)
+    for training in (True, False):
+        model.train(training)
+        results = ev.evaluate(model, tower3, suite, device="cpu", alphas=(1.0, 0.5))
+        assert model.training is training
+    main_keys = {f"zeroshot/{t}/top{k}" for t in ("object", "position_size", "scene") for k in (1, 5)}
+    main_keys |= {f"retrieval/{d}/R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert set(results) == main_keys | {p + k for p in ("tower3/", "mix@0.5/") for k in main_keys}
+
+
+def test_shapes_retrieval_shares_the_object_task_images():
+    """build_eval_suite embeds the shapes test images once for both tasks; that is only right if
+    shapes_retrieval's images are exactly the 'object' task's images."""
+    suite = ev.build_eval_suite("shapes", tokenizer=ByteTokenizer(128), image_size=32, num_images=6)
+    assert suite.retrieval.images is suite.zeroshot["object"][0]
+    reference = shapes_retrieval(6, ev.CAPTIONS_PER_IMAGE, seed=0, image_size=32).images
+    for i in range(6):
+        torch.testing.assert_close(suite.retrieval.images[i]["image"], reference[i]["image"])
+
+
+def test_csv_retrieval_groups_captions_by_image(tmp_path):
+    for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
+        Image.new("RGB", (20, 20), colour).save(tmp_path / name)
+    rows = ["filepath,title", "a.png,one", "b.png,two", "a.png,three", "c.png,four", "b.png,five"]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    r = ev.csv_retrieval(str(tmp_path / "pairs.csv"), tokenizer=ByteTokenizer(32), image_size=16)
+    assert len(r.images) == 3 and r.captions == ["one", "two", "three", "four", "five"]
+    assert r.caption_image.tolist() == [0, 1, 0, 2, 1]
+    assert r.images[1]["image"][2].mean() > r.images[1]["image"][0].mean()   # b.png is blue
+
+
+def test_clear_errors(ckpts, tmp_path):
+    with pytest.raises(SystemExit, match="checkpoint not found: .*nope.pt"):
+        ev.main(["--checkpoint", str(tmp_path / "nope.pt")])
+    with pytest.raises(SystemExit, match="supervised classifier.*--tower3"):
+        ev.main(["--checkpoint", ckpts["supervised"]])
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="no format '3t-v1'"):
+        ev.main(["--checkpoint", str(tmp_path / "other.pt")])
+
+
+def test_every_flag_has_help():
+    actions = ev.build_parser()._actions
+    assert {"--checkpoint", "--tasks", "--alphas", "--save-grid", "--out"} <= {
+        o for a in actions for o in a.option_strings}
+    assert all(a.help and a.help.strip() for a in actions)
