@@ -65,6 +65,7 @@ def bench_mode(mode: str, cache: bool, preset: list[str], tower3: str, repeats: 
     args = train.parse_args(preset + ["--mode", mode, "--tower3", tower3, "--out", tempfile.mkdtemp(),
                                       "--cache-dir", os.path.dirname(tower3), "--quiet", "--eval-data", "none"]
                             + ([] if cache else ["--no-cache-tower3"]))
+    args.workers = 0
     env = train.Env()
     model, _, tower3_net, dataset, _ = train.build(args, env)
     model.to(env.device).train()

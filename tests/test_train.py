@@ -223,3 +223,33 @@ def test_elastic_restart_resumes(tmp_path, tower3_file):
     assert "simulated node failure" in r.stderr
     assert "[resume]" in r.stdout and "step 2" in r.stdout
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+# --------------------------------------------------------------------------------- real formats
+def test_csv_training_logs_skipped_images(tmp_path):
+    from test_data import jpeg
+    lines = ["filepath,title"]
+    for i in range(24):
+        (tmp_path / f"{i}.jpg").write_bytes(b"not a jpeg" if i == 5 else jpeg(i, 40))
+        lines.append(f"{i}.jpg,a caption number {i}")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    args = tiny(tmp_path, "--mode", "clip", "--train-data", str(tmp_path / "pairs.csv"), "--train-samples", "24",
+                "--epochs", "1", "--batch-size", "4")
+    train.main(args)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert len(records) == 6                                      # 24 pairs / batch 4, one epoch
+    assert records[-1]["data_errors"] == {"decode_error": 1}      # the bad file, counted once
+
+
+def test_tar_shard_training_streams_without_cache(tmp_path, tower3_file, capsys):
+    from test_data import good_shard
+    for s in range(2):
+        good_shard(tmp_path / f"shard-{s}.tar", [f"{s}{k:03d}" for k in range(12)])
+    args = tiny(tmp_path, "--mode", "3t", "--tower3", tower3_file, "--steps", "4", "--eval-data", "none",
+                "--train-data", str(tmp_path / "shard-{0..1}.tar"))
+    train.main(args)
+    assert "streaming data: no cache" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 4
+    with pytest.raises(SystemExit, match="--steps is required"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--train-data", str(tmp_path / "shard-{0..1}.tar"),
+                        "--eval-data", "none", out="run2"))
