@@ -2,10 +2,10 @@
 
     python train.py --mode 3t                                       # one process, CPU or GPU
     torchrun --standalone --nproc_per_node=2 train.py --mode 3t      # one machine, 2 processes
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv-backend c10d \
-             --rdzv-endpoint=HOST:29500 train.py --mode 3t ...        # many nodes
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv-backend=c10d
+             --rdzv-endpoint=HOST:29500 train.py --mode 3t ...        # many nodes (one line)
 
-The loop is visible in `train()`: data -> (cached) frozen tower h -> towers f, g and heads under
+The loop is visible in `run()`: data -> (cached) frozen tower h -> towers f, g and heads under
 DDP -> losses.tower_loss -> AdamW. What 3T changes relative to CLIP is only which embeddings the
 loss compares (losses.PAIRS) and that the frozen tower's embeddings enter the batch (Sec. 3 of
 Kossen et al. 2023). `--mode supervised` trains an image classifier whose checkpoint `--tower3`
