@@ -39,6 +39,7 @@ from losses import PAIRS
 # (Dosovitskiy et al. 2021, Table 1); the small ones are for 64x64 images on a CPU.
 VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
     "vit-micro": (8, 32, 1, 2),      # unit tests
+    "vit-mini": (8, 64, 2, 2),       # scripts/reproduce.py: many runs in half an hour on a CPU
     "vit-tiny": (8, 128, 4, 4),      # the CPU default on the 64x64 shapes world
     "vit-small": (8, 256, 6, 4),
     "vit-s/16": (16, 384, 12, 6),
@@ -74,6 +75,7 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
 # ----------------------------------------------------------------------------------------------
 TEXT_PRESETS: dict[str, tuple[int, int, int]] = {   # width, depth, heads
     "micro": (32, 1, 2),
+    "mini": (64, 2, 2),
     "tiny": (128, 4, 4),
     "small": (256, 6, 4),
     "base": (512, 12, 8),      # CLIP's text tower size (Radford et al. 2021, Sec. 2.4)

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="'shapes' (embedded synthetic world, no download), a .csv/.tsv of image paths + captions, "
            "or tar shards like 'data/{00000..00099}.tar' (img2dataset layout); for --mode supervised: "
            "'shapes' or an ImageFolder root")
-    a("--train-samples", type=int, default=36_000, help="shapes/CSV: number of training pairs (scarce regime: fewer)")
+    a("--train-samples", type=int, default=30_000, help="shapes/CSV: number of training pairs (scarce regime: fewer)")
     a("--caption-noise", type=float, default=0.0,
       help="shapes/CSV: fraction of pairs whose caption belongs to another image (noisy web regime)")
     a("--label", default="object", choices=["object", "scene", "position_size"],
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "torchvision:ARCH:/path/state_dict.pth, a --mode supervised checkpoint, or 'auto' (shapes only: "
            "pretrain one on the shapes world's --tower3-label labels on first use, then reuse it)")
     a("--tower3-label", default="object", choices=["object", "scene"], help="labels of the auto-pretrained tower")
-    a("--tower3-steps", type=int, default=200, help="steps of the auto-pretrained tower")
+    a("--tower3-steps", type=int, default=150, help="steps of the auto-pretrained tower")
     a("--no-tower3-heads", action="store_true",
       help="3t: drop the heads h_f, h_g on the frozen embedding; f_h, g_h then map straight into D_h")
     a("--cache-tower3", action=argparse.BooleanOptionalAction, default=True,
