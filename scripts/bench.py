@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -60,8 +61,8 @@ def random_tower3(folder: str, arch: str, image_size: int) -> str:
     return path
 
 
-def bench_mode(mode: str, cache: bool, preset: list[str], tower3: str, repeats: int, peak: float) -> dict:
-    """Time train.py's step (forward, backward, AdamW) on real batches generated beforehand."""
+def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
+    """train.py's own model, optimiser, data and step for one mode; returns (step, batches, flops, info)."""
     args = train.parse_args(preset + ["--mode", mode, "--tower3", tower3, "--out", tempfile.mkdtemp(),
                                       "--cache-dir", os.path.dirname(tower3), "--quiet", "--eval-data", "none"]
                             + ([] if cache else ["--no-cache-tower3"]))
@@ -71,8 +72,7 @@ def bench_mode(mode: str, cache: bool, preset: list[str], tower3: str, repeats: 
     model.to(env.device).train()
     h_cache = train.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
     optimizer = train.build_optimizer(model, args)
-    loader = data.make_loader(dataset, args.batch_size, workers=0, seed=0)
-    batches = [b for b, _ in zip(loader, range(3))]
+    batches = [b for b, _ in zip(data.make_loader(dataset, args.batch_size, workers=0, seed=0), range(3))]
 
     def step(batch):
         loss, _ = train.train_step(args, env, model, batch, tower3_net, h_cache, args.weights)
@@ -82,19 +82,34 @@ def bench_mode(mode: str, cache: bool, preset: list[str], tower3: str, repeats: 
 
     with FlopCounterMode(display=False) as counter:
         step(batches[0])
-    flops = counter.get_total_flops()
-    for b in batches[:2]:
-        step(b)
-    sync(env.device)
-    start = time.perf_counter()
-    for i in range(repeats):
-        step(batches[i % len(batches)])
-    sync(env.device)
-    seconds = (time.perf_counter() - start) / repeats
-    return {"mode": mode, "cache": cache, "batch": args.batch_size, "step_ms": 1e3 * seconds,
-            "samples_per_s": args.batch_size / seconds, "gflops_per_sample": flops / args.batch_size / 1e9,
-            "mfu": flops / seconds / peak,
+    for b in batches[1:]:
+        step(b)                                                  # warm-up
+    info = {"mode": mode, "cache": cache, "batch": args.batch_size,
             "trainable_params": sum(p.numel() for p in model.parameters())}
+    return step, batches, counter.get_total_flops(), info, env.device
+
+
+def bench_modes(preset: list[str], tower3: str, repeats: int, peak: float) -> list[dict]:
+    """Step time of clip, lit, 3t (cached h) and 3t (h every step), timed round-robin -- one step of
+    each in turn -- and summarised by the median, so a slow spell of a shared machine hits all
+    modes alike instead of whichever ran then."""
+    setups = [setup_mode(m, c, preset, tower3) for m, c in (("clip", True), ("lit", True), ("3t", True), ("3t", False))]
+    times: list[list[float]] = [[] for _ in setups]
+    for i in range(repeats):
+        for k, (step, batches, _, _, device) in enumerate(setups):
+            sync(device)
+            start = time.perf_counter()
+            step(batches[i % len(batches)])
+            sync(device)
+            times[k].append(time.perf_counter() - start)
+    rows = []
+    for (_, _, flops, info, _), t in zip(setups, times):
+        seconds = statistics.median(t)
+        rows.append({**info, "step_ms": 1e3 * seconds, "samples_per_s": info["batch"] / seconds,
+                     "gflops_per_sample": flops / info["batch"] / 1e9, "mfu": flops / seconds / peak})
+    for r in rows:
+        r["vs_clip"] = r["step_ms"] / rows[0]["step_ms"]
+    return rows
 
 
 def _rss_kib(field: str) -> int:
@@ -223,7 +238,7 @@ def main() -> None:
         return loss_memory_child(*a.loss_child)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    repeats = 3 if a.quick else 8
+    repeats = 3 if a.quick else 12
     peak = matmul_peak(device, dtype)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -238,11 +253,7 @@ def main() -> None:
             arch = preset[preset.index("--image-arch") + 1] if "--image-arch" in preset else "vit-tiny"
             size = int(preset[preset.index("--image-size") + 1]) if "--image-size" in preset else 64
             tower3 = random_tower3(tmp, arch, size)
-            runs = [bench_mode(m, c, preset + ["--train-samples", "2048"], tower3, repeats, peak)
-                    for m, c in (("clip", True), ("lit", True), ("3t", True), ("3t", False))]
-            clip = runs[0]["step_ms"]
-            for r in runs:
-                r["vs_clip"] = r["step_ms"] / clip
+            runs = bench_modes(preset + ["--train-samples", "2048"], tower3, repeats, peak)
             result[f"train_{name}"] = runs
             print(f"\n## training step, {name} preset\n" + table(runs, ["mode", "cache", "batch", "step_ms",
                   "samples_per_s", "vs_clip", "gflops_per_sample", "mfu", "trainable_params"]))
