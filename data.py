@@ -108,6 +108,12 @@ class ByteTokenizer:
             out[row, 1 + len(data)] = self.EOS
         return out
 
+    @classmethod
+    def trim(cls, ids: Tensor) -> Tensor:
+        """Cut a batch (N, L) after its longest caption: the columns that are PAD in every row cannot
+        change the EOS-pooled embedding, only cost compute. Call on CPU ids (no device sync)."""
+        return ids[:, : int((ids != cls.PAD).sum(1).max())]
+
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         """One row of ids -> text, for display; stops at EOS; invalid UTF-8 becomes U+FFFD."""
         if isinstance(ids, Tensor):
@@ -405,14 +411,19 @@ def _check_index(index: int, length: int) -> int:
     return index
 
 
-def _with_tower3_view(items: list[dict[str, Any]], images: Tensor, size: int | None) -> list[dict[str, Any]]:
-    """Add 'image_h': the same normalised images resized (bilinear, antialiased) for the third tower.
+def resize_view(images: Tensor, size: int) -> Tensor:
+    """Normalised images (N, 3, S, S) resized (bilinear, antialiased) to the size a third tower expects.
+    Normalisation is affine per channel and interpolation weights sum to 1, so resizing after
+    normalising equals normalising after resizing. Deterministic, so h's embeddings can be cached."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
-    Deterministic, so the frozen tower's embeddings of it can be cached.
-    """
+
+def _with_tower3_view(items: list[dict[str, Any]], images: Tensor, size: int | None) -> list[dict[str, Any]]:
+    """Add 'image_h': the third tower's own view of the same images."""
     if size is not None:
-        high = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        for item, image in zip(items, high):
+        for item, image in zip(items, resize_view(images, size)):
             item["image_h"] = image
     return items
 

@@ -41,7 +41,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, ByteTokenizer, CsvPairs, RetrievalSet,
-                  ShapesLabelled, cifar_zeroshot, collate, imagefolder_zeroshot, shapes_retrieval,
+                  ShapesLabelled, cifar_zeroshot, collate, imagefolder_zeroshot, resize_view, shapes_retrieval,
                   zeroshot_tasks)
 from model import FrozenTower, ThreeTowers, load_tower3
 
@@ -174,16 +174,6 @@ def kshot_indices(labels: Tensor, k: int, seed: int, num_classes: int | None = N
 # ----------------------------------------------------------------------------------------------
 # 2. Embedding passes (inference mode, in batches; N x D in memory)
 # ----------------------------------------------------------------------------------------------
-def tower3_view(image: Tensor, size: int) -> Tensor:
-    """h's input: the normalised batch resized (bilinear, antialiased) to the size h expects.
-    Normalisation is affine per channel and interpolation weights sum to 1, so resizing after
-    normalising equals normalising after resizing."""
-    if image.shape[-1] == size:
-        return image
-    return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False)
-
-
 @dataclass
 class Embedder:
     """Embeds datasets and token batches with one model; an image set is embedded once per
@@ -205,7 +195,7 @@ class Embedder:
                 image, h = batch["image"].to(self.device), None
                 if self.tower3 is not None:
                     view = batch["image_h"] if "image_h" in batch else batch["image"]
-                    h = self.tower3(tower3_view(view.to(self.device), self.tower3.image_size))
+                    h = self.tower3(resize_view(view.to(self.device), self.tower3.image_size))
                 out = self.model.embed_images(image, h)
                 if h is not None:
                     out.setdefault("h", F.normalize(h.float(), dim=-1))
@@ -221,9 +211,8 @@ class Embedder:
         parts = []
         for lo in tqdm(range(0, len(ids), self.batch_size), desc="texts", disable=not self.progress,
                        leave=False):
-            batch = ids[lo:lo + self.batch_size]
-            length = int((batch == self.model.text.eos_id).int().argmax(dim=1).max()) + 1
-            parts.append(self.model.embed_texts(batch[:, :length].to(self.device)))
+            batch = ByteTokenizer.trim(ids[lo:lo + self.batch_size])
+            parts.append(self.model.embed_texts(batch.to(self.device)))
         return _cat(parts)
 
 

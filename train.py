@@ -230,12 +230,16 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
     loader = data.make_loader(dataset, 256, workers=args.workers, rank=env.rank, world_size=env.world,
                               shuffle=False, drop_last=False)
     h = torch.zeros(len(dataset), tower3.dim, device=env.device)
+    seen = torch.zeros(len(dataset), device=env.device)     # how many ranks wrote each row
     for batch in tqdm(loader, desc="caching h", disable=not env.master or args.quiet):
+        index = batch["index"].to(env.device)
         with autocast(args, env):
-            h[batch["index"].to(env.device)] = tower3(_tower3_view(batch, tower3, env.device)).float()
-    if env.world > 1:
-        dist.all_reduce(h)   # every index was written by exactly one rank (padded repeats excepted)
-        h = h / _coverage(len(dataset), env.world).to(env.device)[:, None]
+            h[index] = tower3(_tower3_view(batch, env.device)).float()
+        seen[index] = 1
+    if env.world > 1:   # sum the ranks' rows; the sampler's padding repeats a few rows on two ranks
+        dist.all_reduce(h)
+        dist.all_reduce(seen)
+        h = h / seen[:, None]
     if env.master:
         os.makedirs(args.cache_dir, exist_ok=True)
         atomic_save({"fingerprint": fingerprint, "h": h.cpu()}, path)
@@ -243,18 +247,11 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
     return h
 
 
-def _coverage(n: int, world: int) -> torch.Tensor:
-    """How many ranks saw each index with drop_last=False (the sampler pads by wrapping)."""
-    count = torch.ones(n)
-    count[: (-n) % world] += 1
-    return count
-
-
 def _data_stamp(spec: str) -> list:
     return [os.path.getmtime(spec), os.path.getsize(spec)] if os.path.isfile(spec) else []
 
 
-def _tower3_view(batch: dict, tower3: FrozenTower, device: torch.device) -> torch.Tensor:
+def _tower3_view(batch: dict, device: torch.device) -> torch.Tensor:
     """The third tower's own input view (its size may differ from f's)."""
     return batch.get("image_h", batch["image"]).to(device, non_blocking=True)
 
@@ -321,7 +318,7 @@ def find_resume(args: argparse.Namespace) -> str | None:
 # The run
 # ----------------------------------------------------------------------------------------------
 def build(args: argparse.Namespace, env: Env):
-    """Model, frozen tower (lit/3t), training data, and the per-step batch -> loss function."""
+    """(model, its config, frozen tower h or None, training dataset, tokenizer) for args.mode."""
     tokenizer = data.ByteTokenizer(args.context_length)
     torch.manual_seed(args.seed)          # identical initial weights on every rank
     if args.mode == "supervised":
@@ -358,13 +355,11 @@ def train_step(args, env, ddp_model, batch, tower3, h_cache, weights) -> tuple[t
             labels = batch["label"].to(env.device, non_blocking=True)
             loss = F.cross_entropy(logits.float(), labels)
             return loss, {"loss/ce": loss.detach(), "acc/train": (logits.argmax(1) == labels).float().mean()}
-        text = batch["text"]
-        text = text[:, : int((text != data.ByteTokenizer.PAD).sum(1).max())]   # cut padding (CPU, no sync)
-        text = text.to(env.device, non_blocking=True)
+        text = data.ByteTokenizer.trim(batch["text"]).to(env.device, non_blocking=True)
         h = None
         if tower3 is not None:
             h = h_cache[batch["index"].to(env.device)] if h_cache is not None else \
-                tower3(_tower3_view(batch, tower3, env.device))
+                tower3(_tower3_view(batch, env.device))
         out = ddp_model(image if args.mode != "lit" else None, text, h)
         return tower_loss(out, args.mode, weights)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
-from data import ByteTokenizer, ShapesPairs, shapes_retrieval
+from data import ByteTokenizer, ShapesPairs, resize_view, shapes_retrieval
 from losses import tower_loss
 from model import ThreeTowers, build_image_tower, load_tower3
 
@@ -185,7 +185,7 @@ def train_a_little(model, tower3, steps=20):
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for step in range(steps):
         batch = ev.collate(data.__getitems__(range(16 * step, 16 * step + 16)))
-        h = tower3(ev.tower3_view(batch["image"], TOWER3_SIZE))
+        h = tower3(resize_view(batch["image"], TOWER3_SIZE))
         loss, _ = tower_loss(model(batch["image"], batch["text"][:, :100], h), model.mode)
         opt.zero_grad()
         loss.backward()
