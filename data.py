@@ -154,7 +154,8 @@ _RGB = np.array([[220, 40, 40], [40, 170, 60], [40, 80, 220], [235, 210, 40], [1
                  [40, 200, 215]], np.float32)  # saturated object colours, one row per COLOURS entry
 _BG_RGB = np.array([[25, 25, 25], [80, 80, 80], [140, 140, 140], [200, 200, 200], [110, 90, 70], [210, 195, 160]],
                    np.float32)  # muted background colours, so objects stay visible
-_RADIUS = np.array([0.08, 0.12, 0.17], np.float32)  # per SIZES, as a fraction of the image side
+_RADIUS = np.array([0.10, 0.15, 0.20], np.float32)  # per SIZES, as a fraction of the image side
+# (smaller objects made shape unlearnable for the small towers within the reproduction's budget)
 _SECOND_OBJECT_P = 0.3
 _NOISE_TILES = 4
 

@@ -216,7 +216,7 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
         return None
     digest = hashlib.sha256()
     for t in tower3.state_dict().values():
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())   # 1-d: BatchNorm counters are 0-d
     digest.update(json.dumps([args.train_data, len(dataset), args.seed, args.image_size, tower3.image_size,
                               _data_stamp(args.train_data)]).encode())
     fingerprint = digest.hexdigest()[:16]

@@ -5,9 +5,14 @@
     python scripts/bench.py --gpu-preset    # also a ViT-B/16 + base text preset when CUDA is present
 
 Prints tables and writes results/bench.json. The training step is train.py's own `train_step` on
-batches from data.py, so what is measured is what `train.py` runs. MFU = model FLOPs of one
-forward+backward (counted by torch.utils.flop_counter) / step time / the matmul peak measured in the
-same process (a large fp32 matmul on CPU, bf16 on CUDA) -- a practical, not a datasheet, peak.
+batches from data.py, so what is measured is what `train.py` runs.
+
+MFU = model FLOPs of one forward+backward / step time / matmul peak. FLOPs are counted by
+torch.utils.flop_counter plus `FLOP_FORMULAS` for attention (model FLOPs, see there). As in PaLM's
+MFU (Chowdhery et al. 2022, App. B), attention counts its full L x L matmuls even when causal; the
+table's `attn_share` says how much of the count that is, so the reader can discount it. The peak
+is a large square matmul (fp32 on CPU, bf16 on CUDA) timed in the same round-robin as the steps,
+so both see the same machine -- a practical, not a datasheet, peak.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,11 +39,24 @@ from losses import _local_rows_loss  # noqa: E402
 from model import build_image_tower  # noqa: E402
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+_ATTENTION_BACKWARD = ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
+                       "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward")
+# Model FLOPs of attention (q, k, v first; backward: grad, q, k, v first): the CPU kernel, which the
+# flop counter does not know, counted like the CUDA ones; and every backward at 2x its forward, as for
+# any matmul -- the flop counter's own backward formula adds the q k^T that flash kernels recompute,
+# which is hardware work, not model work (PaLM's MFU, Chowdhery et al. 2022, App. B).
+FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_flop_count(q, k, v),
+    **{getattr(torch.ops.aten, name): lambda g, q, k, v, *_, out_shape=None, **__: 2 * flop_counter.sdpa_flop_count(q, k, v)
+       for name in _ATTENTION_BACKWARD if hasattr(torch.ops.aten, name)},
+}
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 4) -> float:
     """FLOP/s of a square matmul: the practical peak that MFU is measured against."""
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    a @ b
     sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -80,28 +99,36 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
         loss.backward()
         optimizer.step()
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         step(batches[0])
     for b in batches[1:]:
         step(b)                                                  # warm-up
+    counts = counter.get_flop_counts()["Global"]
+    attention = sum(n for op, n in counts.items() if "attention" in str(op))
     info = {"mode": mode, "cache": cache, "batch": args.batch_size,
-            "trainable_params": sum(p.numel() for p in model.parameters())}
+            "trainable_params": sum(p.numel() for p in model.parameters()),
+            "attn_share": attention / counter.get_total_flops()}
     return step, batches, counter.get_total_flops(), info, env.device
 
 
-def bench_modes(preset: list[str], tower3: str, repeats: int, peak: float) -> list[dict]:
-    """Step time of clip, lit, 3t (cached h) and 3t (h every step), timed round-robin -- one step of
-    each in turn -- and summarised by the median, so a slow spell of a shared machine hits all
-    modes alike instead of whichever ran then."""
+def bench_modes(preset: list[str], tower3: str, repeats: int, dtype: torch.dtype) -> tuple[list[dict], float]:
+    """Step time of clip, lit, 3t (cached h) and 3t (h every step), and the matmul peak, timed
+    round-robin -- one step of each in turn, then a peak burst -- and summarised by medians, so a
+    slow spell of a shared machine hits all of them alike instead of whichever ran then.
+    Returns the rows and the peak (FLOP/s)."""
     setups = [setup_mode(m, c, preset, tower3) for m, c in (("clip", True), ("lit", True), ("3t", True), ("3t", False))]
+    device = setups[0][-1]
     times: list[list[float]] = [[] for _ in setups]
+    peaks = []
     for i in range(repeats):
-        for k, (step, batches, _, _, device) in enumerate(setups):
+        for k, (step, batches, _, _, _) in enumerate(setups):
             sync(device)
             start = time.perf_counter()
             step(batches[i % len(batches)])
             sync(device)
             times[k].append(time.perf_counter() - start)
+        peaks.append(matmul_peak(device, dtype))
+    peak = statistics.median(peaks)
     rows = []
     for (_, _, flops, info, _), t in zip(setups, times):
         seconds = statistics.median(t)
@@ -109,7 +136,7 @@ def bench_modes(preset: list[str], tower3: str, repeats: int, peak: float) -> li
                      "gflops_per_sample": flops / info["batch"] / 1e9, "mfu": flops / seconds / peak})
     for r in rows:
         r["vs_clip"] = r["step_ms"] / rows[0]["step_ms"]
-    return rows
+    return rows, peak
 
 
 def _rss_kib(field: str) -> int:
@@ -239,10 +266,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = 3 if a.quick else 12
-    peak = matmul_peak(device, dtype)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                          "torch": torch.__version__, "matmul_peak_tflops": peak / 1e12}}
+                          "torch": torch.__version__}}
     print(f"[bench] {result['machine']}")
     presets = {"cpu": ["--batch-size", "128"]}
     if a.gpu_preset and device.type == "cuda":
@@ -253,10 +279,12 @@ def main() -> None:
             arch = preset[preset.index("--image-arch") + 1] if "--image-arch" in preset else "vit-tiny"
             size = int(preset[preset.index("--image-size") + 1]) if "--image-size" in preset else 64
             tower3 = random_tower3(tmp, arch, size)
-            runs = bench_modes(preset + ["--train-samples", "2048"], tower3, repeats, peak)
+            runs, peak = bench_modes(preset + ["--train-samples", "2048"], tower3, repeats, dtype)
             result[f"train_{name}"] = runs
-            print(f"\n## training step, {name} preset\n" + table(runs, ["mode", "cache", "batch", "step_ms",
-                  "samples_per_s", "vs_clip", "gflops_per_sample", "mfu", "trainable_params"]))
+            result["machine"][f"matmul_peak_tflops_{name}"] = peak / 1e12
+            print(f"\n## training step, {name} preset (matmul peak {peak / 1e9:.0f} GFLOP/s)\n" + table(runs, [
+                "mode", "cache", "batch", "step_ms", "samples_per_s", "vs_clip", "gflops_per_sample",
+                "attn_share", "mfu", "trainable_params"]))
     sizes = [1024, 4096] if a.quick else [1024, 2048, 4096, 8192, 16384, 32768]
     result["loss"] = bench_loss(sizes, world=8)
     print("\n## loss fwd+bwd vs global batch (D=128): one process vs one of 8 ranks\n" + "\n".join(
