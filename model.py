@@ -212,7 +212,11 @@ def load_tower3(spec: str) -> FrozenTower:
                          f"torchvision:ARCH:{spec}")
     c = ckpt["classifier"]
     net = build_image_tower(c["arch"], c["image_size"], c["num_classes"], bias=True)
-    net.load_state_dict(ckpt["model"])
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"--tower3 {spec!r}: its weights do not fit {c['arch']} as model.VIT_PRESETS defines "
+                         f"it now (written by an older version?); pretrain the tower again") from e
     return FrozenTower(net, strip_classifier(net), c["image_size"], spec)
 
 

@@ -178,6 +178,9 @@ def autocast(args: argparse.Namespace, env: Env):
 # ----------------------------------------------------------------------------------------------
 # The third tower: source, auto-pretraining on the shapes world, and the embedding cache
 # ----------------------------------------------------------------------------------------------
+AUTO_TOWER3_VERSION = "v2"   # bump when the presets or the shapes world change: old cached towers no longer fit
+
+
 def resolve_tower3(args: argparse.Namespace, env: Env) -> FrozenTower:
     """Load h. 'auto' on the shapes world pretrains a classifier once (supervised mode, all ranks)
     and caches it, so the default run uses a genuinely pretrained tower, never a random one."""
@@ -185,7 +188,7 @@ def resolve_tower3(args: argparse.Namespace, env: Env) -> FrozenTower:
     if spec == "auto":
         spec = os.path.abspath(os.path.join(
             args.cache_dir, f"tower3-shapes-{args.tower3_label}-{args.image_arch}-{args.image_size}px"
-                            f"-s{args.seed}-{args.tower3_steps}steps.pt"))
+                            f"-s{args.seed}-{args.tower3_steps}steps-{AUTO_TOWER3_VERSION}.pt"))
         if not os.path.exists(spec):
             log(env, f"[tower3] no pretrained third tower yet: pretraining one on the shapes world's "
                      f"'{args.tower3_label}' labels ({args.tower3_steps} steps, supervised); it is saved "

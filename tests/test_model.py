@@ -128,6 +128,16 @@ def test_tower3_from_a_supervised_checkpoint(tmp_path):
     torch.testing.assert_close(tower3(x) @ net.heads.weight.T + net.heads.bias, logits)
 
 
+def test_tower3_from_an_older_preset_fails_clearly(tmp_path, monkeypatch):
+    net = build_image_tower("vit-micro", 16, 5, bias=True)
+    path = tmp_path / "sup.pt"
+    torch.save({"classifier": {"arch": "vit-micro", "image_size": 16, "num_classes": 5},
+                "model": net.state_dict()}, path)
+    monkeypatch.setitem(model_lib.VIT_PRESETS, "vit-micro", (8, 32, 1, 2, ()))  # as if the stem were new
+    with pytest.raises(ValueError, match="do not fit vit-micro"):
+        load_tower3(str(path))
+
+
 def test_tower3_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_tower3(str(tmp_path / "nope.pt"))

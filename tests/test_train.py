@@ -141,6 +141,17 @@ def test_cache_reused_invalidated_and_equivalent(tmp_path, tower3_file, capsys):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+def test_cache_fingerprints_a_batchnorm_tower(tmp_path):
+    """ResNets (and most torchvision towers) carry 0-d BatchNorm counters in their state_dict."""
+    import torchvision
+    net = torchvision.models.resnet18(num_classes=10)
+    path = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), path)
+    train.main(tiny(tmp_path, "--mode", "lit", "--tower3", f"torchvision:resnet18:{path}", "--steps", "1",
+                    "--eval-data", "none", "--train-samples", "16"))
+    assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("h-")]) == 1
+
+
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     real, calls = train.tower_loss, [0]
 
