@@ -36,7 +36,9 @@ from losses import PAIRS
 # Image tower f (also the classifier that `train.py --mode supervised` pretrains as a tower h)
 # ----------------------------------------------------------------------------------------------
 # ViT sizes: patch, width, depth, heads (MLP = 4 x width), conv stem. vit-b/16 and vit-b/32 are
-# ViT-Base (Dosovitskiy et al. 2021, Table 1); the small ones are for 64x64 images on a CPU.
+# ViT-Base (Dosovitskiy et al. 2021, Table 1); the small ones are for 64x64 images on a CPU. From
+# tiny up, heads are 64 wide, as in ViT-Base and CLIP's text tower (the CPU attention kernel is
+# also ~20% faster at 64 than at 32); micro and mini keep 2 narrower heads.
 # Conv stem: the patchify layer becomes stride-2 3x3 convolutions (norm, ReLU) with these channels,
 # then a 1x1 projection to the width (Xiao et al. 2021, "Early convolutions help transformers see
 # better"). On the shapes world a plain vit-mini learns colour but not shape in 1,200 steps; with
@@ -45,7 +47,7 @@ from losses import PAIRS
 VIT_PRESETS: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
     "vit-micro": (8, 32, 1, 2, (8, 16, 32)),     # unit tests
     "vit-mini": (8, 64, 2, 2, (16, 32, 64)),     # scripts/reproduce.py: many runs in half an hour on a CPU
-    "vit-tiny": (8, 128, 4, 4, (16, 32, 64)),    # the CPU default on the 64x64 shapes world
+    "vit-tiny": (8, 128, 4, 2, (16, 32, 64)),    # the CPU default on the 64x64 shapes world
     "vit-small": (8, 256, 6, 4, (32, 64, 128)),
     "vit-s/16": (16, 384, 12, 6, ()),
     "vit-b/32": (32, 768, 12, 12, ()),
@@ -88,7 +90,7 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
 TEXT_PRESETS: dict[str, tuple[int, int, int]] = {   # width, depth, heads
     "micro": (32, 1, 2),
     "mini": (64, 2, 2),
-    "tiny": (128, 4, 4),
+    "tiny": (128, 4, 2),
     "small": (256, 6, 4),
     "base": (512, 12, 8),      # CLIP's text tower size (Radford et al. 2021, Sec. 2.4)
 }

@@ -35,7 +35,7 @@ import data
 from losses import PAIRS, default_weights, tower_loss
 from model import IMAGE_ARCHS, TEXT_PRESETS, FrozenTower, ThreeTowers, build_image_tower, load_tower3, summary
 
-CHECKPOINT_FORMAT = "3t-v1"
+CHECKPOINT_FORMAT = "3t-v2"
 
 
 # ----------------------------------------------------------------------------------------------

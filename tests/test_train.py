@@ -38,7 +38,7 @@ def tower3_file(tmp_path_factory):
 def test_main_end_to_end(tmp_path, tower3_file, mode):
     result = train.main(tiny(tmp_path, "--mode", mode, "--steps", "4", "--tower3", tower3_file))
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert (ckpt["format"], ckpt["mode"], ckpt["step"]) == ("3t-v1", mode, 4)
+    assert (ckpt["format"], ckpt["mode"], ckpt["step"]) == (train.CHECKPOINT_FORMAT, mode, 4)
     assert not any(k.startswith("tower3") or "backbone" in k for k in ckpt["model"])  # h is not stored
     assert ckpt["tower3"] == (None if mode == "clip" else tower3_file)
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -144,7 +144,7 @@ def test_cache_reused_invalidated_and_equivalent(tmp_path, tower3_file, capsys):
 def test_cache_fingerprints_a_batchnorm_tower(tmp_path):
     """ResNets (and most torchvision towers) carry 0-d BatchNorm counters in their state_dict."""
     import torchvision
-    net = torchvision.models.resnet18(num_classes=10)
+    net = torchvision.models.resnet18()
     path = tmp_path / "r18.pth"
     torch.save(net.state_dict(), path)
     train.main(tiny(tmp_path, "--mode", "lit", "--tower3", f"torchvision:resnet18:{path}", "--steps", "1",
