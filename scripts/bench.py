@@ -1,6 +1,6 @@
 """Benchmarks: training throughput and MFU per mode, the loss's cost versus batch size, the data path.
 
-    python scripts/bench.py                 # CPU preset, ~3 minutes on 2 cores
+    python scripts/bench.py                 # CPU preset, ~4 minutes on 2 cores
     python scripts/bench.py --quick         # fewer repeats
     python scripts/bench.py --gpu-preset    # also a ViT-B/16 + base text preset when CUDA is present
 
@@ -113,9 +113,10 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
 
 def bench_modes(preset: list[str], tower3: str, repeats: int, dtype: torch.dtype) -> tuple[list[dict], float]:
     """Step time of clip, lit, 3t (cached h) and 3t (h every step), and the matmul peak, timed
-    round-robin -- one step of each in turn, then a peak burst -- and summarised by medians, so a
-    slow spell of a shared machine hits all of them alike instead of whichever ran then.
-    Returns the rows and the peak (FLOP/s)."""
+    round-robin -- one step of each in turn, then a peak burst -- so that a slow spell of a shared
+    machine hits all of them alike instead of whichever ran then. Step times are medians over the
+    rounds; MFU is the median over rounds of (FLOPs / step time / that round's peak), a paired
+    measurement. Returns the rows and the median peak (FLOP/s)."""
     setups = [setup_mode(m, c, preset, tower3) for m, c in (("clip", True), ("lit", True), ("3t", True), ("3t", False))]
     device = setups[0][-1]
     times: list[list[float]] = [[] for _ in setups]
@@ -128,15 +129,17 @@ def bench_modes(preset: list[str], tower3: str, repeats: int, dtype: torch.dtype
             sync(device)
             times[k].append(time.perf_counter() - start)
         peaks.append(matmul_peak(device, dtype))
-    peak = statistics.median(peaks)
     rows = []
     for (_, _, flops, info, _), t in zip(setups, times):
         seconds = statistics.median(t)
         rows.append({**info, "step_ms": 1e3 * seconds, "samples_per_s": info["batch"] / seconds,
-                     "gflops_per_sample": flops / info["batch"] / 1e9, "mfu": flops / seconds / peak})
+                     "gflops_per_sample": flops / info["batch"] / 1e9,
+                     "mfu": statistics.median(flops / ti / pi for ti, pi in zip(t, peaks)),
+                     "mfu_range": [min(flops / ti / pi for ti, pi in zip(t, peaks)),
+                                   max(flops / ti / pi for ti, pi in zip(t, peaks))]})
     for r in rows:
         r["vs_clip"] = r["step_ms"] / rows[0]["step_ms"]
-    return rows, peak
+    return rows, statistics.median(peaks)
 
 
 def _rss_kib(field: str) -> int:
@@ -265,7 +268,7 @@ def main() -> None:
         return loss_memory_child(*a.loss_child)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    repeats = 3 if a.quick else 12
+    repeats = 3 if a.quick else 16
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                           "torch": torch.__version__}}
