@@ -43,7 +43,7 @@ from tqdm import tqdm
 from data import (IMAGENET_MEAN, IMAGENET_STD, ByteTokenizer, CsvPairs, RetrievalSet,
                   ShapesLabelled, cifar_zeroshot, collate, imagefolder_zeroshot, resize_view, shapes_retrieval,
                   zeroshot_tasks)
-from model import FrozenTower, ThreeTowers, load_tower3
+from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, load_tower3
 
 TASKS = ("zeroshot", "retrieval", "fewshot")
 VIEWS = ("main", "tower3", "mix")
@@ -489,7 +489,7 @@ def save_retrieval_grid(path: str, model: ThreeTowers, tower3: FrozenTower | Non
 # ----------------------------------------------------------------------------------------------
 def load_checkpoint(path: str, tower3_spec: str | None = None
                     ) -> tuple[ThreeTowers, FrozenTower | None, dict]:
-    """A train.py '3t-v2' checkpoint -> (model, its third tower or None for clip, the dict).
+    """A train.py checkpoint (model.CHECKPOINT_FORMAT) -> (model, its third tower or None for clip, the dict).
     The third tower is reloaded from its spec (it is never stored in the checkpoint)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -501,8 +501,8 @@ def load_checkpoint(path: str, tower3_spec: str | None = None
         raise ValueError(f"{path} is a supervised classifier (train.py --mode supervised): a third "
                          f"tower, not an image-text model. Use it as `--tower3 {path}` when "
                          f"training lit or 3t, then evaluate that checkpoint.")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "3t-v2":
-        raise ValueError(f"{path} has no format '3t-v2': written by another project or an older "
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has no format '{CHECKPOINT_FORMAT}': written by another project or an older "
                          f"train.py, so eval.py cannot rebuild its model")
     model = ThreeTowers(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--checkpoint", required=True, help="a ckpt.pt written by train.py (format '3t-v2')")
+    add("--checkpoint", required=True, help=f"a ckpt.pt written by train.py (format '{CHECKPOINT_FORMAT}')")
     add("--tasks", default="zeroshot,retrieval,fewshot", help=f"comma list of {TASKS}")
     add("--zeroshot-data", default="shapes", help="shapes | imagefolder:ROOT:CLASSNAMES_FILE | "
         "cifar10:ROOT | cifar100:ROOT (the files hold no captions; CIFAR in torchvision's format)")

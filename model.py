@@ -232,6 +232,9 @@ def _load_file(path: str, spec: str) -> dict:
 # The trainable model of each mode
 # ----------------------------------------------------------------------------------------------
 MAX_TEMPERATURE = 100.0   # CLIP clamps t = exp(s) at 100 (Radford et al. 2021, Sec. 2.5)
+# The format of train.py's checkpoints (ThreeTowers config + state dict); bump it when a preset changes
+# shape, so that older checkpoints fail with a clear message instead of loading into the wrong model.
+CHECKPOINT_FORMAT = "3t-v2"
 
 
 class ThreeTowers(nn.Module):

@@ -33,9 +33,7 @@ from tqdm import tqdm
 
 import data
 from losses import PAIRS, default_weights, tower_loss
-from model import IMAGE_ARCHS, TEXT_PRESETS, FrozenTower, ThreeTowers, build_image_tower, load_tower3, summary
-
-CHECKPOINT_FORMAT = "3t-v2"
+from model import CHECKPOINT_FORMAT, IMAGE_ARCHS, TEXT_PRESETS, FrozenTower, ThreeTowers, build_image_tower, load_tower3, summary
 
 
 # ----------------------------------------------------------------------------------------------

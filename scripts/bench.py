@@ -132,11 +132,10 @@ def bench_modes(preset: list[str], tower3: str, repeats: int, dtype: torch.dtype
     rows = []
     for (_, _, flops, info, _), t in zip(setups, times):
         seconds = statistics.median(t)
+        mfu = [flops / ti / pi for ti, pi in zip(t, peaks)]
         rows.append({**info, "step_ms": 1e3 * seconds, "samples_per_s": info["batch"] / seconds,
                      "gflops_per_sample": flops / info["batch"] / 1e9,
-                     "mfu": statistics.median(flops / ti / pi for ti, pi in zip(t, peaks)),
-                     "mfu_range": [min(flops / ti / pi for ti, pi in zip(t, peaks)),
-                                   max(flops / ti / pi for ti, pi in zip(t, peaks))]})
+                     "mfu": statistics.median(mfu), "mfu_range": [min(mfu), max(mfu)]})
     for r in rows:
         r["vs_clip"] = r["step_ms"] / rows[0]["step_ms"]
     return rows, statistics.median(peaks)

@@ -11,7 +11,7 @@ from PIL import Image
 import eval as ev
 from data import ByteTokenizer, ShapesPairs, resize_view, shapes_retrieval
 from losses import tower_loss
-from model import ThreeTowers, build_image_tower, load_tower3
+from model import CHECKPOINT_FORMAT, ThreeTowers, build_image_tower, load_tower3
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -174,7 +174,7 @@ TOWER3_SIZE, D_H = 16, 32         # h runs at 16 px, the main towers at 32 px: e
 def save_checkpoint(path, model, tower3_spec):
     config = dict(mode=model.mode, image_arch="vit-micro", image_size=32, text_arch="micro",
                   context_length=128, embed_dim=16, tower3_dim=None if model.mode == "clip" else D_H)
-    torch.save({"format": "3t-v2", "mode": model.mode, "model_config": config, "model": model.state_dict(),
+    torch.save({"format": CHECKPOINT_FORMAT, "mode": model.mode, "model_config": config, "model": model.state_dict(),
                 "tower3": tower3_spec, "args": {"train_data": "shapes", "seed": 0, "image_size": 32,
                                                 "context_length": 128}}, path)
 
@@ -198,7 +198,7 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(0)
     classifier = build_image_tower("vit-micro", TOWER3_SIZE, 4, bias=True)
     supervised = str(root / "supervised.pt")
-    torch.save({"format": "3t-v2", "mode": "supervised", "model": classifier.state_dict(),
+    torch.save({"format": CHECKPOINT_FORMAT, "mode": "supervised", "model": classifier.state_dict(),
                 "classifier": {"arch": "vit-micro", "image_size": TOWER3_SIZE, "num_classes": 4}}, supervised)
     model = tiny_3t(D_H)
     train_a_little(model, load_tower3(supervised))
@@ -292,7 +292,7 @@ def test_clear_errors(ckpts, tmp_path):
     with pytest.raises(SystemExit, match="supervised classifier.*--tower3"):
         ev.main(["--checkpoint", ckpts["supervised"]])
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="no format '3t-v2'"):
+    with pytest.raises(SystemExit, match=f"no format '{CHECKPOINT_FORMAT}'"):
         ev.main(["--checkpoint", str(tmp_path / "other.pt")])
 
 
