@@ -78,10 +78,37 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
         # normalise, so the projection gets a CLIP-like width^-0.5 init instead.
         net.heads = nn.Linear(width, out_dim, bias=bias)
         nn.init.normal_(net.heads.weight, std=width ** -0.5)
+        for block in net.encoder.layers:
+            block.self_attention.__class__ = ViTSelfAttention     # same parameters, fused forward
         return net
     if arch in RESNETS:
         return getattr(torchvision.models, arch)(weights=None, num_classes=out_dim)
     raise ValueError(f"unknown image architecture {arch!r}; choose one of {', '.join(IMAGE_ARCHS)}")
+
+
+def fused_self_attention(x: Tensor, weight: Tensor, bias: Tensor | None, heads: int, causal: bool) -> Tensor:
+    """Multi-head self-attention up to its output projection, batch-first: one q/k/v matmul and
+    one fused `scaled_dot_product_attention` call, no layout copies but the final merge of heads.
+    (B, L, W) -> (B, L, W). Used by both towers."""
+    B, L, W = x.shape
+    q, k, v = F.linear(x, weight, bias).view(B, L, 3, heads, W // heads).unbind(2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=causal)                  # (B, heads, L, W/heads)
+    return y.transpose(1, 2).reshape(B, L, W)
+
+
+class ViTSelfAttention(nn.MultiheadAttention):
+    """torchvision's ViT blocks call nn.MultiheadAttention, whose training path runs
+    sequence-first and copies the input, q/k/v and the output between layouts (~3 % of a CPU step
+    at vit-tiny). Same parameters -- state_dicts and torchvision weights are unchanged -- with
+    `fused_self_attention` as forward. Only for self-attention without masks, as in ViT."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False,
+                **masks) -> tuple[Tensor, None]:
+        if need_weights or any(m is not None for m in masks.values()) or not (query is key is value):
+            raise ValueError("ViTSelfAttention: self-attention without masks or weights only")
+        x = fused_self_attention(query, self.in_proj_weight, self.in_proj_bias, self.num_heads, causal=False)
+        return self.out_proj(x), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,11 +135,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, x: Tensor) -> Tensor:                                  # x: (B, L, W)
-        B, L, W = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).view(B, L, 3, self.heads, W // self.heads).unbind(2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), is_causal=True)  # (B, heads, L, W/h)
-        x = x + self.out(y.transpose(1, 2).reshape(B, L, W))
+        y = fused_self_attention(self.ln_1(x), self.qkv.weight, self.qkv.bias, self.heads, causal=True)
+        x = x + self.out(y)
         return x + self.mlp(self.ln_2(x))
 
 

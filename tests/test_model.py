@@ -68,6 +68,30 @@ def small_resnet_tower() -> FrozenTower:
     return FrozenTower(net, strip_classifier(net), 32, "test")
 
 
+def test_vit_attention_equals_torchvision_multihead_attention():
+    """f's ViT blocks swap nn.MultiheadAttention's forward for the fused batch-first one; the
+    reference is torchvision's own module with the same weights: same outputs and gradients in
+    train mode, and the same state_dict keys (so torchvision weights still load)."""
+    torch.manual_seed(0)
+    net = build_image_tower("vit-micro", 32, 8)
+    ref = build_image_tower("vit-micro", 32, 8)
+    for block in ref.encoder.layers:
+        block.self_attention.__class__ = nn.MultiheadAttention
+    ref.load_state_dict(net.state_dict())
+    assert isinstance(net.encoder.layers[0].self_attention, model_lib.ViTSelfAttention)
+    image = torch.randn(3, 3, 32, 32)
+    out, out_ref = net(image), ref(image)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    (out_ref * weight).sum().backward()
+    for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="self-attention"):
+        net.encoder.layers[0].self_attention(image.new_zeros(1, 4, 32), image.new_zeros(1, 4, 32),
+                                             image.new_zeros(1, 4, 32))
+
+
 def test_third_tower_unchanged_by_training_in_train_mode():
     tower3 = small_resnet_tower()
     model = ThreeTowers("3t", image_arch="vit-micro", image_size=32, text_arch="micro",
