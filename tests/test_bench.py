@@ -5,6 +5,7 @@ that a flash kernel recomputes) -- no more, no less."""
 import importlib.util
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,3 +35,36 @@ def test_cpu_attention_flops_match_the_cuda_formula():
     with FlopCounterMode(display=False) as plain:                        # without the formulas: 0
         F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert plain.get_total_flops() == 0
+
+
+def test_each_step_is_paired_with_the_peak_around_it(monkeypatch):
+    """MFU of a step = FLOPs / its time / mean(peak just before, peak just after). A fake clock and
+    a fake peak that halves halfway (a neighbour starts using the machine) check the pairing: a
+    step that also ran at half speed must keep the same MFU, not look twice as bad."""
+    bench = load_bench()
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    peaks = iter([100.0] * 9 + [50.0] * 8)          # 1 before + 4 modes x 4 rounds after; halves at round 3
+
+    def fake_setup(mode, cache, preset, tower3):
+        seconds = {"clip": 1.0, "lit": 0.5, "3t": 0.8 if cache else 1.2}[mode]
+
+        def step(batch):
+            slow = 1 if len(consumed) < 8 else 2     # the neighbour also halves the step's speed
+            consumed.append(mode)
+            clock[0] += seconds * slow
+        return step, [None], 60.0 * seconds, {"mode": mode, "cache": cache, "batch": 4}, torch.device("cpu")
+
+    consumed: list[str] = []
+    monkeypatch.setattr(bench, "setup_mode", fake_setup)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: next(peaks))
+    rows, peak = bench.bench_modes([], "", 4, torch.float32)
+    assert [r["mode"] for r in rows] == ["clip", "lit", "3t", "3t"]
+    for r in rows:
+        # rounds 1-2 at (peak 100, full speed): 60/100 = 0.6; rounds 3-4 at (50, half speed): 0.6,
+        # except the first step of round 3, which sits between a 100 and a 50 peak: 60/2/75 = 0.4
+        expected = sorted([0.6, 0.6, 0.6, 0.4 if r["mode"] == "clip" else 0.6])
+        assert r["mfu_range"] == pytest.approx([min(expected), max(expected)])
+        assert r["mfu"] == pytest.approx((expected[1] + expected[2]) / 2)
+    assert [r["step_ms"] for r in rows] == pytest.approx([1500, 750, 1200, 1800])   # medians of 1x, 2x
+    assert peak == 87.5                        # median over all steps of the peak around them
