@@ -101,11 +101,14 @@ class ViTSelfAttention(nn.MultiheadAttention):
     """torchvision's ViT blocks call nn.MultiheadAttention, whose training path runs
     sequence-first and copies the input, q/k/v and the output between layouts (~3 % of a CPU step
     at vit-tiny). Same parameters -- state_dicts and torchvision weights are unchanged -- with
-    `fused_self_attention` as forward. Only for self-attention without masks, as in ViT."""
+    `fused_self_attention` as forward. Only for self-attention without masks or attention
+    dropout, as `build_image_tower` makes it."""
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False,
-                **masks) -> tuple[Tensor, None]:
-        if need_weights or any(m is not None for m in masks.values()) or not (query is key is value):
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = False, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, None]:
+        if need_weights or key_padding_mask is not None or attn_mask is not None or is_causal \
+                or not (query is key is value):
             raise ValueError("ViTSelfAttention: self-attention without masks or weights only")
         x = fused_self_attention(query, self.in_proj_weight, self.in_proj_bias, self.num_heads, causal=False)
         return self.out_proj(x), None
