@@ -1,6 +1,6 @@
 """Reproduce the orderings claimed by the 3T paper at laptop scale, or show where they fail.
 
-    python scripts/reproduce.py              # ~30 minutes on 2 CPU cores
+    python scripts/reproduce.py              # ~20-30 minutes on 2 CPU cores
     python scripts/reproduce.py --quick      # a smoke run of the whole pipeline (~3 minutes)
 
 The paper's claims (Kossen et al. 2023, abstract and Sec. 5):
