@@ -1,6 +1,6 @@
 """Benchmarks: training throughput and MFU per mode, the loss's cost versus batch size, the data path.
 
-    python scripts/bench.py                 # two CPU presets, ~9 minutes on 2 cores
+    python scripts/bench.py                 # two CPU presets, ~7 minutes on 2 cores
     python scripts/bench.py --quick         # fewer repeats
     python scripts/bench.py --gpu-preset    # also a ViT-B/16 + base text preset when CUDA is present
 
@@ -264,7 +264,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats and loss sizes (a smoke run)")
     p.add_argument("--gpu-preset", action="store_true", help="with CUDA: also ViT-B/16 + base text at 224px")
     p.add_argument("--main-job", action="store_true",
-                   help="also time the README's main command end to end (~9 minutes on 2 CPU cores)")
+                   help="also time the README's main command end to end (~7 minutes on 2 CPU cores)")
     p.add_argument("--out", default="results/bench.json", help="where to write the JSON figures")
     p.add_argument("--loss-child", nargs=3, type=int, help=argparse.SUPPRESS)   # internal: one loss run
     a = p.parse_args()
