@@ -287,9 +287,8 @@ def main() -> None:
                                   "--text-arch", "base", "--embed-dim", "512", "--context-length", "64"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, preset in presets.items():
-            arch = preset[preset.index("--image-arch") + 1] if "--image-arch" in preset else "vit-tiny"
-            size = int(preset[preset.index("--image-size") + 1]) if "--image-size" in preset else 64
-            tower3 = random_tower3(tmp, arch, size)
+            towers = train.parse_args(preset)                  # train.py's defaults fill what the preset omits
+            tower3 = random_tower3(tmp, towers.image_arch, towers.image_size)
             runs, peak = bench_modes(preset + ["--train-samples", "2048"], tower3, repeats, dtype)
             result[f"train_{name}"] = runs
             result["machine"][f"matmul_peak_tflops_{name}"] = peak / 1e12

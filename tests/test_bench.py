@@ -1,7 +1,7 @@
-"""scripts/bench.py's FLOP count, the numerator of its MFU: the CPU attention kernel, which
-torch.utils.flop_counter does not know, must be counted with the same formula as the CUDA kernels
-(2 matmuls of 2*B*H*L*L*d FLOPs forward, twice that backward: model FLOPs, without the scores
-that a flash kernel recomputes) -- no more, no less."""
+"""scripts/bench.py's MFU. Numerator: the CPU attention kernel, which torch.utils.flop_counter
+does not know, must be counted with the same formula as the CUDA kernels (2 matmuls of
+2*B*H*L*L*d FLOPs forward, twice that backward: model FLOPs, without the scores that a flash
+kernel recomputes) -- no more, no less. Denominator: each step against the peak around it."""
 import importlib.util
 import os
 
