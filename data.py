@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -234,6 +235,13 @@ class ShapesWorld:
         self._noise = rng.standard_normal((_NOISE_TILES, 3, 2 * s, 2 * s), dtype=np.float32)
         self._high = np.array([len(SHAPES), len(COLOURS), len(SIZES), 9, len(SCENES), len(_BG_RGB),
                                len(_BG_RGB) - 1, len(SHAPES), len(COLOURS), 8, 3, 3, _NOISE_TILES, s, s, 3])
+
+    def digest(self) -> str:
+        """A fingerprint of what this world draws -- a few rendered images, captions and the label
+        names -- for caches of anything learned from it (the auto-pretrained third tower)."""
+        content = self.render_batch(range(4)).numpy().tobytes() + repr(
+            [self.captions(i) for i in range(4)] + list(zeroshot_tasks().items())).encode()
+        return hashlib.sha256(content).hexdigest()[:16]
 
     # --- attributes ---
     def _draw(self, index: int, split: str) -> dict[str, Any]:

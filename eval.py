@@ -186,7 +186,7 @@ class Embedder:
     cache: dict = field(default_factory=dict)
 
     def images(self, dataset: Dataset) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Every image-side embedding of model.embed_images, plus 'h' = normalised h(I) when a
+        """Every image-side embedding of model.encode_image, plus 'h' = normalised h(I) when a
         third tower is used; and the labels, if the items have them."""
         if id(dataset) not in self.cache:
             loader = DataLoader(dataset, self.batch_size, shuffle=False, collate_fn=collate)
@@ -196,7 +196,7 @@ class Embedder:
                 if self.tower3 is not None:
                     view = batch["image_h"] if "image_h" in batch else batch["image"]
                     h = self.tower3(resize_view(view.to(self.device), self.tower3.image_size))
-                out = self.model.embed_images(image, h)
+                out = self.model.encode_image(image, h)
                 if h is not None:
                     out.setdefault("h", F.normalize(h.float(), dim=-1))
                 parts.append(out)
@@ -206,13 +206,13 @@ class Embedder:
         return self.cache[id(dataset)]
 
     def texts(self, ids: Tensor) -> dict[str, Tensor]:
-        """model.embed_texts of token ids (N, L), each batch cut after its last EOS (the text
+        """model.encode_text of token ids (N, L), each batch cut after its last EOS (the text
         tower pools at EOS under a causal mask, so later PAD tokens cannot matter)."""
         parts = []
         for lo in tqdm(range(0, len(ids), self.batch_size), desc="texts", disable=not self.progress,
                        leave=False):
             batch = ByteTokenizer.trim(ids[lo:lo + self.batch_size])
-            parts.append(self.model.embed_texts(batch.to(self.device)))
+            parts.append(self.model.encode_text(batch.to(self.device)))
         return _cat(parts)
 
 

@@ -1,14 +1,15 @@
 """Contrastive losses of CLIP, LiT and Three Towers (3T), on one process or many.
 
-The whole method lives in three functions, read top to bottom:
+The whole method lives in two functions, read top to bottom:
 
 1. `contrastive_loss(a, b, t)`: the symmetric softmax (InfoNCE) loss between two batches of
    L2-normalised embeddings (CLIP, Radford et al. 2021; 3T paper Eq. 1):
        logits = t * a @ b.T                    (N x N, float32)
        L(a, b) = ( CE(logits, arange N) + CE(logits.T, arange N) ) / 2
-2. `distributed_contrastive_loss(a, b, t)`: the same loss over the *global* batch of all ranks,
-   computed from each rank's local shard (memory O(B_local x B_global)).
-3. `tower_loss(out, mode)`: the loss of a training mode, built from the pairs in `PAIRS`. For 3T
+   It is also the distributed loss: under torchrun each rank computes the rows of its own
+   samples against the columns of the global batch (memory O(B_local x B_global)); on one
+   process those rows are the whole N x N matrix above.
+2. `tower_loss(out, mode)`: the loss of a training mode, built from the pairs in `PAIRS`. For 3T
    (Kossen et al. 2023, Sec. 3, Eq. 2) it is
        L_3T = ( L(f, g) + L(f_h, h_f) + L(g_h, h_g) ) / 3
    f, g: the image and text towers trained from scratch; h: the frozen pretrained tower;
@@ -43,40 +44,7 @@ PAIRS: dict[str, dict[str, tuple[str, str]]] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Single process
-# ----------------------------------------------------------------------------------------------
-def _logits(a: Tensor, b: Tensor, logit_scale: Tensor) -> Tensor:
-    """t * a @ b.T in float32, even inside a bf16 autocast region (softmax over thousands of
-    logits in bf16 loses the small differences contrastive learning lives on)."""
-    dtype = torch.promote_types(a.dtype, torch.float32)     # float64 stays float64 (tests)
-    with torch.autocast(a.device.type, enabled=False):
-        return logit_scale.to(dtype) * (a.to(dtype) @ b.to(dtype).T)
-
-
-def contrastive_loss(a: Tensor, b: Tensor, logit_scale: Tensor) -> Tensor:
-    """Symmetric softmax contrastive loss of L2-normalised a, b (N x D); pair i is (a_i, b_i).
-
-    The temperature multiplies the logit matrix once; the b->a direction reads the transpose
-    (a new view, never scaled again).
-    """
-    logits = _logits(a, b, logit_scale)                          # (N, N)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-def sigmoid_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
-    """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023, Eq. 1) -- an extension, not 3T's loss.
-
-    Every (a_i, b_j) is an independent binary problem: positive iff i == j. Normalised by N,
-    the number of rows, as in SigLIP.
-    """
-    logits = _logits(a, b, logit_scale) + logit_bias
-    signs = 2 * torch.eye(logits.shape[0], device=logits.device) - 1   # +1 diagonal, -1 elsewhere
-    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Many processes: gather with gradient, local rows against all columns
+# 1. Gathering the global batch: one collective, gradient flows back to each rank's shard
 # ----------------------------------------------------------------------------------------------
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -114,38 +82,7 @@ def gather_rows(x: Tensor) -> Tensor:
     return _GatherRows.apply(x) if _world()[1] > 1 else x
 
 
-def _local_rows_loss(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, logit_scale: Tensor,
-                     logit_bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Loss of this rank's n rows against all N columns, and its a->b top-1 accuracy.
-
-    a, b: (n, D) local shards; a_all, b_all: (N, D) gathered. Local row i's positive sits in
-    global column rank * n + i. With softmax: the a->b rows are a @ b_all.T and the b->a rows
-    b @ a_all.T -- (n, N) each, never N x N.
-    """
-    n, offset = a.shape[0], _world()[0] * a.shape[0]
-    labels = torch.arange(offset, offset + n, device=a.device)
-    if logit_bias is None:
-        ab = _logits(a, b_all, logit_scale)                              # (n, N)
-        ba = ab.T if a_all is a else _logits(b, a_all, logit_scale)       # one process: reuse
-        loss = (F.cross_entropy(ab, labels) + F.cross_entropy(ba, labels)) / 2
-    else:  # sigmoid: every pair once, rows = local a against all b
-        ab = _logits(a, b_all, logit_scale) + logit_bias
-        signs = -torch.ones_like(ab)
-        signs[torch.arange(n, device=a.device), labels] = 1
-        loss = -F.logsigmoid(signs * ab).sum() / n
-    with torch.no_grad():
-        accuracy = (ab.argmax(dim=1) == labels).float().mean()
-    return loss, accuracy
-
-
-def distributed_contrastive_loss(a_local: Tensor, b_local: Tensor, logit_scale: Tensor) -> Tensor:
-    """`contrastive_loss` over the global batch, from this rank's shards (see the module
-    docstring for the value and gradient convention). Equals `contrastive_loss` on one process."""
-    a_all, b_all = _gather_many([a_local, b_local])
-    return _local_rows_loss(a_local, b_local, a_all, b_all, logit_scale, None)[0]
-
-
-def _gather_many(tensors: list[Tensor]) -> list[Tensor]:
+def gather_many(tensors: list[Tensor]) -> list[Tensor]:
     """Gather several (B_local, D_i) tensors in ONE collective: concatenate along the feature
     dimension (float32), gather, split. One process: returns the inputs themselves."""
     if _world()[1] == 1:
@@ -154,6 +91,57 @@ def _gather_many(tensors: list[Tensor]) -> list[Tensor]:
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     gathered = gather_rows(torch.cat([t.to(dtype) for t in tensors], dim=1))
     return list(gathered.split(widths, dim=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The two losses: this rank's rows against the columns of the global batch
+# ----------------------------------------------------------------------------------------------
+def _logits(a: Tensor, b: Tensor, logit_scale: Tensor) -> Tensor:
+    """t * a @ b.T in float32, even inside a bf16 autocast region (softmax over thousands of
+    logits in bf16 loses the small differences contrastive learning lives on)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)     # float64 stays float64 (tests)
+    with torch.autocast(a.device.type, enabled=False):
+        return logit_scale.to(dtype) * (a.to(dtype) @ b.to(dtype).T)
+
+
+def positive_columns(n: int, device: torch.device) -> Tensor:
+    """Global column of each local row's positive: rank r's row i is pair r * n + i of the global
+    batch (0..n-1 on one process)."""
+    offset = _world()[0] * n
+    return torch.arange(offset, offset + n, device=device)
+
+
+def contrastive_loss(a: Tensor, b: Tensor, logit_scale: Tensor,
+                     a_all: Tensor | None = None, b_all: Tensor | None = None) -> Tensor:
+    """Symmetric softmax contrastive loss; pair i is (a_i, b_i), embeddings L2-normalised.
+
+    a, b: (n, D), this rank's rows; a_all, b_all: (N, D), the global batch of all ranks (gathered
+    here when not given; on one process they are a and b, and N = n). The a->b rows are
+    t * a @ b_all.T and the b->a rows t * b @ a_all.T -- (n, N) each, never N x N -- and each
+    row's label is the global column of its positive. The temperature multiplies each logit
+    once. On one process this is exactly ( CE(t a b^T, I) + CE(t b a^T, I) ) / 2.
+    """
+    if a_all is None or b_all is None:
+        a_all, b_all = gather_many([a, b])
+    labels = positive_columns(a.shape[0], a.device)
+    a_to_b = _logits(a, b_all, logit_scale)                          # (n, N)
+    b_to_a = _logits(b, a_all, logit_scale)                          # (n, N)
+    return (F.cross_entropy(a_to_b, labels) + F.cross_entropy(b_to_a, labels)) / 2
+
+
+def sigmoid_loss(a: Tensor, b: Tensor, logit_scale: Tensor, logit_bias: Tensor,
+                 b_all: Tensor | None = None) -> Tensor:
+    """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023, Eq. 1) -- an extension, not 3T's loss.
+
+    Every (a_i, b_j) is an independent binary problem: positive iff i == j. This rank's rows of a
+    against all N columns b_all (every pair is counted once over the ranks), normalised by the
+    number of rows, as in SigLIP.
+    """
+    b_all = gather_rows(b) if b_all is None else b_all
+    logits = _logits(a, b_all, logit_scale) + logit_bias                 # (n, N)
+    signs = -torch.ones_like(logits)                                    # -1 off the positives
+    signs[torch.arange(a.shape[0], device=a.device), positive_columns(a.shape[0], a.device)] = 1
+    return -F.logsigmoid(signs * logits).sum() / a.shape[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,13 +166,17 @@ def tower_loss(out: dict[str, Tensor], mode: str, weights: dict[str, float] | No
     pairs = PAIRS[mode]
     weights = default_weights(mode) if weights is None else weights
     names = sorted({name for pair in pairs.values() for name in pair})
-    gathered = dict(zip(names, _gather_many([out[name] for name in names])))
+    gathered = dict(zip(names, gather_many([out[name] for name in names])))
     total, metrics = 0.0, {}
     for term, (a, b) in pairs.items():
-        loss, acc = _local_rows_loss(out[a], out[b], gathered[a], gathered[b],
-                                     out[f"t_{term}"], out.get(f"b_{term}"))
+        if f"b_{term}" in out:
+            loss = sigmoid_loss(out[a], out[b], out[f"t_{term}"], out[f"b_{term}"], gathered[b])
+        else:
+            loss = contrastive_loss(out[a], out[b], out[f"t_{term}"], gathered[a], gathered[b])
         total = total + weights[term] * loss
         metrics[f"loss/{term}"] = loss.detach()
-        metrics[f"acc/{term}"] = acc
+        with torch.no_grad():      # a->b top-1 of this rank's rows
+            hits = (out[a] @ gathered[b].T).argmax(dim=1) == positive_columns(len(out[a]), out[a].device)
+        metrics[f"acc/{term}"] = hits.float().mean()
         metrics[f"t/{term}"] = out[f"t_{term}"].detach()
     return total, metrics

@@ -36,18 +36,17 @@ from losses import PAIRS
 # Image tower f (also the classifier that `train.py --mode supervised` pretrains as a tower h)
 # ----------------------------------------------------------------------------------------------
 # ViT sizes: patch, width, depth, heads (MLP = 4 x width), conv stem. vit-b/16 and vit-b/32 are
-# ViT-Base (Dosovitskiy et al. 2021, Table 1); the small ones are for 64x64 images on a CPU. From
-# tiny up, heads are 64 wide, as in ViT-Base and CLIP's text tower (the CPU attention kernel is
-# also ~20% faster at 64 than at 32); micro and mini keep 2 narrower heads.
+# ViT-Base (Dosovitskiy et al. 2021, Table 1); the small ones are for the shapes world on a CPU.
+# From tiny up, heads are 64 wide, as in ViT-Base and CLIP's text tower.
 # Conv stem: the patchify layer becomes stride-2 3x3 convolutions (norm, ReLU) with these channels,
 # then a 1x1 projection to the width (Xiao et al. 2021, "Early convolutions help transformers see
-# better"). On the shapes world a plain vit-mini learns colour but not shape in 1,200 steps; with
-# the stem it learns both (scripts/reproduce.py's towers). GroupNorm, not the paper's BatchNorm:
-# per-sample statistics keep N processes x batch B exactly equal to one process x batch N*B.
+# better"): small ViTs learn shape, not only colour, within a CPU budget (README, design notes).
+# GroupNorm, not the paper's BatchNorm: per-sample statistics keep N processes x batch B exactly
+# equal to one process x batch N*B.
 VIT_PRESETS: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
     "vit-micro": (8, 32, 1, 2, (8, 16, 32)),     # unit tests
-    "vit-mini": (8, 64, 2, 2, (16, 32, 64)),     # scripts/reproduce.py: many runs in half an hour on a CPU
-    "vit-tiny": (8, 128, 4, 2, (16, 32, 64)),    # the CPU default on the 64x64 shapes world
+    "vit-mini": (8, 64, 2, 2, (16, 32, 64)),
+    "vit-tiny": (8, 128, 4, 2, (16, 32, 64)),    # the CPU default
     "vit-small": (8, 256, 6, 4, (32, 64, 128)),
     "vit-s/16": (16, 384, 12, 6, ()),
     "vit-b/32": (32, 768, 12, 12, ()),
@@ -78,8 +77,8 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
         # normalise, so the projection gets a CLIP-like width^-0.5 init instead.
         net.heads = nn.Linear(width, out_dim, bias=bias)
         nn.init.normal_(net.heads.weight, std=width ** -0.5)
-        for block in net.encoder.layers:
-            block.self_attention.__class__ = ViTSelfAttention     # same parameters, fused forward
+        for block in net.encoder.layers:       # the same parameters, run by the fused kernel
+            block.self_attention = ViTSelfAttention(block.self_attention)
         return net
     if arch in RESNETS:
         return getattr(torchvision.models, arch)(weights=None, num_classes=out_dim)
@@ -97,19 +96,26 @@ def fused_self_attention(x: Tensor, weight: Tensor, bias: Tensor | None, heads: 
     return y.transpose(1, 2).reshape(B, L, W)
 
 
-class ViTSelfAttention(nn.MultiheadAttention):
-    """torchvision's ViT blocks call nn.MultiheadAttention, whose training path runs
-    sequence-first and copies the input, q/k/v and the output between layouts (~3 % of a CPU step
-    at vit-tiny). Same parameters -- state_dicts and torchvision weights are unchanged -- with
-    `fused_self_attention` as forward. Only for self-attention without masks or attention
-    dropout, as `build_image_tower` makes it."""
+class ViTSelfAttention(nn.Module):
+    """Self-attention of torchvision's ViT blocks through `fused_self_attention`.
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = False, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, None]:
-        if need_weights or key_padding_mask is not None or attn_mask is not None or is_causal \
-                or not (query is key is value):
-            raise ValueError("ViTSelfAttention: self-attention without masks or weights only")
+    It takes over the parameters of the block's nn.MultiheadAttention -- the same tensors under
+    the same names, so initialisation, state_dicts and torchvision weights are unchanged -- and
+    runs them batch-first in one kernel call; nn.MultiheadAttention's training path runs
+    sequence-first and copies the input, q/k/v and the output between layouts. torchvision's
+    EncoderBlock calls it as self_attention(x, x, x, need_weights=False)."""
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        if not attention.batch_first or attention.dropout or not attention._qkv_same_embed_dim:
+            raise ValueError("ViTSelfAttention: batch-first self-attention without dropout only")
+        self.num_heads = attention.num_heads
+        self.in_proj_weight, self.in_proj_bias = attention.in_proj_weight, attention.in_proj_bias
+        self.out_proj = attention.out_proj
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False) -> tuple[Tensor, None]:
+        if need_weights or not (query is key is value):
+            raise ValueError("ViTSelfAttention: self-attention without attention weights only")
         x = fused_self_attention(query, self.in_proj_weight, self.in_proj_bias, self.num_heads, causal=False)
         return self.out_proj(x), None
 
@@ -259,9 +265,6 @@ def _load_file(path: str, spec: str) -> dict:
 # The trainable model of each mode
 # ----------------------------------------------------------------------------------------------
 MAX_TEMPERATURE = 100.0   # CLIP clamps t = exp(s) at 100 (Radford et al. 2021, Sec. 2.5)
-# The format of train.py's checkpoints (ThreeTowers config + state dict); bump it when a preset changes
-# shape, so that older checkpoints fail with a clear message instead of loading into the wrong model.
-CHECKPOINT_FORMAT = "3t-v2"
 
 
 class ThreeTowers(nn.Module):
@@ -305,21 +308,11 @@ class ThreeTowers(nn.Module):
             {term: nn.Parameter(torch.tensor(float(init_bias))) for term in PAIRS[mode]}
         ) if loss == "sigmoid" else None
 
-    # -- public API -----------------------------------------------------------------------------
-    def encode_image(self, image: Tensor | None = None, h: Tensor | None = None) -> Tensor:
-        """The image embedding used at test time: f(I), or h(I) for LiT (pass h = tower3(I)).
-        Normalised, (B, D)."""
-        if self.mode == "lit":
-            return _norm(h)
-        return _norm(self.image(image))
-
-    def encode_text(self, text: Tensor) -> Tensor:
-        """g(T), normalised, (B, D)."""
-        return _norm(self.text(text))
-
-    def embed_images(self, image: Tensor | None, h: Tensor | None = None) -> dict[str, Tensor]:
-        """Image-side embeddings: f (clip, 3t); h (lit); 3t also f_h(f), h_f(h), h_g(h).
-        The head f_h reads f's unnormalised output (as g_h reads g's)."""
+    # -- public API: CLIP's names; each returns every embedding of its side, keyed by symbol -----
+    def encode_image(self, image: Tensor | None, h: Tensor | None = None) -> dict[str, Tensor]:
+        """Image-side embeddings, normalised, (B, D) each: f (clip, 3t); h (lit, pass h = tower3(I));
+        3t also f_h(f), h_f(h), h_g(h). The head f_h reads f's unnormalised output (as g_h reads g's).
+        At test time f (or h for lit) is the image embedding, as in CLIP."""
         out = {}
         if self.image is not None:
             f = self.image(image)
@@ -332,8 +325,8 @@ class ThreeTowers(nn.Module):
             out["h_g"] = _norm(self.h_g(h) if self.tower3_heads else h)
         return out
 
-    def embed_texts(self, text: Tensor) -> dict[str, Tensor]:
-        """Text-side embeddings: g; 3t also g_h(g)."""
+    def encode_text(self, text: Tensor) -> dict[str, Tensor]:
+        """Text-side embeddings of token ids (B, L), normalised: g; 3t also g_h(g)."""
         g = self.text(text)
         out = {"g": _norm(g)}
         if self.mode == "3t":
@@ -359,7 +352,7 @@ class ThreeTowers(nn.Module):
         """image: (B,3,S,S) for f (None in lit); text: (B,L) token ids; h: (B, D_h), the frozen
         tower's output (lit, 3t). Returns every embedding of the mode, each (B, D), unit norm,
         float32, plus the temperatures -- the input of losses.tower_loss."""
-        return {**self.embed_images(image, h), **self.embed_texts(text), **self.temperatures()}
+        return {**self.encode_image(image, h), **self.encode_text(text), **self.temperatures()}
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -379,3 +372,21 @@ def summary(model: ThreeTowers, tower3: FrozenTower | None = None) -> str:
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines.append(f"{'total':<18}{total:>14,}{'':>14}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one format for train.py (both modes of training), eval.py and --tower3
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = "3t"   # written by train.py; --resume and eval.py refuse anything else
+
+
+def save_checkpoint(ckpt: dict, path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str) -> dict:
+    """torch.load with weights_only=True (a checkpoint can never run code), on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)

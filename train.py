@@ -20,9 +20,10 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ from tqdm import tqdm
 
 import data
 from losses import PAIRS, default_weights, tower_loss
-from model import CHECKPOINT_FORMAT, IMAGE_ARCHS, TEXT_PRESETS, FrozenTower, ThreeTowers, build_image_tower, load_tower3, summary
+from model import (CHECKPOINT_FORMAT, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, build_image_tower,
+                   load_tower3, read_checkpoint, save_checkpoint, summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,9 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if len(values) != len(PAIRS[args.mode]):
             p.error(f"--loss-weights {args.loss_weights!r}: expected {len(PAIRS[args.mode])} comma-separated "
                     f"numbers for the terms {','.join(PAIRS[args.mode])} of --mode {args.mode}")
-        args.weights = dict(zip(PAIRS[args.mode], values))
-    else:
-        args.weights = default_weights(args.mode) if args.mode in PAIRS else {}
+        args.loss_weights = values
     if args.tower3 == "auto" and args.mode in ("lit", "3t") and args.train_data != "shapes":
         p.error(f"--tower3 auto only works with --train-data shapes; for {args.train_data!r} give e.g. "
                 f"--tower3 torchvision:resnet50:IMAGENET1K_V2")
@@ -141,6 +141,7 @@ class Env:
         if torch.cuda.is_available():
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         else:
             self.device = torch.device("cpu")
             if "OMP_NUM_THREADS" not in os.environ:
@@ -150,6 +151,10 @@ class Env:
         if self.owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.master = self.rank == 0
+
+    def workers(self, args: argparse.Namespace) -> int:
+        """DataLoader workers per rank: --workers, else 0 on CPU and up to 8 per GPU."""
+        return self.default_workers if args.workers is None else args.workers
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -174,36 +179,41 @@ def autocast(args: argparse.Namespace, env: Env):
 
 
 # ----------------------------------------------------------------------------------------------
-# The third tower: source, auto-pretraining on the shapes world, and the embedding cache
+# The third tower h: its source (auto-pretrained on the shapes world) and its cached embeddings
 # ----------------------------------------------------------------------------------------------
-AUTO_TOWER3_VERSION = "v2"   # bump when the presets or the shapes world change: old cached towers no longer fit
-
-
 def resolve_tower3(args: argparse.Namespace, env: Env) -> FrozenTower:
-    """Load h. 'auto' on the shapes world pretrains a classifier once (supervised mode, all ranks)
-    and caches it, so the default run uses a genuinely pretrained tower, never a random one."""
-    spec = args.tower3
-    if spec == "auto":
-        spec = os.path.abspath(os.path.join(
-            args.cache_dir, f"tower3-shapes-{args.tower3_label}-{args.image_arch}-{args.image_size}px"
-                            f"-s{args.seed}-{args.tower3_steps}steps-{AUTO_TOWER3_VERSION}.pt"))
-        if not os.path.exists(spec):
-            log(env, f"[tower3] no pretrained third tower yet: pretraining one on the shapes world's "
-                     f"'{args.tower3_label}' labels ({args.tower3_steps} steps, supervised); it is saved "
-                     f"to {spec} and reused by later runs")
-            folder = spec[:-3]
-            run(parse_args(["--mode", "supervised", "--label", args.tower3_label, "--image-arch", args.image_arch,
-                            "--image-size", str(args.image_size), "--steps", str(args.tower3_steps),
-                            "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--lr", "2e-3",
-                            "--workers", str(args.workers), "--eval-images", str(args.eval_images),
-                            "--out", folder, "--resume", "latest"] + (["--quiet"] if args.quiet else [])), env)
-            if env.master:   # a slim copy, written only once pretraining has finished
-                ckpt = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True)
-                atomic_save({k: ckpt[k] for k in ("format", "mode", "classifier", "model", "args")}, spec)
-            env.barrier()
+    """Load h from --tower3; 'auto' pretrains one on the shapes world first (see auto_tower3)."""
+    spec = auto_tower3(args, env) if args.tower3 == "auto" else args.tower3
     tower3 = load_tower3(spec).to(env.device)
     log(env, f"[tower3] {spec}: D_h = {tower3.dim}, input {tower3.image_size}px, frozen")
     return tower3
+
+
+def auto_tower3(args: argparse.Namespace, env: Env) -> str:
+    """The default run's third tower: a classifier pretrained by `pretrain` on the shapes world's
+    --tower3-label labels, once, then reused from --cache-dir -- a genuinely pretrained tower,
+    never a random one. The file name holds everything the tower depends on, including a digest
+    of the preset's shape and of a rendered image, so a changed preset or world is never reused."""
+    recipe = [data.ShapesWorld(args.seed, args.image_size).digest(), VIT_PRESETS.get(args.image_arch)]
+    digest = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:8]
+    path = os.path.abspath(os.path.join(
+        args.cache_dir, f"tower3-shapes-{args.tower3_label}-{args.image_arch}-{args.image_size}px"
+                        f"-s{args.seed}-{args.tower3_steps}steps-{digest}.pt"))
+    if not os.path.exists(path):
+        log(env, f"[tower3] no pretrained third tower yet: pretraining one on the shapes world's "
+                 f"'{args.tower3_label}' labels ({args.tower3_steps} steps, supervised); it is saved "
+                 f"to {path} and reused by later runs")
+        folder = path[:-3]
+        pretrain(parse_args(["--mode", "supervised", "--label", args.tower3_label, "--image-arch", args.image_arch,
+                             "--image-size", str(args.image_size), "--steps", str(args.tower3_steps),
+                             "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--lr", "2e-3",
+                             "--workers", str(env.workers(args)), "--eval-images", str(args.eval_images),
+                             "--out", folder, "--resume", "latest"] + (["--quiet"] if args.quiet else [])), env)
+        if env.master:   # a slim copy, written only once pretraining has finished
+            ckpt = read_checkpoint(os.path.join(folder, "ckpt.pt"))
+            save_checkpoint({k: ckpt[k] for k in ("format", "mode", "classifier", "model", "args")}, path)
+        env.barrier()
+    return path
 
 
 def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset) -> torch.Tensor | None:
@@ -223,19 +233,19 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
     fingerprint = digest.hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"h-{fingerprint}.pt")
     if os.path.exists(path):
-        cached = torch.load(path, map_location="cpu", weights_only=True)
+        cached = read_checkpoint(path)
         if cached.get("fingerprint") == fingerprint and cached["h"].shape == (len(dataset), tower3.dim):
             log(env, f"[tower3] reusing cached embeddings {path}")
             return cached["h"].to(env.device)
         log(env, f"[tower3] cache {path} is stale: recomputing")
-    loader = data.make_loader(dataset, 256, workers=args.workers, rank=env.rank, world_size=env.world,
+    loader = data.make_loader(dataset, 256, workers=env.workers(args), rank=env.rank, world_size=env.world,
                               shuffle=False, drop_last=False)
     h = torch.zeros(len(dataset), tower3.dim, device=env.device)
     seen = torch.zeros(len(dataset), device=env.device)     # how many ranks wrote each row
     for batch in tqdm(loader, desc="caching h", disable=not env.master or args.quiet):
         index = batch["index"].to(env.device)
         with autocast(args, env):
-            h[index] = tower3(_tower3_view(batch, env.device)).float()
+            h[index] = tower3(tower3_view(batch, env.device)).float()
         seen[index] = 1
     if env.world > 1:   # sum the ranks' rows; the sampler's padding repeats a few rows on two ranks
         dist.all_reduce(h)
@@ -243,7 +253,7 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
         h = h / seen[:, None]
     if env.master:
         os.makedirs(args.cache_dir, exist_ok=True)
-        atomic_save({"fingerprint": fingerprint, "h": h.cpu()}, path)
+        save_checkpoint({"fingerprint": fingerprint, "h": h.cpu()}, path)
     env.barrier()
     return h
 
@@ -252,13 +262,13 @@ def _data_stamp(spec: str) -> list:
     return [os.path.getmtime(spec), os.path.getsize(spec)] if os.path.isfile(spec) else []
 
 
-def _tower3_view(batch: dict, device: torch.device) -> torch.Tensor:
+def tower3_view(batch: dict, device: torch.device) -> torch.Tensor:
     """The third tower's own input view (its size may differ from f's)."""
     return batch.get("image_h", batch["image"]).to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimiser, schedule, checkpoints
+# Optimiser, schedule, the run's position and its checkpoints
 # ----------------------------------------------------------------------------------------------
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """AdamW; weight decay only on weight matrices -- not on biases, norms, embeddings (token,
@@ -280,11 +290,37 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def atomic_save(obj: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def schedule(args: argparse.Namespace, env: Env, model: torch.nn.Module, dataset
+             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
+    """AdamW, its warm-up + cosine schedule, and the number of steps: --steps, else --epochs
+    (default 1) over a finite dataset."""
+    per_epoch = len(dataset) // (args.batch_size * env.world) if hasattr(dataset, "__len__") else None
+    if args.steps is None and per_epoch is None:
+        raise SystemExit("--steps is required for streaming (tar-shard) data")
+    total = args.steps or max(1, int((args.epochs or 1) * per_epoch))
+    optimizer = build_optimizer(model, args)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, total)), total
+
+
+@dataclass
+class Position:
+    """Where a run stands: optimiser steps, and this rank's epoch and batch within it (streaming
+    shards may put ranks at different points of an epoch); skipped samples so far."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    data_errors: Counter = field(default_factory=Counter)
+
+
+def endless(loader, position: Position) -> Iterator[dict]:
+    """The loader's batches, epoch after epoch, from `position` on; position follows along."""
+    while True:
+        data.set_epoch(loader, position.epoch)
+        for batch in loader:
+            position.batch += 1
+            position.data_errors.update(batch.get("data_errors", {}))
+            yield batch
+        position.epoch, position.batch = position.epoch + 1, 0
 
 
 def rng_state() -> dict:
@@ -303,256 +339,317 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def find_resume(args: argparse.Namespace) -> str | None:
-    """--resume latest -> the run folder's ckpt.pt; also after an elastic restart by torchrun
-    (--max-restarts), so a restarted worker continues instead of starting over."""
+def save(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, scheduler, position: Position,
+         **extra) -> None:
+    """ckpt.pt: the trainable model, optimiser, schedule, step, and every rank's RNG state and data
+    position (gathered, so one file resumes every rank exactly); `extra` says what the model is."""
+    mine = {"rng": rng_state(), "epoch": position.epoch, "batch_in_epoch": position.batch}
+    ranks = [mine]
+    if env.world > 1:
+        ranks = [None] * env.world
+        dist.all_gather_object(ranks, mine)
+    if env.master:
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "mode": args.mode, "args": vars(args),
+                                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "step": position.step, "ranks": ranks,
+                                   "data_errors": dict(position.data_errors), **extra},
+                                  os.path.join(args.out, "ckpt.pt"))
+
+
+def resume(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, scheduler) -> Position:
+    """--resume latest -> the run folder's ckpt.pt, if any; also after an elastic restart by torchrun
+    (--max-restarts), so a restarted worker continues instead of starting over. Restores the model,
+    optimiser, schedule, this rank's RNG state and data position."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-    latest = os.path.join(args.out, "ckpt.pt")
+    path = args.resume
     if args.resume == "latest" or (args.resume is None and restarted):
-        return latest if os.path.exists(latest) else None
-    if args.resume and not os.path.exists(args.resume):
-        raise SystemExit(f"--resume {args.resume!r}: no such checkpoint")
-    return args.resume
+        path = os.path.join(args.out, "ckpt.pt")
+        if not os.path.exists(path):
+            return Position()
+    elif path is None:
+        return Position()
+    elif not os.path.exists(path):
+        raise SystemExit(f"--resume {path!r}: no such checkpoint")
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("mode") != args.mode:
+        raise SystemExit(f"--resume {path!r}: not a {CHECKPOINT_FORMAT} checkpoint of mode {args.mode}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if len(ckpt["ranks"]) != env.world:
+        raise SystemExit(f"--resume {path!r} was written by {len(ckpt['ranks'])} processes; resume it "
+                         f"with the same number (now {env.world}) to continue exactly")
+    mine = ckpt["ranks"][env.rank]
+    set_rng_state(mine["rng"])
+    log(env, f"[resume] {path}: step {ckpt['step']}, epoch {mine['epoch']}, batch {mine['batch_in_epoch']}")
+    return Position(ckpt["step"], mine["epoch"], mine["batch_in_epoch"], Counter(ckpt.get("data_errors", {})))
+
+
+def wrap(model: torch.nn.Module, args: argparse.Namespace, env: Env) -> torch.nn.Module:
+    """What the step calls: the model, compiled if asked (before DDP, so DDP sees the compiled
+    graph), in DDP when there are several processes. Checkpoints and evaluation keep the raw model."""
+    if args.compile:
+        model = torch.compile(model)
+    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.world > 1 else model
+
+
+class MetricsLog:
+    """The progress bar and metrics.jsonl (rank 0): running means of the step metrics over ranks,
+    one record every --log-every steps; evaluation records as they come."""
+
+    def __init__(self, args: argparse.Namespace, env: Env, total: int, position: Position, scheduler):
+        self.args, self.env, self.position, self.total, self.scheduler = args, env, position, total, scheduler
+        self.file = open(os.path.join(args.out, "metrics.jsonl"), "a") if env.master else None
+        self.bar = tqdm(total=total, initial=position.step, desc=args.mode, disable=not env.master or args.quiet,
+                        dynamic_ncols=True)
+        self.running: Counter = Counter()
+        self.t_last, self.n_last = time.time(), position.step
+
+    def step(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.running[k] += v
+        self.running["n"] += 1
+        self.bar.update(1)
+        step = self.position.step
+        if step % self.args.log_every and step != self.total:
+            return
+        keys = sorted(k for k in self.running if k != "n")       # one all_reduce per log line
+        values = torch.stack([torch.as_tensor(self.running[k], dtype=torch.float32, device=self.env.device)
+                              for k in keys]) / self.running["n"]
+        if self.env.world > 1:
+            dist.all_reduce(values)
+            values /= self.env.world
+        now = time.time()
+        record = dict(zip(keys, values.tolist()), step=step, epoch=self.position.epoch,
+                      lr=self.scheduler.get_last_lr()[0],
+                      samples_per_s=(step - self.n_last) * self.args.batch_size * self.env.world / (now - self.t_last),
+                      data_errors=dict(self.position.data_errors))
+        self.t_last, self.n_last, self.running = now, step, Counter()
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "lr", "samples_per_s")
+                              or k.startswith("t/")})
+        self.write(record)
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.position.data_errors:
+            log(self.env, f"[data] skipped samples: {dict(self.position.data_errors)}")
+        if self.file:
+            self.file.close()
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# The step and the run
 # ----------------------------------------------------------------------------------------------
-def build(args: argparse.Namespace, env: Env):
-    """(model, its config, frozen tower h or None, training dataset, tokenizer) for args.mode."""
-    tokenizer = data.ByteTokenizer(args.context_length)
-    torch.manual_seed(args.seed)          # identical initial weights on every rank
-    if args.mode == "supervised":
-        dataset = data.make_labelled_dataset(args.train_data, "pretrain", label=args.label, image_size=args.image_size,
-                                             num_samples=args.train_samples, seed=args.seed)
-        classnames = list(getattr(dataset, "classnames", getattr(dataset, "classes", [])))
-        model = build_image_tower(args.image_arch, args.image_size, len(classnames), bias=True)
-        config = {"arch": args.image_arch, "image_size": args.image_size, "num_classes": len(classnames),
-                  "classnames": classnames}
-        return model, config, None, dataset, tokenizer
-    tower3 = resolve_tower3(args, env) if args.mode != "clip" else None
+@dataclass
+class Parts:
+    """What a training step touches, built once by `run`."""
+    model: ThreeTowers                  # the raw model: clipping, temperature clamp, checkpoints, eval
+    forward: torch.nn.Module            # what the step calls: the model, compiled and/or in DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tower3: FrozenTower | None
+    h_cache: torch.Tensor | None        # h(x_i) of every sample, or None: h runs every step
+    weights: dict[str, float]           # weight of each loss term of losses.PAIRS[mode]
+
+
+def train_step(args: argparse.Namespace, env: Env, parts: Parts, batch: dict) -> dict[str, torch.Tensor] | None:
+    """One optimiser step of CLIP, LiT or 3T: the frozen tower's embeddings (read from the cache, or
+    h under no_grad outside DDP), the trainable towers under DDP, losses.tower_loss, then
+    `apply_gradients` and the temperature clamp. Returns the step's metrics, or None when the loss
+    or gradient was not finite and the step was skipped (on every rank alike)."""
+    image = batch["image"].to(env.device, non_blocking=True)
+    text = data.ByteTokenizer.trim(batch["text"]).to(env.device, non_blocking=True)
+    with autocast(args, env):
+        h = None
+        if parts.tower3 is not None:
+            h = parts.h_cache[batch["index"].to(env.device)] if parts.h_cache is not None else \
+                parts.tower3(tower3_view(batch, env.device))
+        out = parts.forward(image if args.mode != "lit" else None, text, h)
+        loss, metrics = tower_loss(out, args.mode, parts.weights)
+    if not apply_gradients(parts.model, parts.optimizer, parts.scheduler, loss, args.grad_clip):
+        return None
+    parts.model.clamp_temperatures_()
+    return {"loss": loss.detach(), **metrics}
+
+
+def apply_gradients(model: torch.nn.Module, optimizer, scheduler, loss: torch.Tensor, grad_clip: float) -> bool:
+    """Backward, clip the global gradient norm, AdamW step, schedule step; False (and no update)
+    when the norm is not finite. One host sync per step: a non-finite loss makes the (all-reduced,
+    so rank-identical) gradient norm non-finite, and every rank skips the same step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if not torch.isfinite(norm).item():
+        return False
+    optimizer.step()
+    scheduler.step()
+    return True
+
+
+def check_finite(ok: bool, streak: int, args: argparse.Namespace, env: Env, step: int) -> int:
+    """Count skipped steps in a row; stop after --max-nonfinite of them."""
+    if ok:
+        return 0
+    log(env, f"[warn] step {step}: non-finite loss/gradient, step skipped ({streak + 1} in a row)")
+    if streak + 1 >= args.max_nonfinite:
+        raise FloatingPointError(f"{streak + 1} non-finite steps in a row at step {step}: lower --lr, "
+                                 f"check the data, or use --precision fp32")
+    return streak + 1
+
+
+def pairs_dataset(args: argparse.Namespace, env: Env, tokenizer, tower3: FrozenTower | None):
+    """The image-text pairs of --train-data, with the third tower's own view when its input size differs."""
     h_size = tower3.image_size if tower3 is not None and tower3.image_size != args.image_size else None
-    dataset = data.make_pairs_dataset(
+    return data.make_pairs_dataset(
         args.train_data, "train", tokenizer=tokenizer, image_size=args.image_size, tower3_image_size=h_size,
         num_samples=args.train_samples if args.train_data == "shapes" or args.train_data.endswith((".csv", ".tsv"))
         else None, caption_noise=args.caption_noise, seed=args.seed, rank=env.rank, world_size=env.world,
         csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
         max_bad_fraction=args.max_bad_fraction)
-    config = dict(mode=args.mode, image_arch=args.image_arch, image_size=args.image_size, text_arch=args.text_arch,
-                  vocab_size=tokenizer.vocab_size, context_length=args.context_length, eos_id=tokenizer.EOS,
-                  embed_dim=args.embed_dim, tower3_dim=tower3.dim if tower3 else None,
-                  tower3_heads=not args.no_tower3_heads, init_temperature=args.init_temperature, loss=args.loss)
-    torch.manual_seed(args.seed)
-    return ThreeTowers(**config), config, tower3, dataset, tokenizer
 
 
-def train_step(args, env, ddp_model, batch, tower3, h_cache, weights) -> tuple[torch.Tensor, dict]:
-    """One forward pass: batch -> (loss, metrics). The frozen tower runs under no_grad outside DDP
-    (or is read from the cache); only the trainable towers run inside the DDP wrapper."""
-    image = batch["image"].to(env.device, non_blocking=True)
-    with autocast(args, env):
-        if args.mode == "supervised":
-            logits = ddp_model(image)
-            labels = batch["label"].to(env.device, non_blocking=True)
-            loss = F.cross_entropy(logits.float(), labels)
-            return loss, {"loss/ce": loss.detach(), "acc/train": (logits.argmax(1) == labels).float().mean()}
-        text = data.ByteTokenizer.trim(batch["text"]).to(env.device, non_blocking=True)
-        h = None
-        if tower3 is not None:
-            h = h_cache[batch["index"].to(env.device)] if h_cache is not None else \
-                tower3(_tower3_view(batch, env.device))
-        out = ddp_model(image if args.mode != "lit" else None, text, h)
-        return tower_loss(out, args.mode, weights)
+def model_config(args: argparse.Namespace, tokenizer, tower3: FrozenTower | None) -> dict:
+    """ThreeTowers' arguments, as stored in checkpoints so eval.py rebuilds the same model."""
+    return dict(mode=args.mode, image_arch=args.image_arch, image_size=args.image_size, text_arch=args.text_arch,
+                vocab_size=tokenizer.vocab_size, context_length=args.context_length, eos_id=tokenizer.EOS,
+                embed_dim=args.embed_dim, tower3_dim=tower3.dim if tower3 else None,
+                tower3_heads=not args.no_tower3_heads, init_temperature=args.init_temperature, loss=args.loss)
 
 
-def run(args: argparse.Namespace, env: Env) -> dict:
-    """Train according to args on the processes of env; returns the final metrics."""
-    if args.workers is None:
-        args.workers = env.default_workers
+def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
+    """Train CLIP, LiT or 3T on the processes of env: data -> frozen tower h (cached) -> towers f, g
+    and heads under DDP -> losses.tower_loss -> AdamW. Returns the final evaluation."""
     os.makedirs(args.out, exist_ok=True)
-    if env.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model, config, tower3, dataset, tokenizer = build(args, env)
-    model.to(env.device)
-    torch.manual_seed(args.seed + env.rank)   # after the identical init: per-rank randomness
+    tokenizer = data.ByteTokenizer(args.context_length)
+    tower3 = resolve_tower3(args, env) if args.mode != "clip" else None
+    dataset = pairs_dataset(args, env, tokenizer, tower3)
+    config = model_config(args, tokenizer, tower3)
+    torch.manual_seed(args.seed)                  # identical initial weights on every rank
+    model = ThreeTowers(**config).to(env.device)
+    torch.manual_seed(args.seed + env.rank)       # after the identical init: per-rank randomness
     log(env, f"[{args.mode}] {env.world} process(es) on {env.device.type}; data {args.train_data!r}\n"
-             + (summary(model, tower3) if args.mode != "supervised" else
-                f"classifier {args.image_arch}: {sum(p.numel() for p in model.parameters()):,} parameters"))
-    optimizer = build_optimizer(model, args)
-    weights = args.weights
-    per_epoch = len(dataset) // (args.batch_size * env.world) if hasattr(dataset, "__len__") else None
-    if args.steps is None and per_epoch is None:
-        raise SystemExit("--steps is required for streaming (tar-shard) data")
-    total = args.steps or max(1, int((args.epochs or 1) * per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, total))
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    data_errors: Counter = Counter()
-    resume = find_resume(args)
-    if resume:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("mode") != args.mode:
-            raise SystemExit(f"--resume {resume!r}: not a {CHECKPOINT_FORMAT} checkpoint of mode {args.mode}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if len(ckpt["ranks"]) != env.world:
-            raise SystemExit(f"--resume {resume!r} was written by {len(ckpt['ranks'])} processes; resume it "
-                             f"with the same number (now {env.world}) to continue exactly")
-        mine = ckpt["ranks"][env.rank]
-        step, epoch, batch_in_epoch = ckpt["step"], mine["epoch"], mine["batch_in_epoch"]
-        data_errors.update(ckpt.get("data_errors", {}))
-        set_rng_state(mine["rng"])
-        log(env, f"[resume] {resume}: step {step}, epoch {epoch}, batch {batch_in_epoch}")
-
-    h_cache = tower3_cache(args, env, tower3, dataset) if tower3 is not None else None
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)              # compile first, then wrap: DDP sees the compiled graph
-    ddp_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
-        if env.world > 1 else model
-    loader = data.make_loader(dataset, args.batch_size, workers=args.workers, rank=env.rank, world_size=env.world,
-                              seed=args.seed, start_batch=batch_in_epoch, pin_memory=env.device.type == "cuda")
-    data.set_epoch(loader, epoch)
+             + summary(model, tower3))
+    optimizer, scheduler, total = schedule(args, env, model, dataset)
+    position = resume(args, env, model, optimizer, scheduler)
+    weights = dict(zip(PAIRS[args.mode], args.loss_weights)) if args.loss_weights else default_weights(args.mode)
+    parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3,
+                  tower3_cache(args, env, tower3, dataset) if tower3 is not None else None, weights)
+    loader = data.make_loader(dataset, args.batch_size, workers=env.workers(args), rank=env.rank,
+                              world_size=env.world, seed=args.seed, start_batch=position.batch,
+                              pin_memory=env.device.type == "cuda")
     suite = build_suite(args, tokenizer) if env.master else None
-
-    def save() -> None:
-        # Each rank's RNG state and data position (streaming shards may put ranks at different
-        # points of an epoch), gathered so one file resumes every rank exactly.
-        mine = {"rng": rng_state(), "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-        ranks = [None] * env.world
-        if env.world > 1:
-            dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
-        if env.master:
-            ckpt = {"format": CHECKPOINT_FORMAT, "mode": args.mode, "args": vars(args), "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "ranks": ranks, "data_errors": dict(data_errors)}
-            if args.mode == "supervised":
-                ckpt["classifier"] = config
-            else:
-                ckpt["model_config"], ckpt["tower3"] = config, tower3.source if tower3 is not None else None
-            atomic_save(ckpt, os.path.join(args.out, "ckpt.pt"))
-
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if env.master else None
-    bar = tqdm(total=total, initial=step, desc=args.mode, disable=not env.master or args.quiet, dynamic_ncols=True)
-    running: dict[str, float] = Counter()
-    nonfinite, t_last, n_last = 0, time.time(), 0
-    raw_model.train()
-    batches = iter(loader)
-    while step < total:
-        try:
-            batch = next(batches)
-        except StopIteration:                     # end of an epoch: reshuffle and go on
-            epoch, batch_in_epoch = epoch + 1, 0
-            data.set_epoch(loader, epoch)
-            batches = iter(loader)
+    metrics_log, batches, skipped = MetricsLog(args, env, total, position, scheduler), endless(loader, position), 0
+    model.train()
+    while position.step < total:
+        metrics = train_step(args, env, parts, next(batches))
+        skipped = check_finite(metrics is not None, skipped, args, env, position.step)
+        if metrics is None:
             continue
-        batch_in_epoch += 1
-        data_errors.update(batch.get("data_errors", {}))
-        loss, metrics = train_step(args, env, ddp_model, batch, tower3, h_cache, weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # One host sync per step: a non-finite loss makes the (all-reduced, so rank-identical)
-        # gradient norm non-finite, and every rank skips the same step.
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        if not torch.isfinite(norm).item():
-            nonfinite += 1
-            log(env, f"[warn] step {step}: non-finite loss/gradient, step skipped ({nonfinite} in a row)")
-            if nonfinite >= args.max_nonfinite:
-                raise FloatingPointError(f"{nonfinite} non-finite steps in a row at step {step}: lower --lr, "
-                                         f"check the data, or use --precision fp32")
-            continue
-        nonfinite = 0
-        optimizer.step()
-        scheduler.step()
-        if args.mode != "supervised":
-            raw_model.clamp_temperatures_()
-        step += 1
-        for k, v in {"loss": loss.detach(), **metrics}.items():
-            running[k] += v
-        running["n"] += 1
-        bar.update(1)
-        if step % args.log_every == 0 or step == total:
-            record = reduce_metrics(running, env)
-            now = time.time()
-            record.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                          samples_per_s=(step - n_last) * args.batch_size * env.world / (now - t_last),
-                          data_errors=dict(data_errors))
-            t_last, n_last, running = now, step, Counter()
-            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "lr", "samples_per_s")
-                             or k.startswith("t/")})
-            if metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-        if step % args.save_every == 0 or step == total:
-            save()
-        if args.eval_every and step % args.eval_every == 0 and step < total:
-            periodic_eval(args, env, raw_model, tower3, suite, step, metrics_file)
-    bar.close()
-    final = periodic_eval(args, env, raw_model, tower3, suite, step, metrics_file)
-    if data_errors:
-        log(env, f"[data] skipped samples: {dict(data_errors)}")
+        position.step += 1
+        metrics_log.step(metrics)
+        if position.step % args.save_every == 0 or position.step == total:
+            save(args, env, model, optimizer, scheduler, position, model_config=config,
+                 tower3=tower3.source if tower3 is not None else None)
+        if args.eval_every and position.step % args.eval_every == 0 and position.step < total:
+            periodic_eval(args, env, model, tower3, suite, metrics_log)
+    final = periodic_eval(args, env, model, tower3, suite, metrics_log)
+    metrics_log.close()
     env.barrier()
-    if metrics_file:
-        metrics_file.close()
     return final
 
 
-def reduce_metrics(running: dict, env: Env) -> dict[str, float]:
-    """Mean of the accumulated metrics over steps and ranks (one all_reduce per log line)."""
-    keys = sorted(k for k in running if k != "n")
-    values = torch.stack([torch.as_tensor(running[k], dtype=torch.float32, device=env.device) for k in keys])
-    values = values / running["n"]
-    if env.world > 1:
-        dist.all_reduce(values)
-        values /= env.world
-    return dict(zip(keys, values.tolist()))
+# ----------------------------------------------------------------------------------------------
+# Pretraining a third tower: --mode supervised, its own short loop
+# ----------------------------------------------------------------------------------------------
+def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
+    """Train an image classifier with cross-entropy -- on the shapes world's object or scene labels,
+    or an ImageFolder -- to serve later as a frozen third tower (`--tower3 CKPT`, or `--tower3
+    auto`). The same optimiser, schedule, checkpoints and resume as `run`. Returns the held-out
+    accuracy (shapes only)."""
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(args.seed)                  # identical initial weights on every rank
+    dataset = data.make_labelled_dataset(args.train_data, "pretrain", label=args.label, image_size=args.image_size,
+                                         num_samples=args.train_samples, seed=args.seed)
+    classnames = list(getattr(dataset, "classnames", getattr(dataset, "classes", [])))
+    model = build_image_tower(args.image_arch, args.image_size, len(classnames), bias=True).to(env.device)
+    config = {"arch": args.image_arch, "image_size": args.image_size, "num_classes": len(classnames),
+              "classnames": classnames}
+    torch.manual_seed(args.seed + env.rank)
+    log(env, f"[supervised] {env.world} process(es) on {env.device.type}; data {args.train_data!r}; classifier "
+             f"{args.image_arch}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    optimizer, scheduler, total = schedule(args, env, model, dataset)
+    position = resume(args, env, model, optimizer, scheduler)
+    forward = wrap(model, args, env)
+    loader = data.make_loader(dataset, args.batch_size, workers=env.workers(args), rank=env.rank,
+                              world_size=env.world, seed=args.seed, start_batch=position.batch,
+                              pin_memory=env.device.type == "cuda")
+    metrics_log, batches, skipped = MetricsLog(args, env, total, position, scheduler), endless(loader, position), 0
+    model.train()
+    while position.step < total:
+        batch = next(batches)
+        labels = batch["label"].to(env.device, non_blocking=True)
+        with autocast(args, env):
+            logits = forward(batch["image"].to(env.device, non_blocking=True)).float()
+        loss = F.cross_entropy(logits, labels)
+        ok = apply_gradients(model, optimizer, scheduler, loss, args.grad_clip)
+        skipped = check_finite(ok, skipped, args, env, position.step)
+        if not ok:
+            continue
+        position.step += 1
+        metrics_log.step({"loss": loss.detach(), "acc/train": (logits.argmax(1) == labels).float().mean()})
+        if position.step % args.save_every == 0 or position.step == total:
+            save(args, env, model, optimizer, scheduler, position, classifier=config)
+    results = {}
+    if env.master and args.eval_data != "none" and args.train_data == "shapes":
+        held_out = data.make_labelled_dataset("shapes", "test", label=args.label, image_size=args.image_size,
+                                              num_samples=args.eval_images, seed=args.seed)
+        results = {"test/top1": classifier_accuracy(model, held_out, env.device)}
+        log(env, f"[eval] step {position.step}: held-out {args.label} accuracy {100 * results['test/top1']:.1f}%")
+        metrics_log.write({"step": position.step, "eval": results})
+    metrics_log.close()
+    env.barrier()
+    return results
+
+
+@torch.no_grad()
+def classifier_accuracy(model: torch.nn.Module, dataset, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    for batch in data.make_loader(dataset, 256, shuffle=False, drop_last=False):
+        correct += (model(batch["image"].to(device)).argmax(1).cpu() == batch["label"]).sum().item()
+    model.train()
+    return correct / len(dataset)
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation during and after training (eval.py holds the tasks; rank 0 runs them on the raw model)
 # ----------------------------------------------------------------------------------------------
 def build_suite(args: argparse.Namespace, tokenizer: data.ByteTokenizer):
-    """The held-out tasks, built once: zero-shot + retrieval (eval.py), or held-out accuracy for a
-    classifier on the shapes world."""
+    """The held-out zero-shot and retrieval tasks of eval.py, built once (shapes world only)."""
     if args.eval_data == "none" or args.train_data != "shapes":
         return None
-    if args.mode == "supervised":
-        return data.make_labelled_dataset("shapes", "test", label=args.label, image_size=args.image_size,
-                                          num_samples=args.eval_images, seed=args.seed)
     import eval as evaluation
     return evaluation.build_eval_suite("shapes", tokenizer=tokenizer, image_size=args.image_size,
                                        num_images=args.eval_images, seed=args.seed)
 
 
-@torch.no_grad()
-def classifier_accuracy(model: torch.nn.Module, dataset, device: torch.device) -> dict[str, float]:
-    model.eval()
-    correct = 0
-    for batch in data.make_loader(dataset, 256, shuffle=False, drop_last=False):
-        correct += (model(batch["image"].to(device)).argmax(1).cpu() == batch["label"]).sum().item()
-    model.train()
-    return {"test/top1": correct / len(dataset)}
-
-
-def periodic_eval(args, env, model, tower3, suite, step, metrics_file) -> dict[str, float]:
+def periodic_eval(args: argparse.Namespace, env: Env, model: ThreeTowers, tower3: FrozenTower | None, suite,
+                  metrics_log: MetricsLog) -> dict[str, float]:
     """Evaluate on rank 0 while the other ranks wait; log a line and a JSONL record."""
     results: dict[str, float] = {}
     if env.master and suite is not None:
-        if args.mode == "supervised":
-            results = classifier_accuracy(model, suite, env.device)
-        else:
-            import eval as evaluation
-            alphas = (1.0, 0.5, 0.0) if args.mode == "3t" else (1.0,)
-            with autocast(args, env):
-                results = evaluation.evaluate(model, tower3, suite, device=env.device, alphas=alphas)
+        import eval as evaluation
+        alphas = (1.0, 0.5, 0.0) if args.mode == "3t" else (1.0,)
+        with autocast(args, env):
+            results = evaluation.evaluate(model, tower3, suite, device=env.device, alphas=alphas)
         shown = {k: v for k, v in results.items() if k.endswith(("top1", "R@1")) and "@" not in k.split("/")[0]}
-        log(env, f"[eval] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
-        if metrics_file:
-            metrics_file.write(json.dumps({"step": step, "eval": results}) + "\n")
-            metrics_file.flush()
+        log(env, f"[eval] step {metrics_log.position.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+        metrics_log.write({"step": metrics_log.position.step, "eval": results})
     env.barrier()
     return results
 
@@ -562,7 +659,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     env = Env()
     try:
-        return run(args, env)
+        return pretrain(args, env) if args.mode == "supervised" else run(args, env)
     finally:
         env.close()
 

@@ -35,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train  # noqa: E402
-from losses import _local_rows_loss  # noqa: E402
-from model import build_image_tower  # noqa: E402
+from losses import contrastive_loss, default_weights  # noqa: E402
+from model import ThreeTowers, build_image_tower  # noqa: E402
 
 
 _ATTENTION_BACKWARD = ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
@@ -88,17 +88,17 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
                             + ([] if cache else ["--no-cache-tower3"]))
     args.workers = 0
     env = train.Env()
-    model, _, tower3_net, dataset, _ = train.build(args, env)
-    model.to(env.device).train()
+    tokenizer = data.ByteTokenizer(args.context_length)
+    tower3_net = train.resolve_tower3(args, env) if mode != "clip" else None
+    dataset = train.pairs_dataset(args, env, tokenizer, tower3_net)
+    model = ThreeTowers(**train.model_config(args, tokenizer, tower3_net)).to(env.device).train()
+    optimizer, scheduler, _ = train.schedule(args, env, model, dataset)
     h_cache = train.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
-    optimizer = train.build_optimizer(model, args)
+    parts = train.Parts(model, model, optimizer, scheduler, tower3_net, h_cache, default_weights(mode))
     batches = [b for b, _ in zip(data.make_loader(dataset, args.batch_size, workers=0, seed=0), range(3))]
 
-    def step(batch):
-        loss, _ = train.train_step(args, env, model, batch, tower3_net, h_cache, args.weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def step(batch):                                             # exactly what train.py runs per step
+        train.train_step(args, env, parts, batch)
 
     with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         step(batches[0])
@@ -162,7 +162,7 @@ def loss_memory_child(n_local: int, n_global: int, dim: int) -> None:
     def run() -> float:
         a, b = a_all[:n_local], b_all[:n_local]
         start = time.perf_counter()
-        loss, _ = _local_rows_loss(a, b, a_all if local else a, b_all if local else b, torch.tensor(10.0), None)
+        loss = contrastive_loss(a, b, torch.tensor(10.0), a_all if local else a, b_all if local else b)
         loss.backward()
         return time.perf_counter() - start
     run()                                               # warm-up (thread pools, allocator)

@@ -105,7 +105,7 @@ def test_class_embeddings_ensemble_each_class_over_its_templates():
     for key in ("g", "g_h"):
         for c, name in enumerate(classes):
             with torch.no_grad():
-                per = model.embed_texts(tok.encode([t.format(name) for t in templates]))[key]
+                per = model.encode_text(tok.encode([t.format(name) for t in templates]))[key]
             expected = F.normalize(F.normalize(per, dim=-1).mean(0), dim=-1)
             torch.testing.assert_close(got[key][c], expected, atol=1e-5, rtol=1e-5)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import PAIRS, contrastive_loss, distributed_contrastive_loss, sigmoid_loss, tower_loss
+import losses
+from losses import PAIRS, contrastive_loss, sigmoid_loss, tower_loss
 from model import ThreeTowers
 
 
@@ -103,9 +104,18 @@ def test_sigmoid_matches_naive_reference():
     assert got.item() == pytest.approx(naive_sigmoid(a, b, 10.0, -10.0), rel=1e-6)
 
 
-def test_distributed_equals_single_on_one_process():
-    a, b, t = unit(9, 4, 14), unit(9, 4, 15), torch.tensor(3.0, dtype=torch.float64)
-    assert distributed_contrastive_loss(a, b, t).item() == pytest.approx(contrastive_loss(a, b, t).item(), rel=1e-12)
+def test_rows_of_each_rank_average_to_the_global_loss(monkeypatch):
+    """The distributed form, without processes: rank r's rows against given global columns, with
+    its positives at columns r * n + i. The mean over ranks is the one-process N x N loss."""
+    a, b, t = unit(8, 4, 14), unit(8, 4, 15), torch.tensor(3.0, dtype=torch.float64)
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setattr(losses, "_world", lambda rank=rank: (rank, 2))
+        rows = slice(4 * rank, 4 * rank + 4)
+        per_rank.append(contrastive_loss(a[rows], b[rows], t, a, b).item())
+    monkeypatch.undo()
+    assert sum(per_rank) / 2 == pytest.approx(naive_contrastive(a, b, 3.0), rel=1e-12)
+    assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-6)
 
 
 def tiny_model(mode: str, **kw) -> ThreeTowers:

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import losses
-from losses import contrastive_loss, distributed_contrastive_loss, gather_rows, tower_loss
+from losses import contrastive_loss, gather_rows, tower_loss
 from test_losses import tiny_batch, tiny_model, unit
 
 WORLD, N_LOCAL = 2, 4
@@ -31,11 +31,11 @@ def worker(rank: int, tmp: str) -> None:
     rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
     res = {}
 
-    # 1. distributed_contrastive_loss on shards of a global batch
+    # 1. contrastive_loss on shards of a global batch
     a, b = global_pair()
     t = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
     a_loc, b_loc = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
-    loss = distributed_contrastive_loss(a_loc, b_loc, t)
+    loss = contrastive_loss(a_loc, b_loc, t)
     loss.backward()
     res["loss"], res["grad_a"], res["grad_b"], res["grad_t"] = loss.detach(), a_loc.grad, b_loc.grad, t.grad
 

@@ -51,10 +51,10 @@ def test_text_tower_ignores_tokens_after_eos():
     text[:, 6] = 257                                   # EOS earlier; column 11 stays EOS too
     other = text.clone()
     other[:, 7:] = torch.randint(0, 256, (4, 5))       # garbage after the first EOS
-    torch.testing.assert_close(m.encode_text(text), m.encode_text(other))
+    torch.testing.assert_close(m.encode_text(text)["g"], m.encode_text(other)["g"])
     changed = text.clone()
     changed[:, 2] = (changed[:, 2] + 1) % 256          # a token before EOS matters
-    assert not torch.allclose(m.encode_text(text), m.encode_text(changed))
+    assert not torch.allclose(m.encode_text(text)["g"], m.encode_text(changed)["g"])
 
 
 def small_resnet_tower() -> FrozenTower:
@@ -75,8 +75,9 @@ def test_vit_attention_equals_torchvision_multihead_attention():
     torch.manual_seed(0)
     net = build_image_tower("vit-micro", 32, 8)
     ref = build_image_tower("vit-micro", 32, 8)
-    for block in ref.encoder.layers:
-        block.self_attention.__class__ = nn.MultiheadAttention
+    for block in ref.encoder.layers:       # torchvision's own module around the same tensors
+        fused = block.self_attention
+        block.self_attention = nn.MultiheadAttention(32, fused.num_heads, batch_first=True)
     ref.load_state_dict(net.state_dict())
     assert isinstance(net.encoder.layers[0].self_attention, model_lib.ViTSelfAttention)
     image = torch.randn(3, 3, 32, 32)
@@ -90,6 +91,8 @@ def test_vit_attention_equals_torchvision_multihead_attention():
     with pytest.raises(ValueError, match="self-attention"):
         net.encoder.layers[0].self_attention(image.new_zeros(1, 4, 32), image.new_zeros(1, 4, 32),
                                              image.new_zeros(1, 4, 32))
+    with pytest.raises(ValueError, match="without dropout"):
+        model_lib.ViTSelfAttention(nn.MultiheadAttention(32, 2, dropout=0.1, batch_first=True))
 
 
 def test_third_tower_unchanged_by_training_in_train_mode():
