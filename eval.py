@@ -40,7 +40,7 @@ from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, ByteTokenizer, CsvPairs, RetrievalSet,
+from data import (IMAGENET_MEAN, IMAGENET_STD, Tokenizer, CsvPairs, RetrievalSet,
                   ShapesLabelled, cifar_zeroshot, collate, imagefolder_zeroshot, resize_view, shapes_retrieval,
                   zeroshot_tasks)
 from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, load_tower3
@@ -211,7 +211,7 @@ class Embedder:
         parts = []
         for lo in tqdm(range(0, len(ids), self.batch_size), desc="texts", disable=not self.progress,
                        leave=False):
-            batch = ByteTokenizer.trim(ids[lo:lo + self.batch_size])
+            batch = Tokenizer.trim(ids[lo:lo + self.batch_size])
             parts.append(self.model.encode_text(batch.to(self.device)))
         return _cat(parts)
 
@@ -220,16 +220,20 @@ def _cat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
-def class_embeddings(model: ThreeTowers, tokenizer: ByteTokenizer, classnames: Sequence[str],
-                     templates: Sequence[str], *, device: torch.device | str | None = None,
-                     batch_size: int = 256) -> dict[str, Tensor]:
-    """Zero-shot classifier: each text-side embedding ('g', and 'g_h' for 3t) of every class
-    name in every template, prompt-ensembled to (C, D)."""
+def class_embeddings(model: ThreeTowers, tokenizer: Tokenizer, prompts: Sequence[Sequence[str]], *,
+                     device: torch.device | str | None = None, batch_size: int = 256) -> dict[str, Tensor]:
+    """Zero-shot classifier from prompts[c], the T prompts of class c (the same T for every class):
+    each text-side embedding ('g', and 'g_h' for 3t) of every prompt, ensembled to (C, D)."""
     device = device or next(model.parameters()).device
-    ids = tokenizer.encode([t.format(c) for c in classnames for t in templates])  # class-major
+    ids = tokenizer.encode([p for per_class in prompts for p in per_class])         # class-major
     with torch.inference_mode():
         emb = Embedder(model, None, device, batch_size).texts(ids)
-    return {k: ensemble(v.view(len(classnames), len(templates), -1)) for k, v in emb.items()}
+    return {k: ensemble(v.view(len(prompts), -1, v.shape[-1])) for k, v in emb.items()}
+
+
+def prompts_of(classnames: Sequence[str], templates: Sequence[str] = GENERIC_TEMPLATES) -> list[list[str]]:
+    """Every class name in every template ('{}' marks the name): prompts per class."""
+    return [[t.format(c) for t in templates] for c in classnames]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,10 +242,10 @@ def class_embeddings(model: ThreeTowers, tokenizer: ByteTokenizer, classnames: S
 @dataclass
 class EvalSuite:
     """What evaluation needs that does not depend on the model: labelled images with class names
-    and templates per zero-shot task, the retrieval set with its tokenised captions, and the
-    few-shot (probe-train pool, probe-test) datasets."""
-    tokenizer: ByteTokenizer
-    zeroshot: dict[str, tuple[Dataset, list[str], list[str]]] = field(default_factory=dict)
+    and prompts per class per zero-shot task, the retrieval set with its tokenised captions, and
+    the few-shot (probe-train pool, probe-test) datasets."""
+    tokenizer: Tokenizer
+    zeroshot: dict[str, tuple[Dataset, list[str], list[list[str]]]] = field(default_factory=dict)
     retrieval: RetrievalSet | None = None
     retrieval_tokens: Tensor | None = None
     fewshot: dict[str, tuple[Dataset, Dataset]] = field(default_factory=dict)
@@ -252,12 +256,13 @@ class EvalSuite:
 
 
 def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int
-                  ) -> dict[str, tuple[Dataset, list[str], list[str]]]:
-    """shapes | imagefolder:ROOT:CLASSNAMES_FILE | cifar10:ROOT | cifar100:ROOT (files: whole)."""
+                  ) -> dict[str, tuple[Dataset, list[str], list[list[str]]]]:
+    """shapes | imagefolder:ROOT:CLASSNAMES_FILE | cifar10:ROOT | cifar100:ROOT (files: whole).
+    Returns task -> (labelled images, class names, prompts per class)."""
     if spec == "shapes":
         return {name: (ShapesLabelled("test", num_images, label=name, seed=seed,
-                                      image_size=image_size), classes, templates)
-                for name, (classes, templates) in zeroshot_tasks().items()}
+                                      image_size=image_size), classes, prompts)
+                for name, (classes, prompts) in zeroshot_tasks().items()}
     kind, _, rest = spec.partition(":")
     if kind == "imagefolder" and ":" in rest:
         root, _, names_file = rest.rpartition(":")
@@ -267,15 +272,15 @@ def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int
     else:
         raise ValueError(f"zero-shot data {spec!r}: use shapes, imagefolder:ROOT:CLASSNAMES_FILE, "
                          f"cifar10:ROOT or cifar100:ROOT")
-    return {kind: (data, classes, GENERIC_TEMPLATES)}
+    return {kind: (data, classes, prompts_of(classes))}
 
 
-def csv_retrieval(path: str, *, tokenizer: ByteTokenizer, image_size: int,
+def csv_retrieval(path: str, *, image_size: int,
                   img_key: str = "filepath", caption_key: str = "title",
                   separator: str | None = None) -> RetrievalSet:
     """A CSV/TSV of (image path, caption) rows as a retrieval set: rows sharing an image path are
     one image with several captions (how COCO/Flickr30k caption files list them)."""
-    pairs = CsvPairs(path, tokenizer=tokenizer, img_key=img_key, caption_key=caption_key,
+    pairs = CsvPairs(path, img_key=img_key, caption_key=caption_key,
                      separator=separator, image_size=image_size, train=False)
     first_row: dict[str, int] = {}
     for row, (image_path, _) in enumerate(pairs.rows):
@@ -285,7 +290,7 @@ def csv_retrieval(path: str, *, tokenizer: ByteTokenizer, image_size: int,
     return RetrievalSet(Subset(pairs, list(first_row.values())), [c for _, c in pairs.rows], owner)
 
 
-def build_eval_suite(spec: str = "shapes", *, tokenizer: ByteTokenizer, image_size: int,
+def build_eval_suite(spec: str = "shapes", *, tokenizer: Tokenizer, image_size: int,
                      num_images: int = 500, seed: int = 0,
                      tasks: Sequence[str] = ("zeroshot", "retrieval"),
                      zeroshot_data: str | None = None, retrieval_data: str | None = None,
@@ -308,10 +313,8 @@ def build_eval_suite(spec: str = "shapes", *, tokenizer: ByteTokenizer, image_si
     if "retrieval" in tasks and rt_spec == "shapes":
         suite.retrieval = shapes_retrieval(num_images, CAPTIONS_PER_IMAGE, seed=seed,
                                            image_size=image_size)
-        if zs_spec == "shapes" and "object" in suite.zeroshot:
-            suite.retrieval.images = suite.zeroshot["object"][0]   # the same 'test' images
     elif "retrieval" in tasks and rt_spec.lower().endswith((".csv", ".tsv")):
-        suite.retrieval = csv_retrieval(rt_spec, tokenizer=tokenizer, image_size=image_size,
+        suite.retrieval = csv_retrieval(rt_spec, image_size=image_size,
                                         img_key=csv_keys[0], caption_key=csv_keys[1],
                                         separator=csv_keys[2])
     elif "retrieval" in tasks:
@@ -356,10 +359,10 @@ def evaluate(model: ThreeTowers, tower3: FrozenTower | None, suite: EvalSuite, *
 
 def _zeroshot(embedder: Embedder, suite: EvalSuite, view_list: list) -> dict[str, float]:
     out, mode = {}, embedder.model.mode
-    for name, (data, classnames, templates) in suite.zeroshot.items():
+    for name, (data, classnames, prompts) in suite.zeroshot.items():
         image, labels = embedder.images(data)
-        classes = class_embeddings(embedder.model, suite.tokenizer, classnames, templates,
-                                   device=embedder.device, batch_size=embedder.batch_size)
+        classes = class_embeddings(embedder.model, suite.tokenizer, prompts, device=embedder.device,
+                                   batch_size=embedder.batch_size)
         class_ids = torch.arange(len(classnames), device=labels.device)
         for prefix, view, alpha in view_list:
             a, b = view_embeddings(image, classes, mode, view, alpha)
@@ -504,6 +507,9 @@ def load_checkpoint(path: str, tower3_spec: str | None = None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has no format '{CHECKPOINT_FORMAT}': written by another project or an older "
                          f"train.py, so eval.py cannot rebuild its model")
+    if "tokenizer" not in ckpt:
+        raise ValueError(f"{path} stores no tokenizer: written by an older train.py, so eval.py cannot "
+                         f"tokenise as training did")
     model = ThreeTowers(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     spec = tower3_spec or ckpt.get("tower3")
@@ -557,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     csv_keys = (args.csv_keys or f"{train.get('csv_img_key', 'filepath')},"
                 f"{train.get('csv_caption_key', 'title')}").split(",")
     suite = build_eval_suite(
-        tokenizer=ByteTokenizer(config.get("context_length", 128)), num_images=args.num_images,
+        tokenizer=Tokenizer.from_dict(ckpt["tokenizer"]), num_images=args.num_images,
         image_size=train.get("image_size") or config.get("image_size", 64), seed=args.seed,
         tasks=args.tasks.split(","), zeroshot_data=args.zeroshot_data,
         retrieval_data=args.retrieval_data, csv_keys=(*csv_keys, train.get("csv_separator")))

@@ -71,7 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--image-arch", default="vit-tiny", choices=IMAGE_ARCHS, help="image tower f (or the classifier in supervised mode)")
     a("--image-size", type=int, default=64, help="input resolution of f (the shapes world renders at this size)")
     a("--text-arch", default="tiny", choices=list(TEXT_PRESETS), help="text tower g (base = CLIP's 512x12)")
-    a("--context-length", type=int, default=128, help="bytes per caption incl. BOS/EOS (byte-level tokenizer)")
+    a("--tokenizer", default="bpe", choices=["bpe", "bytes"],
+      help="bpe: byte-level BPE whose merges are learned from the training captions at the start of a run "
+           "and stored with it (captions ~5x shorter than bytes); bytes: one token per UTF-8 byte")
+    a("--vocab-size", type=int, default=8192,
+      help="bpe: most tokens (256 bytes + 3 specials + merges); learning stops earlier when no pair of tokens "
+           "occurs twice (the shapes world needs ~460)")
+    a("--context-length", type=int, default=None,
+      help="tokens per caption incl. BOS/EOS, longer captions are cut (default: 77 with bpe, as CLIP; 128 with bytes)")
     a("--embed-dim", type=int, default=128, help="width of the shared embedding space of f, g and the heads")
     a("--tower3", default="auto",
       help="third tower h for lit/3t: torchvision:ARCH:WEIGHTS (e.g. torchvision:resnet50:IMAGENET1K_V2), "
@@ -113,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", f"{args.mode}-s{args.seed}")
+    args.context_length = args.context_length or (128 if args.tokenizer == "bytes" else 77)
     if args.loss_weights is not None and args.mode in PAIRS:
         try:
             values = [float(x) for x in args.loss_weights.split(",")]
@@ -356,33 +364,61 @@ def save(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, 
                                   os.path.join(args.out, "ckpt.pt"))
 
 
-def resume(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, scheduler) -> Position:
-    """--resume latest -> the run folder's ckpt.pt, if any; also after an elastic restart by torchrun
-    (--max-restarts), so a restarted worker continues instead of starting over. Restores the model,
-    optimiser, schedule, this rank's RNG state and data position."""
+def find_checkpoint(args: argparse.Namespace) -> dict | None:
+    """The checkpoint to resume from: --resume PATH, or with --resume latest the run folder's ckpt.pt
+    if there is one; also after an elastic restart by torchrun (--max-restarts), so a restarted worker
+    continues instead of starting over."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     path = args.resume
     if args.resume == "latest" or (args.resume is None and restarted):
         path = os.path.join(args.out, "ckpt.pt")
         if not os.path.exists(path):
-            return Position()
+            return None
     elif path is None:
-        return Position()
+        return None
     elif not os.path.exists(path):
         raise SystemExit(f"--resume {path!r}: no such checkpoint")
     ckpt = read_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("mode") != args.mode:
         raise SystemExit(f"--resume {path!r}: not a {CHECKPOINT_FORMAT} checkpoint of mode {args.mode}")
+    return {**ckpt, "path": path}
+
+
+def resume(env: Env, ckpt: dict | None, model: torch.nn.Module, optimizer, scheduler) -> Position:
+    """Restore the model, optimiser, schedule, this rank's RNG state and data position from ckpt."""
+    if ckpt is None:
+        return Position()
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if len(ckpt["ranks"]) != env.world:
-        raise SystemExit(f"--resume {path!r} was written by {len(ckpt['ranks'])} processes; resume it "
+        raise SystemExit(f"--resume {ckpt['path']!r} was written by {len(ckpt['ranks'])} processes; resume it "
                          f"with the same number (now {env.world}) to continue exactly")
     mine = ckpt["ranks"][env.rank]
     set_rng_state(mine["rng"])
-    log(env, f"[resume] {path}: step {ckpt['step']}, epoch {mine['epoch']}, batch {mine['batch_in_epoch']}")
+    log(env, f"[resume] {ckpt['path']}: step {ckpt['step']}, epoch {mine['epoch']}, batch {mine['batch_in_epoch']}")
     return Position(ckpt["step"], mine["epoch"], mine["batch_in_epoch"], Counter(ckpt.get("data_errors", {})))
+
+
+def build_tokenizer(args: argparse.Namespace, env: Env, dataset, ckpt: dict | None) -> data.Tokenizer:
+    """The run's tokenizer: a resumed run's own; else bytes, or BPE merges learned from the captions of
+    the training data (deterministic, so every rank learns the same). Written to tokenizer.json and
+    into every checkpoint, so evaluation and resumed runs tokenise exactly as training did."""
+    if ckpt is not None:
+        tokenizer = data.Tokenizer.from_dict(ckpt["tokenizer"])
+    elif args.tokenizer == "bytes":
+        tokenizer = data.Tokenizer(args.context_length)
+    else:
+        tokenizer = data.Tokenizer.learn(dataset.sample_captions(VOCAB_CAPTIONS), args.vocab_size, args.context_length)
+    if env.master:
+        with open(os.path.join(args.out, "tokenizer.json"), "w") as f:
+            json.dump(tokenizer.to_dict(), f)
+    log(env, f"[tokenizer] {args.tokenizer if ckpt is None else 'from the checkpoint'}: {tokenizer.vocab_size} "
+             f"tokens, context {tokenizer.context_length}")
+    return tokenizer
+
+
+VOCAB_CAPTIONS = 20_000   # captions that BPE merges are learned from
 
 
 def wrap(model: torch.nn.Module, args: argparse.Namespace, env: Env) -> torch.nn.Module:
@@ -463,7 +499,7 @@ def train_step(args: argparse.Namespace, env: Env, parts: Parts, batch: dict) ->
     `apply_gradients` and the temperature clamp. Returns the step's metrics, or None when the loss
     or gradient was not finite and the step was skipped (on every rank alike)."""
     image = batch["image"].to(env.device, non_blocking=True)
-    text = data.ByteTokenizer.trim(batch["text"]).to(env.device, non_blocking=True)
+    text = data.Tokenizer.trim(batch["text"]).to(env.device, non_blocking=True)
     with autocast(args, env):
         h = None
         if parts.tower3 is not None:
@@ -502,21 +538,21 @@ def check_finite(ok: bool, streak: int, args: argparse.Namespace, env: Env, step
     return streak + 1
 
 
-def pairs_dataset(args: argparse.Namespace, env: Env, tokenizer, tower3: FrozenTower | None):
+def pairs_dataset(args: argparse.Namespace, env: Env, tower3: FrozenTower | None):
     """The image-text pairs of --train-data, with the third tower's own view when its input size differs."""
     h_size = tower3.image_size if tower3 is not None and tower3.image_size != args.image_size else None
     return data.make_pairs_dataset(
-        args.train_data, "train", tokenizer=tokenizer, image_size=args.image_size, tower3_image_size=h_size,
+        args.train_data, "train", image_size=args.image_size, tower3_image_size=h_size,
         num_samples=args.train_samples if args.train_data == "shapes" or args.train_data.endswith((".csv", ".tsv"))
         else None, caption_noise=args.caption_noise, seed=args.seed, rank=env.rank, world_size=env.world,
         csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
         max_bad_fraction=args.max_bad_fraction)
 
 
-def model_config(args: argparse.Namespace, tokenizer, tower3: FrozenTower | None) -> dict:
+def model_config(args: argparse.Namespace, tokenizer: data.Tokenizer, tower3: FrozenTower | None) -> dict:
     """ThreeTowers' arguments, as stored in checkpoints so eval.py rebuilds the same model."""
     return dict(mode=args.mode, image_arch=args.image_arch, image_size=args.image_size, text_arch=args.text_arch,
-                vocab_size=tokenizer.vocab_size, context_length=args.context_length, eos_id=tokenizer.EOS,
+                vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length, eos_id=tokenizer.EOS,
                 embed_dim=args.embed_dim, tower3_dim=tower3.dim if tower3 else None,
                 tower3_heads=not args.no_tower3_heads, init_temperature=args.init_temperature, loss=args.loss)
 
@@ -525,9 +561,10 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     """Train CLIP, LiT or 3T on the processes of env: data -> frozen tower h (cached) -> towers f, g
     and heads under DDP -> losses.tower_loss -> AdamW. Returns the final evaluation."""
     os.makedirs(args.out, exist_ok=True)
-    tokenizer = data.ByteTokenizer(args.context_length)
+    ckpt = find_checkpoint(args)
     tower3 = resolve_tower3(args, env) if args.mode != "clip" else None
-    dataset = pairs_dataset(args, env, tokenizer, tower3)
+    dataset = pairs_dataset(args, env, tower3)
+    tokenizer = build_tokenizer(args, env, dataset, ckpt)
     config = model_config(args, tokenizer, tower3)
     torch.manual_seed(args.seed)                  # identical initial weights on every rank
     model = ThreeTowers(**config).to(env.device)
@@ -535,11 +572,11 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     log(env, f"[{args.mode}] {env.world} process(es) on {env.device.type}; data {args.train_data!r}\n"
              + summary(model, tower3))
     optimizer, scheduler, total = schedule(args, env, model, dataset)
-    position = resume(args, env, model, optimizer, scheduler)
+    position = resume(env, ckpt, model, optimizer, scheduler)
     weights = dict(zip(PAIRS[args.mode], args.loss_weights)) if args.loss_weights else default_weights(args.mode)
     parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3,
                   tower3_cache(args, env, tower3, dataset) if tower3 is not None else None, weights)
-    loader = data.make_loader(dataset, args.batch_size, workers=env.workers(args), rank=env.rank,
+    loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, workers=env.workers(args), rank=env.rank,
                               world_size=env.world, seed=args.seed, start_batch=position.batch,
                               pin_memory=env.device.type == "cuda")
     suite = build_suite(args, tokenizer) if env.master else None
@@ -554,7 +591,7 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
         metrics_log.step(metrics)
         if position.step % args.save_every == 0 or position.step == total:
             save(args, env, model, optimizer, scheduler, position, model_config=config,
-                 tower3=tower3.source if tower3 is not None else None)
+                 tokenizer=tokenizer.to_dict(), tower3=tower3.source if tower3 is not None else None)
         if args.eval_every and position.step % args.eval_every == 0 and position.step < total:
             periodic_eval(args, env, model, tower3, suite, metrics_log)
     final = periodic_eval(args, env, model, tower3, suite, metrics_log)
@@ -583,7 +620,7 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
     log(env, f"[supervised] {env.world} process(es) on {env.device.type}; data {args.train_data!r}; classifier "
              f"{args.image_arch}: {sum(p.numel() for p in model.parameters()):,} parameters")
     optimizer, scheduler, total = schedule(args, env, model, dataset)
-    position = resume(args, env, model, optimizer, scheduler)
+    position = resume(env, find_checkpoint(args), model, optimizer, scheduler)
     forward = wrap(model, args, env)
     loader = data.make_loader(dataset, args.batch_size, workers=env.workers(args), rank=env.rank,
                               world_size=env.world, seed=args.seed, start_batch=position.batch,
@@ -629,7 +666,7 @@ def classifier_accuracy(model: torch.nn.Module, dataset, device: torch.device) -
 # ----------------------------------------------------------------------------------------------
 # Evaluation during and after training (eval.py holds the tasks; rank 0 runs them on the raw model)
 # ----------------------------------------------------------------------------------------------
-def build_suite(args: argparse.Namespace, tokenizer: data.ByteTokenizer):
+def build_suite(args: argparse.Namespace, tokenizer: data.Tokenizer):
     """The held-out zero-shot and retrieval tasks of eval.py, built once (shapes world only)."""
     if args.eval_data == "none" or args.train_data != "shapes":
         return None

@@ -88,14 +88,14 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
                             + ([] if cache else ["--no-cache-tower3"]))
     args.workers = 0
     env = train.Env()
-    tokenizer = data.ByteTokenizer(args.context_length)
     tower3_net = train.resolve_tower3(args, env) if mode != "clip" else None
-    dataset = train.pairs_dataset(args, env, tokenizer, tower3_net)
+    dataset = train.pairs_dataset(args, env, tower3_net)
+    tokenizer = train.build_tokenizer(args, env, dataset, None)
     model = ThreeTowers(**train.model_config(args, tokenizer, tower3_net)).to(env.device).train()
     optimizer, scheduler, _ = train.schedule(args, env, model, dataset)
     h_cache = train.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
     parts = train.Parts(model, model, optimizer, scheduler, tower3_net, h_cache, default_weights(mode))
-    batches = [b for b, _ in zip(data.make_loader(dataset, args.batch_size, workers=0, seed=0), range(3))]
+    batches = [b for b, _ in zip(data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, seed=0), range(3))]
 
     def step(batch):                                             # exactly what train.py runs per step
         train.train_step(args, env, parts, batch)
@@ -209,20 +209,29 @@ def data_jpeg(image: torch.Tensor) -> torch.Tensor:
     return encode_jpeg(image, quality=90).numpy()
 
 
+def render_throughput(num_images: int, image_size: int, batch_size: int = 256) -> float:
+    """Images per second of the shapes world's batched renderer in this process."""
+    world = data.ShapesWorld(0, image_size)
+    world.render_batch(range(batch_size))                   # warm-up
+    start = time.perf_counter()
+    for lo in range(0, num_images, batch_size):
+        world.render_batch(range(lo, min(lo + batch_size, num_images)))
+    return num_images / (time.perf_counter() - start)
+
+
 def bench_data(image_size: int, count: int = 512) -> dict:
     """Images/s on one core: the shapes generator, and decoding + augmenting a tar shard."""
     torch.set_num_threads(1)
-    shapes = data.render_throughput(num_images=2048, image_size=image_size)
-    tokenizer = data.ByteTokenizer(128)
-    pairs = data.make_pairs_dataset("shapes", tokenizer=tokenizer, image_size=image_size, num_samples=4096)
-    loader = data.make_loader(pairs, 256, workers=0)
+    shapes = render_throughput(2048, image_size)
+    pairs = data.make_pairs_dataset("shapes", image_size=image_size, num_samples=4096)
+    loader = data.make_loader(pairs, 256, tokenizer=data.Tokenizer.learn(pairs.sample_captions(4096), 8192, 77))
     start, n = time.perf_counter(), 0
     for batch in loader:
         n += len(batch["index"])
     pairs_per_s = n / (time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:
         write_shard(os.path.join(tmp, "000000.tar"), count)
-        shards = data.TarShards(os.path.join(tmp, "000000.tar"), tokenizer=tokenizer, image_size=224)
+        shards = data.TarShards(os.path.join(tmp, "000000.tar"), image_size=224)
         start, n = time.perf_counter(), 0
         for _ in shards:
             n += 1

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 
 torch.set_num_threads(1)
-TOK = data.ByteTokenizer(64)
+TOK = data.Tokenizer(64)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -44,8 +44,9 @@ def good_shard(path, keys: list[str]) -> str:
 
 
 def captions_of(batch_or_items) -> list[str]:
-    texts = batch_or_items["text"] if isinstance(batch_or_items, dict) else [b["text"] for b in batch_or_items]
-    return [TOK.decode(t) for t in texts]
+    if isinstance(batch_or_items, dict):
+        return list(batch_or_items["caption"])
+    return [b["caption"] for b in batch_or_items]
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -64,22 +65,21 @@ def test_tokenizer_round_trips_any_script():
 
 
 def test_truncation_keeps_eos_and_whole_characters():
-    tok = data.ByteTokenizer(10)
+    tok = data.Tokenizer(10)
     row = tok.encode("x" * 100)[0]
     assert row[-1] == tok.EOS and row[0] == tok.BOS and (row[1:-1] == ord("x")).all()
     row = tok.encode("é" * 20)[0]  # 2 bytes each; 8 slots -> 4 characters, never half of one
     assert tok.decode(row) == "éééé" and (row == tok.EOS).sum() == 1
     assert tok.decode(tok.encode("abc🐍")[0]) == "abc🐍"  # 7 bytes fit in 8 slots
-    assert tok.decode(data.ByteTokenizer(8).encode("abc🐍")[0]) == "abc"  # 6 slots: the emoji goes whole
+    assert tok.decode(data.Tokenizer(8).encode("abc🐍")[0]) == "abc"  # 6 slots: the emoji goes whole
 
 
 def test_invalid_utf8_is_replaced_not_a_crash():
     ids = TOK.encode(b"ab\xff\xfecd")
     assert TOK.decode(ids[0]) == "ab\ufffd\ufffdcd"
     assert TOK.decode(TOK.encode("bad \udcff surrogate")[0]) == "bad ? surrogate"
-    with pytest.raises(ValueError, match="outside the byte vocabulary"):
+    with pytest.raises(ValueError, match="outside the vocabulary of size 259"):
         TOK.decode([TOK.BOS, 300])
-    assert data.ByteTokenizer.vocab_size == 259
 
 
 # ----------------------------------------------------------------------------- shapes world
@@ -177,27 +177,38 @@ def test_splits_are_disjoint():
 
 
 def test_caption_noise_swaps_about_p_of_captions():
-    clean = data.ShapesPairs("train", 2000, tokenizer=TOK, caption_noise=0.0)
-    noisy = data.ShapesPairs("train", 2000, tokenizer=TOK, caption_noise=0.25)
+    clean = data.ShapesPairs("train", 2000, caption_noise=0.0)
+    noisy = data.ShapesPairs("train", 2000, caption_noise=0.25)
     swapped = sum(clean.caption(i) != noisy.caption(i) for i in range(2000)) / 2000
     assert 0.21 < swapped < 0.29
-    again = data.ShapesPairs("train", 2000, tokenizer=data.ByteTokenizer(128), caption_noise=0.25)
+    again = data.ShapesPairs("train", 2000, caption_noise=0.25)
     assert all(noisy.caption(i) == again.caption(i) for i in range(0, 2000, 7))
     items = again.__getitems__(range(40))  # the batched path pairs the same (noisy) captions
-    assert [again.tokenizer.decode(it["text"]) for it in items] == [again.caption(i) for i in range(40)]
+    assert [it["caption"] for it in items] == [again.caption(i) for i in range(40)]
 
 
 def test_shapes_datasets_items_and_zero_shot_tasks():
-    pairs = data.ShapesPairs("train", 10, tokenizer=data.ByteTokenizer(), tower3_image_size=96)
+    pairs = data.ShapesPairs("train", 10, tower3_image_size=96)
     item = pairs[3]
     assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
-    assert item["image_h"].shape == (3, 96, 96) and item["text"].shape == (128,) and item["index"] == 3
+    assert item["image_h"].shape == (3, 96, 96) and isinstance(item["caption"], str) and item["index"] == 3
     assert abs(item["image"].mean().item()) < 3
     with pytest.raises(IndexError):
         pairs[10]
     tasks = data.zeroshot_tasks()
     assert {k: len(v[0]) for k, v in tasks.items()} == {"object": 35, "position_size": 27, "scene": 6}
-    assert all("{}" in t for _, temps in tasks.values() for t in temps)
+    # prompts per class: full captions that name the class and vary everything else
+    names, prompts = tasks["object"]
+    assert all(len(p) == 24 for p in prompts) and prompts == data.zeroshot_tasks()["object"][1]
+    for k, name in enumerate(names):
+        colour, shape = name.split()
+        words = data.CAPTION_WORDS["shape"][shape]
+        assert all(colour in p and any(w in p for w in words) for p in prompts[k])
+        assert len({p for p in prompts[k]}) > 12                      # sizes, positions, scenes vary
+    scene_names, scene_prompts = tasks["scene"]
+    for k, name in enumerate(scene_names):
+        words = data.CAPTION_WORDS["scene"][name.split()[0]]
+        assert all(any(f"{w} back" in p for w in words) for p in scene_prompts[k])
     for label in ("object", "scene", "position_size"):
         ds = data.ShapesLabelled("pretrain", 20, label=label)
         assert ds.num_classes == len(tasks[label][0])
@@ -205,10 +216,6 @@ def test_shapes_datasets_items_and_zero_shot_tasks():
     ret = data.shapes_retrieval(num_images=6, captions_per_image=4)
     assert len(ret.captions) == 24 and ret.caption_image.tolist() == [i // 4 for i in range(24)]
     assert len(set(ret.captions[:4])) == 4 and ret.images[0]["image"].shape == (3, 64, 64)
-
-
-def test_render_throughput_reports_images_per_second():
-    assert data.render_throughput(num_images=128, batch_size=64) > 100
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -225,32 +232,32 @@ def make_csv(tmp_path, sep=",", name="pairs.csv", header=("filepath", "title")) 
 
 
 def test_csv_pairs_read_relative_paths_and_drop_empty_captions(tmp_path):
-    ds = data.CsvPairs(make_csv(tmp_path), tokenizer=TOK, image_size=24, tower3_image_size=32)
+    ds = data.CsvPairs(make_csv(tmp_path), image_size=24, tower3_image_size=32)
     assert len(ds) == 3 and ds.skipped == {"empty_caption": 1}
     item = ds[2]
     assert item["image"].shape == (3, 24, 24) and item["image_h"].shape == (3, 32, 32)
-    assert TOK.decode(item["text"]) == "photo number 3" and item["data_errors"] == {}
-    tsv = data.CsvPairs(make_csv(tmp_path, sep="\t", name="pairs.tsv"), tokenizer=TOK, image_size=24)
+    assert item["caption"] == "photo number 3" and item["data_errors"] == {}
+    tsv = data.CsvPairs(make_csv(tmp_path, sep="\t", name="pairs.tsv"), image_size=24)
     assert len(tsv) == 3
 
 
 def test_csv_errors_name_the_problem(tmp_path):
     path = make_csv(tmp_path, header=("path", "caption"))
     with pytest.raises(ValueError, match=r"no column 'filepath'.*\['path', 'caption'\]"):
-        data.CsvPairs(path, tokenizer=TOK)
+        data.CsvPairs(path)
     path = make_csv(tmp_path)
     os.remove(tmp_path / "img" / "1.jpg")
     with pytest.raises(FileNotFoundError, match=r"1 image file\(s\) missing.*1\.jpg"):
-        data.CsvPairs(path, tokenizer=TOK)
+        data.CsvPairs(path)
     with pytest.raises(FileNotFoundError, match="nowhere.csv"):
-        data.CsvPairs(str(tmp_path / "nowhere.csv"), tokenizer=TOK)
+        data.CsvPairs(str(tmp_path / "nowhere.csv"))
 
 
 def test_csv_corrupt_image_is_replaced_and_counted(tmp_path):
     path = make_csv(tmp_path)
     (tmp_path / "img" / "0.jpg").write_bytes(jpeg(0)[:40])
-    item = data.CsvPairs(path, tokenizer=TOK, image_size=16, train=False)[0]
-    assert item["data_errors"] == {"decode_error": 1} and TOK.decode(item["text"]) == "photo number 1"
+    item = data.CsvPairs(path, image_size=16, train=False)[0]
+    assert item["data_errors"] == {"decode_error": 1} and item["caption"] == "photo number 1"
 
 
 # ----------------------------------------------------------------------------- tar shards
@@ -279,7 +286,7 @@ def test_tar_bad_samples_skipped_and_counted(tmp_path, caplog):
                ("005.txt", b"caption without image"),
                ("006.jpeg", jpeg(6)), ("006.txt", b"last good")]
     shard = write_tar(tmp_path / "s.tar", members)
-    ds = data.TarShards(shard, tokenizer=TOK, image_size=16, train=False)
+    ds = data.TarShards(shard, image_size=16, train=False)
     with caplog.at_level("WARNING", logger="data"):
         items = list(ds)
     assert "'002'" in caplog.text and "decode_error" in caplog.text and "s.tar" in caplog.text
@@ -299,18 +306,18 @@ def test_tar_mostly_bad_shard_raises_naming_it(tmp_path):
             members.append((f"{i:04d}.txt", b"ok"))
     shard = write_tar(tmp_path / "bad.tar", members)
     with pytest.raises(RuntimeError, match=r"bad\.tar: 1\d of 1\d\d samples bad"):
-        list(data.TarShards(shard, tokenizer=TOK, image_size=8, train=False))
-    assert len(list(data.TarShards(shard, tokenizer=TOK, image_size=8, train=False, max_bad_fraction=0.2))) == 100
+        list(data.TarShards(shard, image_size=8, train=False))
+    assert len(list(data.TarShards(shard, image_size=8, train=False, max_bad_fraction=0.2))) == 100
 
 
 def test_tar_unreadable_or_truncated_named(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar file" * 40)
     with pytest.raises(ValueError, match=r"not a readable tar file: .*junk\.tar"):
-        data.TarShards(str(tmp_path / "junk.tar"), tokenizer=TOK)
+        data.TarShards(str(tmp_path / "junk.tar"))
     full = good_shard(tmp_path / "full.tar", [f"{i:03d}" for i in range(8)])
     (tmp_path / "cut.tar").write_bytes(open(full, "rb").read()[:3000])
     with pytest.raises(RuntimeError, match=r"cut\.tar: unreadable or truncated"):
-        list(data.TarShards(str(tmp_path / "cut.tar"), tokenizer=TOK, image_size=8, train=False))
+        list(data.TarShards(str(tmp_path / "cut.tar"), image_size=8, train=False))
 
 
 def make_shards(tmp_path, num_shards=5, per_shard=6) -> str:
@@ -326,14 +333,14 @@ def test_tar_ranks_times_workers_see_every_sample_once(tmp_path):
     for epoch in (0, 1):
         seen = []
         for rank in range(2):
-            ds = data.TarShards(pattern, tokenizer=TOK, rank=rank, world_size=2, image_size=8, shuffle_buffer=4)
+            ds = data.TarShards(pattern, rank=rank, world_size=2, image_size=8, shuffle_buffer=4)
             loader = data.make_loader(ds, 2, workers=2, rank=rank, world_size=2, drop_last=False)
             data.set_epoch(loader, epoch)
             seen += [c for batch in loader for c in captions_of(batch)]
         assert sorted(seen) == sorted(expected)
         orders.append(seen)
     assert orders[0] != orders[1]  # shard order and buffer reshuffled per epoch
-    ds = data.TarShards(pattern, tokenizer=TOK, rank=0, world_size=2)
+    ds = data.TarShards(pattern, rank=0, world_size=2)
     with pytest.raises(ValueError, match=r"5 shards .* 2 ranks x 3 workers = 6 readers"):
         data.make_loader(ds, 2, workers=3, rank=0, world_size=2)
 
@@ -341,7 +348,7 @@ def test_tar_ranks_times_workers_see_every_sample_once(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_tar_start_batch_resumes_exactly(tmp_path, workers):
     pattern = make_shards(tmp_path, num_shards=4, per_shard=6)
-    ds = data.TarShards(pattern, tokenizer=TOK, image_size=8, shuffle_buffer=5, seed=3)
+    ds = data.TarShards(pattern, image_size=8, shuffle_buffer=5, seed=3)
     full_loader = data.make_loader(ds, 2, workers=workers)
     data.set_epoch(full_loader, 2)
     full = [captions_of(b) for b in full_loader]
@@ -365,7 +372,7 @@ def test_epoch_sampler_disjoint_covering_and_seeded():
 
 
 def test_map_loader_start_batch_resumes_exactly():
-    ds = data.ShapesPairs("train", 40, tokenizer=TOK, image_size=16)
+    ds = data.ShapesPairs("train", 40, image_size=16)
     full_loader = data.make_loader(ds, 4, rank=1, world_size=2, seed=5)
     data.set_epoch(full_loader, 3)
     full = [b["index"].tolist() for b in full_loader]
@@ -382,10 +389,12 @@ def test_map_loader_start_batch_resumes_exactly():
 
 
 def test_loader_workers_batch_shapes_with_getitems():
-    ds = data.ShapesPairs("train", 16, tokenizer=TOK, image_size=16)
-    batches = list(data.make_loader(ds, 8, workers=2, shuffle=False))
+    ds = data.ShapesPairs("train", 16, image_size=16)
+    tok = data.Tokenizer(128)
+    batches = list(data.make_loader(ds, 8, tokenizer=tok, workers=2, shuffle=False))
     assert [b["index"].tolist() for b in batches] == [list(range(8)), list(range(8, 16))]
-    assert batches[0]["image"].shape == (8, 3, 16, 16) and batches[0]["text"].shape == (8, 64)
+    assert batches[0]["image"].shape == (8, 3, 16, 16) and batches[0]["text"].shape == (8, 128)
+    assert [tok.decode(t) for t in batches[1]["text"]] == [ds.caption(i) for i in range(8, 16)]
     assert torch.equal(batches[1]["image"][0], ds[8]["image"])
 
 
@@ -420,10 +429,10 @@ def test_imagefolder_and_cifar_sources(tmp_path):
 
 
 def test_make_pairs_dataset_dispatch(tmp_path):
-    assert isinstance(data.make_pairs_dataset("shapes", tokenizer=TOK, num_samples=8), data.ShapesPairs)
-    assert isinstance(data.make_pairs_dataset(make_csv(tmp_path), tokenizer=TOK), data.CsvPairs)
+    assert isinstance(data.make_pairs_dataset("shapes", num_samples=8), data.ShapesPairs)
+    assert isinstance(data.make_pairs_dataset(make_csv(tmp_path)), data.CsvPairs)
     pattern = make_shards(tmp_path, num_shards=2, per_shard=2)
-    assert isinstance(data.make_pairs_dataset(pattern, tokenizer=TOK), data.TarShards)
+    assert isinstance(data.make_pairs_dataset(pattern), data.TarShards)
     with pytest.raises(ValueError, match="tar shards"):
-        data.make_pairs_dataset(pattern, tokenizer=TOK, caption_noise=0.1)
+        data.make_pairs_dataset(pattern, caption_noise=0.1)
     assert data.make_labelled_dataset("shapes", label="scene", num_samples=5).num_classes == 6

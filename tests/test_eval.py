@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import eval as ev
-from data import ByteTokenizer, ShapesPairs, resize_view, shapes_retrieval
+from data import Tokenizer, ShapesPairs, resize_view, shapes_retrieval
 from losses import tower_loss
 from model import CHECKPOINT_FORMAT, ThreeTowers, build_image_tower, load_tower3
 
@@ -99,9 +100,9 @@ def tiny_3t(tower3_dim=32, seed=0, **kw):
 
 
 def test_class_embeddings_ensemble_each_class_over_its_templates():
-    model, tok = tiny_3t().eval(), ByteTokenizer(128)
+    model, tok = tiny_3t().eval(), Tokenizer(128)
     classes, templates = ["red circle", "blue square", "dog"], ["a {}.", "photo of a {}", "{}!"]
-    got = ev.class_embeddings(model, tok, classes, templates, device="cpu")
+    got = ev.class_embeddings(model, tok, ev.prompts_of(classes, templates), device="cpu")
     for key in ("g", "g_h"):
         for c, name in enumerate(classes):
             with torch.no_grad():
@@ -175,16 +176,16 @@ def save_checkpoint(path, model, tower3_spec):
     config = dict(mode=model.mode, image_arch="vit-micro", image_size=32, text_arch="micro",
                   context_length=128, embed_dim=16, tower3_dim=None if model.mode == "clip" else D_H)
     torch.save({"format": CHECKPOINT_FORMAT, "mode": model.mode, "model_config": config, "model": model.state_dict(),
-                "tower3": tower3_spec, "args": {"train_data": "shapes", "seed": 0, "image_size": 32,
+                "tower3": tower3_spec, "tokenizer": Tokenizer(128).to_dict(), "args": {"train_data": "shapes", "seed": 0, "image_size": 32,
                                                 "context_length": 128}}, path)
 
 
 def train_a_little(model, tower3, steps=20):
     """A few contrastive steps on shapes pairs, so the checkpoint is not random."""
-    data = ShapesPairs("train", 16 * steps, tokenizer=ByteTokenizer(128), image_size=32)
+    data = ShapesPairs("train", 16 * steps, image_size=32)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for step in range(steps):
-        batch = ev.collate(data.__getitems__(range(16 * step, 16 * step + 16)))
+        batch = ev.collate(data.__getitems__(range(16 * step, 16 * step + 16)), Tokenizer(128))
         h = tower3(resize_view(batch["image"], TOWER3_SIZE))
         loss, _ = tower_loss(model(batch["image"], batch["text"][:, :100], h), model.mode)
         opt.zero_grad()
@@ -255,7 +256,7 @@ def test_clip_and_lit_offer_only_main(ckpts, tmp_path, capsys, mode):
 
 def test_evaluate_keys_and_restores_training_mode(ckpts):
     model, tower3, _ = ev.load_checkpoint(ckpts["3t"])
-    suite = ev.build_eval_suite("shapes", tokenizer=ByteTokenizer(128), image_size=32, num_images=12)
+    suite = ev.build_eval_suite("shapes", tokenizer=Tokenizer(128), image_size=32, num_images=12)
     for training in (True, False):
         model.train(training)
         results = ev.evaluate(model, tower3, suite, device="cpu", alphas=(1.0, 0.5))
@@ -265,14 +266,22 @@ def test_evaluate_keys_and_restores_training_mode(ckpts):
     assert set(results) == main_keys | {p + k for p in ("tower3/", "mix@0.5/") for k in main_keys}
 
 
-def test_shapes_retrieval_shares_the_object_task_images():
-    """build_eval_suite embeds the shapes test images once for both tasks; that is only right if
-    shapes_retrieval's images are exactly the 'object' task's images."""
-    suite = ev.build_eval_suite("shapes", tokenizer=ByteTokenizer(128), image_size=32, num_images=6)
-    assert suite.retrieval.images is suite.zeroshot["object"][0]
-    reference = shapes_retrieval(6, ev.CAPTIONS_PER_IMAGE, seed=0, image_size=32).images
-    for i in range(6):
-        torch.testing.assert_close(suite.retrieval.images[i]["image"], reference[i]["image"])
+def test_shapes_zero_shot_images_show_one_object_retrieval_images_what_captions_say():
+    """Zero-shot labels name one object, so its images show one; retrieval captions describe a
+    second object where there is one, so its images are the paired world's, second objects included."""
+    suite = ev.build_eval_suite("shapes", tokenizer=Tokenizer(128), image_size=32, num_images=12)
+    world = data.ShapesWorld(0, 32)
+    single = data.normalize(world.render_batch(range(12), "test", single=True))
+    paired = data.normalize(world.render_batch(range(12), "test"))
+    zeroshot, retrieval = suite.zeroshot["object"][0], suite.retrieval.images
+    two = [i for i in range(12) if world.attributes(i, "test")["second"]]
+    assert two, "some test image should have a second object"
+    for i in range(12):
+        torch.testing.assert_close(zeroshot[i]["image"], single[i])
+        torch.testing.assert_close(retrieval[i]["image"], paired[i])
+        assert torch.equal(single[i], paired[i]) == (i not in two)
+    assert any(" and a " in c or " by a " in c or ", with a " in c
+               for i in two for c in suite.retrieval.captions[5 * i:5 * i + 5])
 
 
 def test_csv_retrieval_groups_captions_by_image(tmp_path):
@@ -280,7 +289,7 @@ def test_csv_retrieval_groups_captions_by_image(tmp_path):
         Image.new("RGB", (20, 20), colour).save(tmp_path / name)
     rows = ["filepath,title", "a.png,one", "b.png,two", "a.png,three", "c.png,four", "b.png,five"]
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
-    r = ev.csv_retrieval(str(tmp_path / "pairs.csv"), tokenizer=ByteTokenizer(32), image_size=16)
+    r = ev.csv_retrieval(str(tmp_path / "pairs.csv"), image_size=16)
     assert len(r.images) == 3 and r.captions == ["one", "two", "three", "four", "five"]
     assert r.caption_image.tolist() == [0, 1, 0, 2, 1]
     assert r.images[1]["image"][2].mean() > r.images[1]["image"][0].mean()   # b.png is blue
