@@ -1,18 +1,20 @@
-"""Data: byte tokenizer, the embedded "shapes" world, CSV / tar-shard readers, and loaders.
+"""Data, in three parts after what they share (image helpers and the tokenizer):
 
-3T (Kossen et al. 2023) trains image and text towers on web image-text pairs while a third, frozen tower
-comes from a classifier pretrained on labelled images: JFT, ImageNet-21k, or Places365, whose scene
-labels cover little of what captions say (there 3T beats LiT, per the abstract). The embedded world
-reproduces that set-up in miniature, with no download:
+1. The shapes world: an embedded procedural world of image-text pairs and labelled images, no
+   download. 3T (Kossen et al. 2023) trains image and text towers on web pairs while the frozen third
+   tower comes from a classifier pretrained on labelled images: JFT or ImageNet-21k, whose labels
+   name much of what captions say, or Places365, whose scene labels name little (there 3T beats LiT).
+   The world reproduces that in miniature:
+     paired data     -> ShapesPairs (captions in varied templates, optional web-like caption noise)
+     labelled data   -> ShapesLabelled: "object" labels (shape x colour, like JFT) or "scene" labels
+                        (background only, like Places365)
+     test tasks      -> zeroshot_tasks() + ShapesLabelled(split="test"), shapes_retrieval()
+2. File readers: a CSV/TSV of image paths and captions (open_clip's keys), img2dataset/WebDataset tar
+   shards read with the standard library, and ImageFolder class folders.
+3. Loaders: one rank's share of the data per epoch, resumable mid-epoch; `collate` stacks items and
+   turns captions into token ids.
 
-* paired data       -> ShapesPairs (captions in varied templates, optional web-like caption noise)
-* labelled data     -> ShapesLabelled: "object" labels (shape x colour, like JFT) or "scene" labels
-                       (background kind only, like Places365)
-* zero-shot tasks   -> zeroshot_tasks() + ShapesLabelled(split="test"), shapes_retrieval()
-
-Real data comes from a CSV/TSV file (open_clip keys) or img2dataset/WebDataset tar shards read with the
-stdlib (no webdataset package). Every item is a dict of plain tensors; `collate` stacks them.
-Images use one normalisation for the whole project: ImageNet mean/std.
+Items are dicts of plain tensors and strings. Images use one normalisation: ImageNet mean/std.
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ from torchvision.transforms import v2
 
 logger = logging.getLogger("data")
 
-# ----------------------------------------------------------------------------- images
+# ==================================================================================================
+# Shared: images and the tokenizer
+# ==================================================================================================
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,7 +83,7 @@ def decode_rgb(data: bytes) -> Tensor:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
-# ----------------------------------------------------------------------------- tokenizer
+# ----------------------------------------------------------------------------- the tokenizer
 
 
 # Merges never cross these chunks: an optional space and a run of letters, digits or non-ASCII bytes (so no
@@ -248,7 +252,10 @@ def _merge(ids: list[int], pair: tuple[int, int], new: int) -> list[int]:
     return out
 
 
-# ----------------------------------------------------------------------------- shapes world: vocabulary
+# ==================================================================================================
+# Part 1. The shapes world
+# ==================================================================================================
+# ----------------------------------------------------------------------------- vocabulary and labels
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan")
@@ -346,7 +353,7 @@ def _describe(d: dict[str, Any], rng: np.random.Generator, templates: Sequence[i
     return out
 
 
-# ----------------------------------------------------------------------------- shapes world: generator
+# ----------------------------------------------------------------------------- the generator
 
 
 class ShapesWorld:
@@ -515,7 +522,7 @@ class ShapesWorld:
         return mix
 
 
-# ----------------------------------------------------------------------------- shapes datasets
+# ----------------------------------------------------------------------------- its datasets
 
 
 def _noisy_source(seed: int, index: int, num_samples: int, p: float) -> int:
@@ -650,6 +657,9 @@ def shapes_retrieval(num_images: int = 500, captions_per_image: int = 5, *, seed
     return RetrievalSet(images, captions, owner)
 
 
+# ==================================================================================================
+# Part 2. File readers
+# ==================================================================================================
 # ----------------------------------------------------------------------------- CSV / TSV pairs
 
 
@@ -970,7 +980,7 @@ class TarShards(IterableDataset):
                 log.skip(shard, key, "empty_caption")
 
 
-# ----------------------------------------------------------------------------- zero-shot eval sources
+# ----------------------------------------------------------------------------- image folders
 
 
 class LabelledImages(Dataset):
@@ -995,7 +1005,7 @@ class LabelledImages(Dataset):
         return {"image": self.transform(image), "label": self.targets[index]}
 
 
-def _image_folder(root: str, transform: Callable[[Tensor], Tensor]) -> LabelledImages:
+def image_folder(root: str, transform: Callable[[Tensor], Tensor]) -> LabelledImages:
     from torchvision.datasets import ImageFolder
 
     if not os.path.isdir(root):
@@ -1004,33 +1014,7 @@ def _image_folder(root: str, transform: Callable[[Tensor], Tensor]) -> LabelledI
     return LabelledImages(transform, folder.classes, folder.targets, paths=[p for p, _ in folder.samples])
 
 
-def imagefolder_zeroshot(root: str, classnames_file: str, image_size: int = 224) -> tuple[Dataset, list[str]]:
-    """ImageNet-val-style folder + a class-name file (one name per line, in sorted folder order)."""
-    data = _image_folder(root, image_transform(image_size, train=False))
-    with open(classnames_file, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
-    if len(names) != data.num_classes:
-        raise ValueError(f"{classnames_file} has {len(names)} names but {root} has {data.num_classes} class folders")
-    data.classnames = names
-    return data, names
-
-
-def cifar_zeroshot(name: str, root: str, image_size: int = 224, download: bool = False) -> tuple[Dataset, list[str]]:
-    """CIFAR-10/100 test set from torchvision's on-disk format; downloads only when asked."""
-    from torchvision import datasets
-
-    builders = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
-    if name not in builders:
-        raise ValueError(f"unknown CIFAR variant {name!r}; choose from {list(builders)}")
-    try:
-        base = builders[name](root, train=False, download=download)
-    except RuntimeError as e:
-        raise FileNotFoundError(f"{name} not found under {root!r} (pass download=True to fetch it): {e}") from e
-    names = [c.replace("_", " ") for c in base.classes]  # "aquarium_fish" -> "aquarium fish" for prompts
-    return LabelledImages(image_transform(image_size, train=False), names, base.targets, array=base.data), names
-
-
-# ----------------------------------------------------------------------------- factories
+# ----------------------------------------------------------------------------- what a flag names
 
 
 def make_pairs_dataset(spec: str, split: str = "train", *, image_size: int = 64,
@@ -1065,14 +1049,16 @@ def make_labelled_dataset(spec: str, split: str = "pretrain", *, label: str = "o
         return ShapesLabelled(split, num_samples or 50_000, label=label, seed=seed, image_size=image_size)
     transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(),
                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    data = _image_folder(spec, transform)
+    data = image_folder(spec, transform)
     if num_samples is not None and num_samples < len(data):
         keep = np.sort(np.random.default_rng(seed).choice(len(data), num_samples, replace=False))
         data.targets, data.paths = [data.targets[i] for i in keep], [data.paths[i] for i in keep]
     return data
 
 
-# ----------------------------------------------------------------------------- batching and loading
+# ==================================================================================================
+# Part 3. Loaders
+# ==================================================================================================
 
 
 def collate(samples: list[dict[str, Any]], tokenizer: Tokenizer | None = None) -> dict[str, Any]:

@@ -40,9 +40,8 @@ from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, Tokenizer, CsvPairs, RetrievalSet,
-                  ShapesLabelled, cifar_zeroshot, collate, imagefolder_zeroshot, resize_view, shapes_retrieval,
-                  zeroshot_tasks)
+from data import (IMAGENET_MEAN, IMAGENET_STD, CsvPairs, LabelledImages, RetrievalSet, ShapesLabelled, Tokenizer,
+                  collate, image_folder, image_transform, resize_view, shapes_retrieval, zeroshot_tasks)
 from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, load_tower3
 
 TASKS = ("zeroshot", "retrieval", "fewshot")
@@ -253,6 +252,32 @@ class EvalSuite:
     fewshot_seeds: int = 3
     fewshot_lambda: float = FEWSHOT_LAMBDA
     notes: list[str] = field(default_factory=list)
+
+
+def imagefolder_zeroshot(root: str, classnames_file: str, image_size: int = 224) -> tuple[Dataset, list[str]]:
+    """ImageNet-val-style folder + a class-name file (one name per line, in sorted folder order)."""
+    data = image_folder(root, image_transform(image_size, train=False))
+    with open(classnames_file, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    if len(names) != data.num_classes:
+        raise ValueError(f"{classnames_file} has {len(names)} names but {root} has {data.num_classes} class folders")
+    data.classnames = names
+    return data, names
+
+
+def cifar_zeroshot(name: str, root: str, image_size: int = 224, download: bool = False) -> tuple[Dataset, list[str]]:
+    """CIFAR-10/100 test set from torchvision's on-disk format; downloads only when asked."""
+    from torchvision import datasets
+
+    builders = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+    if name not in builders:
+        raise ValueError(f"unknown CIFAR variant {name!r}; choose from {list(builders)}")
+    try:
+        base = builders[name](root, train=False, download=download)
+    except RuntimeError as e:
+        raise FileNotFoundError(f"{name} not found under {root!r} (pass download=True to fetch it): {e}") from e
+    names = [c.replace("_", " ") for c in base.classes]  # "aquarium_fish" -> "aquarium fish" for prompts
+    return LabelledImages(image_transform(image_size, train=False), names, base.targets, array=base.data), names
 
 
 def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int

@@ -59,8 +59,15 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(4, channels)
 
 
+# Small convolutional towers for the CPU default: 3x3 convolutions (strides downsample) with
+# BatchNorm and ReLU, global average pooling, a linear head. Channels and strides per layer.
+CNN_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "cnn-micro": ((8, 16, 32), (1, 2, 2)),                       # unit tests
+    "cnn-tiny": ((16, 32, 32, 64, 128), (1, 2, 1, 2, 2)),          # the CPU default
+    "cnn-small": ((32, 64, 64, 128, 256), (1, 2, 1, 2, 2)),
+}
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-IMAGE_ARCHS = tuple(VIT_PRESETS) + RESNETS
+IMAGE_ARCHS = tuple(CNN_PRESETS) + tuple(VIT_PRESETS) + RESNETS
 
 
 def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = False) -> nn.Module:
@@ -80,6 +87,12 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
         for block in net.encoder.layers:       # the same parameters, run by the fused kernel
             block.self_attention = ViTSelfAttention(block.self_attention)
         return net
+    if arch in CNN_PRESETS:
+        layers, width = [], 3
+        for channels, stride in zip(*CNN_PRESETS[arch]):
+            layers += [nn.Conv2d(width, channels, 3, stride, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+            width = channels
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, out_dim, bias=bias))
     if arch in RESNETS:
         return getattr(torchvision.models, arch)(weights=None, num_classes=out_dim)
     raise ValueError(f"unknown image architecture {arch!r}; choose one of {', '.join(IMAGE_ARCHS)}")

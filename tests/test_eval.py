@@ -310,3 +310,19 @@ def test_every_flag_has_help():
     assert {"--checkpoint", "--tasks", "--alphas", "--save-grid", "--out"} <= {
         o for a in actions for o in a.option_strings}
     assert all(a.help and a.help.strip() for a in actions)
+
+
+def test_imagefolder_and_cifar_zero_shot_sources(tmp_path):
+    from test_data import jpeg
+    for c, cls in enumerate(["n01", "n02"]):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "val" / cls / f"{i}.jpg").write_bytes(jpeg(10 * c + i, 20))
+    (tmp_path / "names.txt").write_text("goldfish\nwhite shark\n")
+    ds, names = ev.imagefolder_zeroshot(str(tmp_path / "val"), str(tmp_path / "names.txt"), image_size=16)
+    assert names == ["goldfish", "white shark"] and ds[3]["label"] == 1 and ds[3]["image"].shape == (3, 16, 16)
+    (tmp_path / "few.txt").write_text("goldfish\n")
+    with pytest.raises(ValueError, match="1 names but .* 2 class folders"):
+        ev.imagefolder_zeroshot(str(tmp_path / "val"), str(tmp_path / "few.txt"))
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        ev.cifar_zeroshot("cifar10", str(tmp_path / "no_cifar"))
