@@ -69,16 +69,13 @@ def register_oc_configs() -> None:
 
 
 def our_tokenizer(ckpt: dict | None = None, context_length: int = 64):
-    """THE ONE PLACE that rebuilds the project's tokenizer (it is changing: bytes -> BPE). eval.py has no
-    helper for it yet and rebuilds ByteTokenizer(context_length), as this does. A checkpoint that stores
-    its tokenizer (for data.tokenizer_from_dict, once it exists) gets that one; any other vocabulary than
-    the byte tokenizer's is refused rather than scored with the wrong ids."""
+    """A checkpoint's own tokenizer; without one (the step benchmark), BPE learned from shapes captions,
+    as train.py learns it at the start of a run."""
     import data
-    if ckpt is not None and "tokenizer" in ckpt and hasattr(data, "tokenizer_from_dict"):
-        return data.tokenizer_from_dict(ckpt["tokenizer"])
-    if ckpt is not None and ckpt["model_config"]["vocab_size"] != data.ByteTokenizer.vocab_size:
-        raise SystemExit("the checkpoint's vocabulary is not the byte tokenizer's: update our_tokenizer()")
-    return data.ByteTokenizer(ckpt["model_config"]["context_length"] if ckpt else context_length)
+    if ckpt is not None:
+        return data.Tokenizer.from_dict(ckpt["tokenizer"])
+    world = data.ShapesWorld(0, 64)
+    return data.Tokenizer.learn([world.captions(i)[0] for i in range(20_000)], 8192, context_length)
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -199,7 +196,8 @@ def embed_ours(path: str, images: list[str], captions: list[str]) -> tuple[torch
     transform = data.image_transform(ckpt["model_config"]["image_size"], train=False)
     x = torch.stack([transform(data.decode_rgb(data._read_bytes(p))) for p in images])
     h = tower3(data.resize_view(x, tower3.image_size)) if tower3 is not None else None   # lit needs h
-    return model.encode_image(x, h), model.encode_text(our_tokenizer(ckpt).encode(captions))
+    i, t = evaluation.MAIN_PAIR[model.mode]
+    return model.encode_image(x, h)[i], model.encode_text(our_tokenizer(ckpt).encode(captions))[t]
 
 
 def embed_openclip(path: str, images: list[str], captions: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
