@@ -68,8 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--eval-data", default="shapes", help="periodic evaluation: 'shapes' or 'none'")
     a("--eval-images", type=int, default=500, help="images per periodic zero-shot / retrieval evaluation")
     # towers
-    a("--image-arch", default="vit-tiny", choices=IMAGE_ARCHS, help="image tower f (or the classifier in supervised mode)")
-    a("--image-size", type=int, default=64, help="input resolution of f (the shapes world renders at this size)")
+    a("--image-arch", default="cnn-tiny", choices=IMAGE_ARCHS,
+      help="image tower f (or the classifier in supervised mode); the paper's are ViTs (vit-b/16, ...), the CPU "
+           "default is a small conv net, which learns shapes within minutes on two cores")
+    a("--image-size", type=int, default=32, help="input resolution of f (the shapes world renders at this size)")
     a("--text-arch", default="tiny", choices=list(TEXT_PRESETS), help="text tower g (base = CLIP's 512x12)")
     a("--tokenizer", default="bpe", choices=["bpe", "bytes"],
       help="bpe: byte-level BPE whose merges are learned from the training captions at the start of a run "
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "torchvision:ARCH:/path/state_dict.pth, a --mode supervised checkpoint, or 'auto' (shapes only: "
            "pretrain one on the shapes world's --tower3-label labels on first use, then reuse it)")
     a("--tower3-label", default="object", choices=["object", "scene"], help="labels of the auto-pretrained tower")
-    a("--tower3-steps", type=int, default=150, help="steps of the auto-pretrained tower")
+    a("--tower3-steps", type=int, default=200, help="steps of the auto-pretrained tower (batch: --batch-size)")
     a("--no-tower3-heads", action="store_true",
       help="3t: drop the heads h_f, h_g on the frozen embedding; f_h, g_h then map straight into D_h")
     a("--cache-tower3", action=argparse.BooleanOptionalAction, default=True,
@@ -98,10 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="3t: weights of the terms fg,fh,gh, e.g. '0.5,0.25,0.25' (default 1/3 each, Eq. 2)")
     a("--init-temperature", type=float, default=10.0, help="initial t = exp(s) of every term (clamped at 100)")
     # optimisation
-    a("--batch-size", type=int, default=64, help="per rank; the contrastive batch is batch-size x world size")
+    a("--batch-size", type=int, default=128, help="per rank; the contrastive batch is batch-size x world size")
     a("--steps", type=int, default=None, help="optimiser steps (default: --epochs over the data)")
     a("--epochs", type=float, default=None, help="passes over the data when --steps is not given (default 1)")
-    a("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
+    a("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
     a("--wd", type=float, default=0.1, help="AdamW weight decay (not on biases, norms, embeddings, temperatures)")
     a("--beta2", type=float, default=0.98, help="AdamW beta2 (CLIP's 0.98 is steadier than 0.999)")
     a("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
@@ -214,7 +216,7 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
         folder = path[:-3]
         pretrain(parse_args(["--mode", "supervised", "--label", args.tower3_label, "--image-arch", args.image_arch,
                              "--image-size", str(args.image_size), "--steps", str(args.tower3_steps),
-                             "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--lr", "2e-3",
+                             "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--lr", "4e-3",
                              "--workers", str(env.workers(args)), "--eval-images", str(args.eval_images),
                              "--out", folder, "--resume", "latest"] + (["--quiet"] if args.quiet else [])), env)
         if env.master:   # a slim copy, written only once pretraining has finished

@@ -1,6 +1,7 @@
 """Reproduce the orderings claimed by the 3T paper at laptop scale, or show where they fail.
 
-    python scripts/reproduce.py              # ~20-30 minutes on 2 CPU cores
+    python scripts/reproduce.py              # towers + 5 methods x 2 regimes x 3 seeds (~40 min, 2 cores)
+    python scripts/reproduce.py --sweep      # also the data-scale sweep and results/scaling.png (~60 min more)
     python scripts/reproduce.py --quick      # a smoke run of the whole pipeline (~3 minutes)
 
 The paper's claims (Kossen et al. 2023, abstract and Sec. 5):
@@ -9,177 +10,278 @@ The paper's claims (Kossen et al. 2023, abstract and Sec. 5):
   C2  3T trails LiT when the pretrained labels cover what captions say (JFT-like);
   C3  3T beats LiT when they cover less (Places365-like).
 
-What runs, all through the same entry points users call:
-  1. `train.py --mode supervised` pretrains two third towers on the shapes world: one on `object`
-     labels (shape x colour: the JFT-like case) and one on `scene` labels (background only: the
-     Places-like case). Each tower sees many more labelled images than the paired runs see pairs,
-     as a pretrained model does.
-  2. For every regime x seed: `clip`, and `lit` and `3t` with each tower (five runs), under
-     `torchrun --nproc_per_node=2`, with identical towers, steps, batch, learning rate and seed.
-  3. `eval.py` on every checkpoint: retrieval R@1 both ways, zero-shot accuracy on the object task
-     and on the position/size task, and the 3T alpha sweep.
-Regimes (flags of the shapes world): `clean` (plentiful correct pairs) and `noisy` (half of the
-captions belong to another image, like web alt-text). Nothing is tuned per method.
-Writes results/reproduce.md (tables: mean +- std over seeds) and results/reproduce.json.
+What runs, all through `train.main`, the function `python train.py` calls (in this process, one run
+after another, so no time goes to launching processes):
+  1. `--mode supervised` pretrains two third towers on many labelled shapes images (as a pretrained
+     model has seen many more labelled images than the paired runs see pairs): one on `object`
+     labels (shape x colour, the JFT-like case), one on `scene` labels (background only, the
+     Places-like case). Their held-out accuracy is reported.
+  2. For each regime and seed: `clip`, and `lit` and `3t` with each tower -- five runs with identical
+     towers, steps, batch, learning rate and seed. Nothing is tuned per method.
+  3. Each run ends with train.py's evaluation (eval.py): retrieval over 500 images x 5 captions, zero-shot
+     object, position/size and scene. 3T rows use f and g alone (alpha = 1), as the paper does; the
+     third-tower pairing and the alpha = 0.5 mix are reported beside them as an analysis.
+Regimes: `clean` (plentiful correct pairs) and `noisy` (half of the captions belong to another image,
+like web alt-text). The sweep varies the number of distinct training pairs at the same step budget.
+
+An ordering A > B is decided only when the mean over seeds of the paired difference A - B (same seed,
+same data) exceeds two standard errors of that mean; otherwise it is "within noise".
+Writes results/reproduce.md and .json (and results/scaling.png, results/scaling.md with --sweep).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import eval as evaluation  # noqa: E402
+import train  # noqa: E402
 
 METHODS = [("clip", None), ("lit", "object"), ("3t", "object"), ("lit", "scene"), ("3t", "scene")]
 REGIMES = {"clean": [], "noisy": ["--caption-noise", "0.5"]}
 COLUMNS = {"retrieval/i2t/R@1": "I->T R@1", "retrieval/t2i/R@1": "T->I R@1",
-           "zeroshot/object/top1": "0-shot object", "zeroshot/position_size/top1": "0-shot pos/size"}
-ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# Small towers so that 2 x 5 x 3 runs fit in half an hour on 2 cores; identical for every method.
-# The paired budget is about the least at which CLIP itself leaves chance clearly (R@1 ~10 %):
-# with 140 steps, or half the batch, it does not.
-TOWERS = ["--image-arch", "vit-mini", "--text-arch", "micro", "--embed-dim", "64", "--image-size", "64"]
-PAIRED = {"full": ["--steps", "220", "--batch-size", "64", "--train-samples", "28160", "--lr", "2e-3",
-                   "--warmup", "20"],
-          "quick": ["--steps", "10", "--batch-size", "32", "--train-samples", "2000", "--warmup", "2"]}
-PRETRAIN = {"full": ["--steps", "800", "--batch-size", "64", "--train-samples", "102400", "--lr", "2e-3",
-                     "--warmup", "30"],
-            "quick": ["--steps", "10", "--batch-size", "32", "--train-samples", "2000", "--warmup", "2"]}
+           "zeroshot/object/top1": "0-shot object", "zeroshot/scene/top1": "0-shot scene"}
+CHANCE = {"retrieval/i2t/R@1": 0.2, "retrieval/t2i/R@1": 0.2, "zeroshot/object/top1": 100 / 35,
+          "zeroshot/scene/top1": 100 / 6}
+# Identical for every method. The paired budget: CLIP itself learns retrieval well within it.
+IMAGE = ["--image-arch", "cnn-tiny", "--image-size", "32"]           # f, and the third towers
+TOWERS = IMAGE + ["--text-arch", "mini", "--embed-dim", "64"]
+SIZES = {
+    "full": {"paired": ["--steps", "200", "--batch-size", "256", "--lr", "3e-3", "--warmup", "20"],
+             "pairs": 51_200, "sweep": [800, 3_200, 12_800, 51_200], "sweep_seeds": 2,
+             "pretrain": ["--steps", "300", "--batch-size", "256", "--lr", "4e-3", "--warmup", "30",
+                          "--train-samples", "76800"]},
+    "quick": {"paired": ["--steps", "8", "--batch-size", "32", "--warmup", "2"],
+              "pairs": 2_000, "sweep": [200, 2_000], "sweep_seeds": 2,
+              "pretrain": ["--steps", "8", "--batch-size", "32", "--warmup", "2", "--train-samples", "2000"]},
+}
 
 
-def torchrun(args: list[str], log: str) -> None:
-    """`torchrun --standalone --nproc_per_node=2 train.py ARGS`, output to a log file."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *args, "--quiet"]
-    with open(log, "w") as f:
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode:
-            raise SystemExit(f"reproduce: {' '.join(cmd)} failed; see {log}")
+def quiet(argv: list[str]) -> dict[str, float]:
+    """train.main with the progress bar and log lines off; returns the final evaluation."""
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train.main(argv + ["--quiet"])
 
 
 def pretrain_towers(out: str, size: str) -> tuple[dict[str, str], dict[str, float]]:
-    """Two supervised towers (object and scene labels); their checkpoints and held-out accuracy."""
+    """Two supervised towers (object and scene labels); their checkpoints and held-out accuracy (%)."""
     towers, accuracy = {}, {}
     for label in ("object", "scene"):
         folder = os.path.join(out, f"tower3-{label}")
-        torchrun(["--mode", "supervised", "--label", label, "--seed", "0", "--out", folder,
-                  "--eval-images", "1000", *TOWERS, *PRETRAIN[size]], folder + ".log")
-        towers[label] = os.path.join(folder, "ckpt.pt")
-        with open(os.path.join(folder, "metrics.jsonl")) as f:
-            final = [json.loads(line) for line in f if '"eval"' in line][-1]["eval"]
-        accuracy[label] = 100 * final["test/top1"]
+        result = quiet(["--mode", "supervised", "--label", label, "--seed", "0", "--out", folder,
+                        "--eval-images", "1000", *IMAGE, *SIZES[size]["pretrain"]])
+        towers[label], accuracy[label] = os.path.join(folder, "ckpt.pt"), 100 * result["test/top1"]
         print(f"[reproduce] tower3 '{label}': held-out {label} accuracy {accuracy[label]:.1f}%", flush=True)
     return towers, accuracy
 
 
-def run_one(out: str, regime: str, seed: int, mode: str, tower: str | None, towers: dict, size: str
-            ) -> dict[str, float]:
-    name = f"{regime}-{mode}{'-' + tower if tower else ''}-s{seed}"
-    folder = os.path.join(out, name)
-    args = ["--mode", mode, "--seed", str(seed), "--out", folder, "--eval-data", "none",
-            "--cache-dir", os.path.join(out, "cache"), *TOWERS, *PAIRED[size], *REGIMES[regime]]
-    if tower:
-        args += ["--tower3", towers[tower]]
-    torchrun(args, folder + ".log")
-    result = evaluation.main(["--checkpoint", os.path.join(folder, "ckpt.pt"), "--tasks", "zeroshot,retrieval",
-                              "--alphas", ",".join(map(str, ALPHAS)), "--no-progress"])
-    print(f"[reproduce] {name}: " + ", ".join(f"{COLUMNS[k]} {result[k]:.1f}" for k in COLUMNS), flush=True)
+def run_one(out: str, name: str, mode: str, tower: str | None, towers: dict, extra: list[str]) -> dict[str, float]:
+    """One paired run; its final evaluation."""
+    args = ["--mode", mode, "--out", os.path.join(out, name), "--cache-dir", os.path.join(out, "cache"), *TOWERS,
+            *extra] + (["--tower3", towers[tower]] if tower else [])
+    start = time.time()
+    result = quiet(args)
+    print(f"[reproduce] {name} ({time.time() - start:.0f} s): "
+          + ", ".join(f"{COLUMNS[k]} {result[k]:.1f}" for k in COLUMNS), flush=True)
     return result
 
 
+def runs_of(out: str, size: str, regime: str, seed: int, pairs: int, towers: dict) -> dict:
+    """The five methods on one regime, seed and number of pairs."""
+    extra = [*SIZES[size]["paired"], "--seed", str(seed), "--train-samples", str(pairs), *REGIMES[regime]]
+    return {(mode, tower): run_one(out, f"{regime}-{pairs}-{mode}{'-' + tower if tower else ''}-s{seed}",
+                                   mode, tower, towers, extra) for mode, tower in METHODS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics: mean +- std per cell; orderings from paired differences
+# ----------------------------------------------------------------------------------------------
 def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {std:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
-def label(mode: str, tower: str | None) -> str:
-    return {"clip": "CLIP (from scratch)", "lit": "LiT", "3t": "3T"}[mode] + (f" / {tower} tower" if tower else "")
+def verdict(a: list[float], b: list[float]) -> tuple[str, float, float]:
+    """(held | not held | within noise, mean paired difference a - b, its standard error)."""
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = statistics.mean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("inf")
+    if abs(mean) <= 2 * se:
+        return "within noise", mean, se
+    return ("held" if mean > 0 else "not held"), mean, se
 
 
-def orderings(results: dict, regime: str) -> list[str]:
-    """The paper's claims, checked on the means of this regime; a difference smaller than the larger
-    of the two standard deviations over seeds is marked as within noise."""
-    runs = lambda mode, tower, key: [r[key] for r in results[regime][(mode, tower)]]  # noqa: E731
+CLAIMS = [  # (name, metric, method A, method B): the claim is A > B
+    ("R1 I->T: 3T/object > LiT/object", "retrieval/i2t/R@1", ("3t", "object"), ("lit", "object")),
+    ("R1 I->T: 3T/scene > LiT/scene", "retrieval/i2t/R@1", ("3t", "scene"), ("lit", "scene")),
+    ("R1 I->T: 3T/object > CLIP", "retrieval/i2t/R@1", ("3t", "object"), ("clip", None)),
+    ("R1 I->T: 3T/scene > CLIP", "retrieval/i2t/R@1", ("3t", "scene"), ("clip", None)),
+    ("R1 T->I: 3T/object > LiT/object", "retrieval/t2i/R@1", ("3t", "object"), ("lit", "object")),
+    ("R1 T->I: 3T/object > CLIP", "retrieval/t2i/R@1", ("3t", "object"), ("clip", None)),
+    ("C1 0-shot object: 3T/object > CLIP", "zeroshot/object/top1", ("3t", "object"), ("clip", None)),
+    ("C1 0-shot object: 3T/scene > CLIP", "zeroshot/object/top1", ("3t", "scene"), ("clip", None)),
+    ("C2 0-shot object: LiT/object > 3T/object", "zeroshot/object/top1", ("lit", "object"), ("3t", "object")),
+    ("C3 0-shot object: 3T/scene > LiT/scene", "zeroshot/object/top1", ("3t", "scene"), ("lit", "scene")),
+]
+
+
+def orderings(runs: dict) -> list[str]:
+    """Each claim on one regime's runs (lists over seeds, same seed order for every method)."""
     lines = []
-    for key in ("retrieval/i2t/R@1", "retrieval/t2i/R@1"):
-        for tower in ("object", "scene"):
-            lines.append(check(f"R1 {COLUMNS[key]}: 3T/{tower} > LiT/{tower}", runs("3t", tower, key), runs("lit", tower, key)))
-            lines.append(check(f"R1 {COLUMNS[key]}: 3T/{tower} > CLIP", runs("3t", tower, key), runs("clip", None, key)))
-    key = "zeroshot/object/top1"
-    for tower in ("object", "scene"):
-        lines.append(check(f"C1 0-shot object: 3T/{tower} > CLIP", runs("3t", tower, key), runs("clip", None, key)))
-    lines.append(check("C2 0-shot object: LiT/object > 3T/object", runs("lit", "object", key), runs("3t", "object", key)))
-    lines.append(check("C3 0-shot object: 3T/scene > LiT/scene", runs("3t", "scene", key), runs("lit", "scene", key)))
+    for claim, key, a, b in CLAIMS:
+        va, vb = [r[key] for r in runs[a]], [r[key] for r in runs[b]]
+        word, mean, se = verdict(va, vb)
+        lines.append(f"- {claim}: {statistics.mean(va):.1f} vs {statistics.mean(vb):.1f}, paired difference "
+                     f"{mean:+.1f} ± {se:.1f} (s.e.) -> **{word}**")
     return lines
 
 
-def check(claim: str, a: list[float], b: list[float]) -> str:
-    ma, mb = statistics.mean(a), statistics.mean(b)
-    noise = max(statistics.stdev(a), statistics.stdev(b)) if min(len(a), len(b)) > 1 else 0.0
-    verdict = "held" if ma > mb else "did not hold"
-    return f"- {claim}: {ma:.1f} vs {mb:.1f} -> **{verdict}**" + (" (within noise)" if abs(ma - mb) < noise else "")
+def label(mode: str, tower: str | None) -> str:
+    return {"clip": "CLIP (from scratch)", "lit": "LiT", "3t": "3T"}[mode] + (f" / {tower}" if tower else "")
 
 
-def report(results: dict, seeds: list[int], minutes: float, towers_acc: str, size: str) -> str:
-    date = datetime.date.today().isoformat()
-    command = "python scripts/reproduce.py" + (" --quick" if size == "quick" else "")
-    out = [f"# 3T at laptop scale: reproduction ({date})", "",
-           f"`{command}` -- {len(seeds)} seeds, {minutes:.0f} minutes on "
-           f"{os.cpu_count()} CPU cores. Towers: {' '.join(TOWERS)}; paired runs: "
-           f"{' '.join(PAIRED[size])} (x2 processes). {towers_acc}", ""]
-    for regime in REGIMES:
-        out += [f"## Regime `{regime}` {' '.join(REGIMES[regime]) or '(no caption noise)'}", "",
-                "| method / pretrained tower | " + " | ".join(COLUMNS.values()) + " |",
-                "|---" * (len(COLUMNS) + 1) + "|"]
-        for mode, tower in METHODS:
-            runs = results[regime][(mode, tower)]
-            out.append(f"| {label(mode, tower)} | " + " | ".join(mean_std([r[k] for r in runs]) for k in COLUMNS) + " |")
-        out += ["", "3T alpha sweep (alpha = 1: f, g as in CLIP; alpha = 0: the third-tower pairing):", "",
-                "| 3T tower | metric | " + " | ".join(f"α={a:g}" for a in ALPHAS) + " |",
-                "|---|---" + "|---" * len(ALPHAS) + "|"]
-        for tower in ("object", "scene"):
-            runs = results[regime][("3t", tower)]
-            for key in COLUMNS:
-                cells = [mean_std([r[key if a == 1 else f"mix@{a:g}/{key}"] for r in runs]) for a in ALPHAS]
-                out.append(f"| {tower} | {COLUMNS[key]} | " + " | ".join(cells) + " |")
-        out += ["", "The paper's orderings, on the means:", ""] + orderings(results, regime) + [""]
-    return "\n".join(out)
+def table(runs: dict) -> list[str]:
+    out = ["| method / pretrained tower | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for method in METHODS:
+        out.append(f"| {label(*method)} | " + " | ".join(mean_std([r[k] for r in runs[method]]) for k in COLUMNS) + " |")
+    for tower in ("object", "scene"):
+        for prefix, name in (("tower3/", "third-tower pairing (h_g, g_h)"), ("mix@0.5/", "alpha = 0.5 mix")):
+            out.append(f"| 3T / {tower}, {name} | " + " | ".join(
+                mean_std([r[prefix + k] for r in runs[("3t", tower)]]) if prefix + k in runs[("3t", tower)][0]
+                else "" for k in COLUMNS) + " |")
+    return out
 
 
+# ----------------------------------------------------------------------------------------------
+# The data-scale sweep: a figure drawn with PIL (which torchvision brings)
+# ----------------------------------------------------------------------------------------------
+COLOURS = {("clip", None): (90, 90, 90), ("lit", "object"): (31, 119, 180), ("3t", "object"): (214, 39, 40),
+           ("lit", "scene"): (120, 170, 220), ("3t", "scene"): (240, 140, 140)}
+
+
+def draw_scaling(path: str, sweep: dict[int, dict], metrics: list[str]) -> None:
+    """One panel per metric: the number of distinct training pairs (log scale) against the metric,
+    one line per method, mean over seeds with +- 1 std error bars."""
+    from PIL import Image, ImageDraw
+    pairs = sorted(sweep)
+    w, h, left, top, right, bottom = 460, 360, 60, 40, 20, 50
+    image = Image.new("RGB", (w * len(metrics), h + 30 * len(METHODS) // 2 + 20), "white")
+    draw = ImageDraw.Draw(image)
+    lx, hx = math.log(pairs[0]), math.log(pairs[-1])
+    for p, key in enumerate(metrics):
+        x0 = p * w
+        xs = lambda n: x0 + left + (w - left - right) * (math.log(n) - lx) / max(hx - lx, 1e-9)  # noqa: E731
+        ys = lambda v: top + (h - top - bottom) * (1 - v / 100)                                     # noqa: E731
+        draw.rectangle([x0 + left, top, x0 + w - right, h - bottom], outline="black")
+        draw.text((x0 + left, 12), f"{COLUMNS[key]} (%) vs distinct training pairs", fill="black")
+        for v in range(0, 101, 20):
+            draw.line([x0 + left - 4, ys(v), x0 + left, ys(v)], fill="black")
+            draw.text((x0 + left - 28, ys(v) - 6), f"{v}", fill="black")
+        for n in pairs:
+            draw.line([xs(n), h - bottom, xs(n), h - bottom + 4], fill="black")
+            draw.text((xs(n) - 14, h - bottom + 8), f"{n:,}", fill="black")
+        for method in METHODS:
+            points = []
+            for n in pairs:
+                values = [r[key] for r in sweep[n][method]]
+                m = statistics.mean(values)
+                s = statistics.stdev(values) if len(values) > 1 else 0.0
+                draw.line([xs(n), ys(min(100, m + s)), xs(n), ys(max(0, m - s))], fill=COLOURS[method], width=2)
+                points.append((xs(n), ys(m)))
+            draw.line(points, fill=COLOURS[method], width=3)
+    for i, method in enumerate(METHODS):
+        x, y = 20 + (i % 3) * 300, h + 10 + 30 * (i // 3)
+        draw.line([x, y + 7, x + 30, y + 7], fill=COLOURS[method], width=4)
+        draw.text((x + 38, y), label(*method), fill="black")
+    image.save(path)
+
+
+def sweep_claims(sweep: dict[int, dict]) -> list[str]:
+    """Each claim at each number of pairs; 'held only above N' when it holds from N pairs upwards."""
+    lines, pairs = [], sorted(sweep)
+    for claim, key, a, b in CLAIMS:
+        words = {n: verdict([r[key] for r in sweep[n][a]], [r[key] for r in sweep[n][b]])[0] for n in pairs}
+        held = [n for n in pairs if all(words[m] == "held" for m in pairs if m >= n)]
+        if len(held) == len(pairs):
+            summary = "held at every size"
+        elif held:
+            summary = f"held only from {held[0]:,} pairs up"
+        elif all(w == "not held" for w in words.values()):
+            summary = "not held at any size"
+        else:
+            summary = "not decided"
+        lines.append(f"- {claim}: **{summary}** (" + ", ".join(f"{n:,}: {words[n]}" for n in pairs) + ")")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds per method and regime")
+    p.add_argument("--sweep", action="store_true", help="also the data-scale sweep (fewer seeds)")
     p.add_argument("--quick", action="store_true", help="tiny steps: checks the pipeline, not the claims")
     p.add_argument("--out", default=os.path.join(ROOT, "results"), help="folder for the tables and runs")
     a = p.parse_args()
     size = "quick" if a.quick else "full"
-    runs = os.path.join(a.out, "reproduce-runs")
-    os.makedirs(runs, exist_ok=True)
+    cfg, runs_dir, stem = SIZES[size], os.path.join(a.out, "reproduce-runs"), "reproduce-quick" if a.quick else "reproduce"
+    os.makedirs(runs_dir, exist_ok=True)
     start = time.time()
-    towers, accuracy = pretrain_towers(runs, size)
-    towers_acc = "Held-out accuracy of the third towers on their own labels: " + ", ".join(
-        f"{lab} {acc:.1f}%" for lab, acc in accuracy.items()) + " (chance: object 2.9%, scene 16.7%)."
+    towers, accuracy = pretrain_towers(runs_dir, size)
     seeds = list(range(a.seeds))
     results = {regime: {m: [] for m in METHODS} for regime in REGIMES}
     for regime in REGIMES:
         for seed in seeds:
-            for mode, tower in METHODS:
-                results[regime][(mode, tower)].append(run_one(runs, regime, seed, mode, tower, towers, size))
+            for method, r in runs_of(runs_dir, size, regime, seed, cfg["pairs"], towers).items():
+                results[regime][method].append(r)
     minutes = (time.time() - start) / 60
-    name = "reproduce-quick" if a.quick else "reproduce"
-    with open(os.path.join(a.out, f"{name}.md"), "w") as f:
-        f.write(report(results, seeds, minutes, towers_acc, size))
-    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
-        json.dump({"minutes": minutes, "seeds": seeds, "tower3_accuracy": accuracy, "towers": TOWERS, "paired": PAIRED[size],
-                   "regimes": REGIMES, "results": {reg: {f"{m}/{t}": v for (m, t), v in r.items()}
-                                                   for reg, r in results.items()}}, f, indent=1)
-    print(f"[reproduce] {minutes:.1f} minutes; wrote {a.out}/{name}.md and .json")
+    date = datetime.date.today().isoformat()
+    md = [f"# 3T at laptop scale: reproduction ({date})", "",
+          f"`python scripts/reproduce.py{' --quick' if a.quick else ''}`: {len(seeds)} seeds, {minutes:.1f} minutes on "
+          f"{os.cpu_count()} CPU cores. Towers: `{' '.join(TOWERS)}`; paired runs: `{' '.join(cfg['paired'])}` "
+          f"over {cfg['pairs']:,} pairs. Third towers ({' '.join(cfg['pretrain'])}): held-out accuracy on their own "
+          f"labels " + ", ".join(f"{k} {v:.1f} %" for k, v in accuracy.items()) + " (chance 2.9 % and 16.7 %).", "",
+          "Mean ± std over seeds, in %. Chance: retrieval 0.2, object 2.9, scene 16.7. An ordering is decided "
+          "when the mean paired difference (same seed) exceeds two standard errors.", ""]
+    for regime in REGIMES:
+        md += [f"## Regime `{regime}` {' '.join(REGIMES[regime]) or '(no caption noise)'}", ""]
+        md += table(results[regime]) + ["", "The paper's orderings:", ""] + orderings(results[regime]) + [""]
+    record = {"minutes": minutes, "seeds": seeds, "tower3_accuracy": accuracy, "towers": TOWERS, "config": cfg,
+              "results": {reg: {f"{m}/{t}": v for (m, t), v in r.items()} for reg, r in results.items()}}
+    if a.sweep:
+        sweep_start = time.time()
+        sweep = {cfg["pairs"]: {m: v[:cfg["sweep_seeds"]] for m, v in results["clean"].items()}}
+        for pairs in cfg["sweep"][:-1]:
+            sweep[pairs] = {m: [] for m in METHODS}
+            for seed in range(cfg["sweep_seeds"]):
+                for method, r in runs_of(runs_dir, size, "clean", seed, pairs, towers).items():
+                    sweep[pairs][method].append(r)
+        keys = ["retrieval/i2t/R@1", "zeroshot/object/top1"]
+        draw_scaling(os.path.join(a.out, "scaling.png" if not a.quick else "scaling-quick.png"), sweep, keys)
+        sweep_md = [f"# Data-scale sweep ({date})", "",
+                    f"`python scripts/reproduce.py --sweep`: clean regime, {cfg['sweep_seeds']} seeds, the same "
+                    f"{' '.join(cfg['paired'])} at every size, {(time.time() - sweep_start) / 60:.1f} more minutes. "
+                    f"Figure: `scaling.png` (mean ± std).", ""]
+        for key in keys:
+            sweep_md += [f"## {COLUMNS[key]}", "", "| pairs | " + " | ".join(label(*m) for m in METHODS) + " |",
+                         "|---" * (len(METHODS) + 1) + "|"]
+            sweep_md += [f"| {n:,} | " + " | ".join(mean_std([r[key] for r in sweep[n][m]]) for m in METHODS) + " |"
+                         for n in sorted(sweep)] + [""]
+        sweep_md += ["## The paper's claims across the sweep", ""] + sweep_claims(sweep)
+        with open(os.path.join(a.out, f"scaling{'-quick' if a.quick else ''}.md"), "w") as f:
+            f.write("\n".join(sweep_md) + "\n")
+        record["sweep"] = {str(n): {f"{m}/{t}": v for (m, t), v in r.items()} for n, r in sweep.items()}
+    with open(os.path.join(a.out, f"{stem}.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(a.out, f"{stem}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"[reproduce] {(time.time() - start) / 60:.1f} minutes; wrote {a.out}/{stem}.md and .json")
 
 
 if __name__ == "__main__":

@@ -264,3 +264,35 @@ def test_tar_shard_training_streams_without_cache(tmp_path, tower3_file, capsys)
     with pytest.raises(SystemExit, match="--steps is required"):
         train.main(tiny(tmp_path, "--mode", "clip", "--train-data", str(tmp_path / "shard-{0..1}.tar"),
                         "--eval-data", "none", out="run2"))
+
+
+def test_tokenizer_is_learned_once_stored_and_reused_by_resume_and_eval(tmp_path, monkeypatch):
+    """BPE merges are learned from the training captions at the start of a run, written to
+    tokenizer.json and every checkpoint; a resumed run and eval.py take them from there (they
+    never learn again), so every stage tokenises alike."""
+    import data
+    import eval as evaluation
+    args = tiny(tmp_path, "--mode", "clip", "--steps", "4", "--save-every", "2", "--eval-data", "none")
+    train.main(args)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    stored = ckpt["tokenizer"]
+    assert len(stored["merges"]) > 50 and ckpt["model_config"]["vocab_size"] == 259 + len(stored["merges"])
+    assert json.load(open(tmp_path / "run" / "tokenizer.json")) == stored
+    caption = data.ShapesWorld(0, 32).captions(0, "train")[0]
+    assert len(data.Tokenizer.from_dict(stored).tokens(caption)) < len(caption) / 3
+
+    def refuse(*a, **k):
+        raise AssertionError("a resumed run or eval.py learned a tokenizer again")
+    monkeypatch.setattr(data.Tokenizer, "learn", refuse)
+    seen = {}
+    real_suite = evaluation.build_eval_suite
+    monkeypatch.setattr(evaluation, "build_eval_suite", lambda *a, **k: seen.setdefault("suite", real_suite(*a, **k)))
+    train.main(args[:args.index("--steps") + 1] + ["6"] + args[args.index("--steps") + 2:] + ["--resume", "latest"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["tokenizer"] == stored
+    evaluation.main(["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--tasks", "retrieval", "--num-images", "8",
+                     "--no-progress"])
+    assert seen["suite"].tokenizer.to_dict() == stored
+    byte = tiny(tmp_path, "--mode", "clip", "--steps", "1", "--eval-data", "none", "--tokenizer", "bytes", out="bytes")
+    monkeypatch.undo()
+    train.main(byte)
+    assert torch.load(tmp_path / "bytes" / "ckpt.pt", weights_only=True)["model_config"]["vocab_size"] == 259
