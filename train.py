@@ -149,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.train_samples is not None and (args.train_samples < 1 or tar):
         p.error(f"--train-samples {args.train_samples}: " + ("tar shards are streamed whole; select fewer shards"
                                                               if tar else "expected at least 1"))
+    for flag in ("max_image_pixels", "max_file_bytes"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive limit")
     if not 0 < args.crop_scale <= 1:
         p.error(f"--crop-scale {args.crop_scale:g}: expected a fraction of the image area in (0, 1]")
     if args.train_data == "shapes" and args.train_samples is None:

@@ -405,3 +405,15 @@ def test_a_rank_whose_epoch_is_all_bad_stops_instead_of_looping(tmp_path):
     loader = data.make_loader(data.ShapesPairs("train", 3), batch_size=4)
     with pytest.raises(RuntimeError, match="gave this process no batch"):
         next(train.endless(loader, train.Position()))
+
+
+def test_a_wrong_tower3_file_is_named(files, tmp_path, capsys):
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(ValueError, match=r"r34\.pth is not a state_dict of torchvision's resnet18"):
+        load_tower3(f"torchvision:resnet18:{tmp_path / 'r34.pth'}")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")                  # the model, not its state_dict
+    with pytest.raises(ValueError, match=r"module\.pth is not a file of tensors .* save model\.state_dict\(\)"):
+        load_tower3(f"torchvision:resnet18:{tmp_path / 'module.pth'}")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--max-image-pixels", "0"])
+    assert "--max-image-pixels 0: expected a positive limit" in capsys.readouterr().err
