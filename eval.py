@@ -318,7 +318,8 @@ def fewshot_sets(spec: str, image_size: int, seed: int, test: Dataset | None = N
     ROOT/test (or ROOT/val) is scored, with the same class folders. cifar10:ROOT / cifar100:ROOT: the train and
     test splits. Pools keep FEWSHOT_POOL_PER_CLASS seeded images per class: only those are embedded."""
     if spec == "shapes":
-        test = test or ShapesLabelled("test", num_images, label="object", seed=seed, image_size=image_size)
+        test = test if test is not None else ShapesLabelled("test", num_images, label="object", seed=seed,
+                                                            image_size=image_size)
         return {"object": (ShapesLabelled("val", FEWSHOT_POOL_PER_CLASS * test.num_classes, label="object",
                                           seed=seed, image_size=image_size), test)}
     kind, _, root = spec.partition(":")
