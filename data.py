@@ -19,25 +19,30 @@ Items are dicts of plain tensors and strings. Images use one normalisation: Imag
 from __future__ import annotations
 
 import array
+import copy
 import csv
 import functools
 import glob
 import hashlib
 import heapq
+import io
+import json
 import logging
 import os
 import re
+import stat
 import tarfile
 import warnings
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
@@ -58,8 +63,9 @@ def normalize(images: Tensor) -> Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+@functools.lru_cache(maxsize=None)
 def image_transform(image_size: int, train: bool) -> Callable[[Tensor], Tensor]:
-    """uint8 [3, H, W] -> normalised float [3, S, S].
+    """uint8 [..., 3, H, W] -> normalised float [..., 3, S, S].
 
     Train: random resized crop with scale (0.9, 1) (open_clip's default): captions name positions and
     objects, and heavy crops would make them false. Eval: resize the short side, centre crop; this is
@@ -72,15 +78,63 @@ def image_transform(image_size: int, train: bool) -> Callable[[Tensor], Tensor]:
     return v2.Compose([geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def decode_rgb(data: bytes) -> Tensor:
-    """Encoded JPEG/PNG/WebP bytes -> uint8 [3, H, W]; raises on corrupt or truncated data.
+# What the third tower h sees -- in training, in its cache and in evaluation alike (DESIGN.md "Efficiency"): the
+# whole image, short side resized to h's input size, centre crop, ImageNet mean/std (the statistics of every
+# tower load_tower3 builds: torchvision's classifiers and this project's own). Never f's augmented crop.
+TOWER3_VIEW = "short side resized to h's size, centre crop, ImageNet mean/std"   # in the h cache's fingerprint
+
+
+def tower3_view(images: Tensor, size: int) -> Tensor:
+    """h's view of uint8 image(s) [..., 3, H, W]: normalised float [..., 3, size, size]."""
+    return image_transform(size, False)(images)
+
+
+def seeded(transform: Callable[[Tensor], Tensor], image: Tensor, *key: int) -> Tensor:
+    """transform(image) under torch's CPU RNG seeded by key = (seed, epoch, sample): a random crop that depends
+    on neither the worker or rank that draws the sample nor on earlier draws, so a resumed run sees the crops
+    of an uninterrupted one. The caller's RNG state is restored."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
+        return transform(image)
+
+
+# Size limits checked before any decoding (--max-image-pixels, --max-file-bytes): a 100 KB PNG can decode to
+# gigabytes, a 10 KB tar can hold a 3 GB sparse member.
+MAX_IMAGE_PIXELS = 2**26      # 67M pixels, e.g. 8192 x 8192
+MAX_FILE_BYTES = 2**28        # 256 MiB per image file or tar member
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or shard and what was expected."""
+
+
+class TooLarge(DataError):
+    """A sample over a size limit: never decoded; skipped and counted as 'too_large' in training."""
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
+    """Encoded JPEG/PNG/WebP/GIF bytes -> uint8 [3, H, W]; raises on corrupt or truncated data, and raises
+    TooLarge before decoding when the header (read lazily by PIL, no pixels) announces more than max_pixels.
 
     torchvision >= 0.29 marks its decoders deprecated in favour of torchcodec, a package this
     project may not depend on; they still work, so the warning (once per image) is silenced here.
     """
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            width, height = Image.open(io.BytesIO(data)).size
+        except Image.DecompressionBombError as e:     # PIL's own limit, ~179M pixels
+            raise TooLarge(f"more than --max-image-pixels {max_pixels} ({e})") from None
+    if width * height > max_pixels:
+        raise TooLarge(f"{width}x{height} = {width * height} pixels, more than --max-image-pixels {max_pixels}")
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*image decoding and encoding")
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return image[0] if image.dim() == 4 else image      # an animated GIF: its first frame
+
+
+def skip_reason(error: Exception) -> str:
+    return "too_large" if isinstance(error, TooLarge) else "decode_error"
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -543,19 +597,11 @@ def _check_index(index: int, length: int) -> int:
     return index
 
 
-def resize_view(images: Tensor, size: int) -> Tensor:
-    """Normalised images (N, 3, S, S) resized (bilinear, antialiased) to the size a third tower expects.
-    Normalisation is affine per channel and interpolation weights sum to 1, so resizing after
-    normalising equals normalising after resizing. Deterministic, so h's embeddings can be cached."""
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
-def _with_tower3_view(items: list[dict[str, Any]], images: Tensor, size: int | None) -> list[dict[str, Any]]:
-    """Add 'image_h': the third tower's own view of the same images."""
+def _with_tower3_view(items: list[dict[str, Any]], raw: Tensor, images: Tensor, size: int | None) -> list[dict]:
+    """Add 'image_h', the third tower's view (tower3_view) of the rendered uint8 images `raw`; at f's own size
+    that is f's image itself (`images`, the same normalisation of the same pixels)."""
     if size is not None:
-        for item, image in zip(items, resize_view(images, size)):
+        for item, image in zip(items, images if size == raw.shape[-1] else tower3_view(raw, size)):
             item["image_h"] = image
     return items
 
@@ -594,14 +640,15 @@ class ShapesPairs(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         indices = [_check_index(i, self.num_samples) for i in indices]
         draws = [self.world._draw(i, self.split) for i in indices]  # drawn once, for image and caption
-        images = normalize(torch.from_numpy(self.world._paint(draws)))
+        raw = torch.from_numpy(self.world._paint(draws))
+        images = normalize(raw)
         captions = []
         for d, i in zip(draws, indices):  # the same as self.caption(i), reusing the draw
             source = _noisy_source(self.seed, i, self.num_samples, self.caption_noise)
             d = d if source == i else self.world._draw(source, self.split)
             captions.append(self.world._captions(d, source, self.split, 1)[0])
         items = [{"image": images[n], "caption": captions[n], "index": i} for n, i in enumerate(indices)]
-        return _with_tower3_view(items, images, self.tower3_image_size)
+        return _with_tower3_view(items, raw, images, self.tower3_image_size)
 
 
 class ShapesLabelled(Dataset):
@@ -633,9 +680,10 @@ class ShapesLabelled(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         draws = [self.world._draw(_check_index(i, self.num_samples), self.split, self.single) for i in indices]
-        images = normalize(torch.from_numpy(self.world._paint(draws)))
+        raw = torch.from_numpy(self.world._paint(draws))
+        images = normalize(raw)
         items = [{"image": images[n], "label": self.world._labels(d)[self.label]} for n, d in enumerate(draws)]
-        return _with_tower3_view(items, images, self.tower3_image_size)
+        return _with_tower3_view(items, raw, images, self.tower3_image_size)
 
 
 @dataclass
@@ -669,41 +717,59 @@ class CsvPairs(Dataset):
     At construction: missing columns raise (listing the columns the file has); rows with an empty
     caption are dropped and counted in `skipped`; image files that do not exist raise, listing the
     count and the first few (a CSV pointing at missing files is a broken dataset, better found before
-    training than mid-epoch). An image that fails to decode later is replaced by the next row and
-    counted in the item's 'data_errors', so the trainer logs it.
+    training than mid-epoch). The file is used whole unless num_samples keeps its first rows; `summary`
+    says how much is used, `stamp` fingerprints every image's size and modification time (the h cache's key).
+
+    train=True: random crops seeded per (seed, epoch, index); an image that fails to decode or is over a size
+    limit is replaced by the next row's and counted in the item's 'data_errors', so the trainer logs it.
+    train=False (evaluation): such an image raises DataError naming it -- test data is never substituted.
     """
 
     def __init__(self, path: str, *, img_key: str = "filepath", caption_key: str = "title",
                  separator: str | None = None, image_size: int = 224, train: bool = True,
                  tower3_image_size: int | None = None, num_samples: int | None = None, caption_noise: float = 0.0,
-                 seed: int = 0):
+                 seed: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS, max_file_bytes: int = MAX_FILE_BYTES):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"caption file not found: {path}")
         sep = separator or ("\t" if path.lower().endswith(".tsv") else ",")
         folder = os.path.dirname(os.path.abspath(path))
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:    # -sig: drop a BOM
             reader = csv.DictReader(f, delimiter=sep)
-            columns = reader.fieldnames or []
-            for key in (img_key, caption_key):
-                if key not in columns:
-                    raise ValueError(f"{path}: no column {key!r} (separator {sep!r}); its columns are {columns}")
-            rows = [(os.path.join(folder, r[img_key] or ""), (r[caption_key] or "").strip()) for r in reader]
+            try:
+                columns = reader.fieldnames or []
+                for key in (img_key, caption_key):
+                    if key not in columns:
+                        raise ValueError(f"{path}: no column {key!r} (separator {sep!r}); its columns are {columns}")
+                rows = [(os.path.join(folder, r[img_key] or ""), (r[caption_key] or "").strip()) for r in reader]
+            except csv.Error as e:  # e.g. a field over csv.field_size_limit()
+                raise DataError(f"{path}: not a {sep!r}-separated file after line {reader.line_num} ({e})") from None
         self.skipped = {"empty_caption": sum(1 for _, c in rows if not c)}
         if self.skipped["empty_caption"]:
             logger.warning("%s: dropped %d rows with an empty caption", path, self.skipped["empty_caption"])
-        rows = [r for r in rows if r[1]][:num_samples]
-        missing = [p for p, _ in rows if not os.path.isfile(p)]
+        usable = [r for r in rows if r[1]]
+        rows = usable[:num_samples]
+        stats = {p: _file_stat(p) for p in dict.fromkeys(p for p, _ in rows)}      # each image once, in row order
+        missing = [p for p, st in stats.items() if st is None]
         if missing:
             raise FileNotFoundError(f"{path}: {len(missing)} image file(s) missing, first: {missing[:5]}")
         if not rows:
             raise ValueError(f"{path}: no usable rows")
+        stamps = [(os.path.relpath(p, folder), stats[p]) for p, _ in rows]        # h depends on the image of each row
+        self.stamp = hashlib.sha256(repr(stamps).encode()).hexdigest()[:16]
+        cut = ("" if num_samples is None else f"; the first {num_samples:,} kept" if num_samples < len(usable)
+               else f"; {num_samples:,} asked for, all used")
+        self.summary = (f"{len(rows):,} of {len(usable) + self.skipped['empty_caption']:,} rows used ({len(stats):,} "
+                        f"image files; {self.skipped['empty_caption']:,} rows without a caption dropped{cut})")
         self.rows, self.path, self.seed, self.caption_noise, self.logged = rows, path, seed, caption_noise, 0
-        self.tower3_image_size = tower3_image_size
+        self.train, self.epoch, self.tower3_image_size = train, 0, tower3_image_size
+        self.max_image_pixels, self.max_file_bytes = max_image_pixels, max_file_bytes
         self.transform = image_transform(image_size, train)
-        self.transform_h = image_transform(tower3_image_size, False) if tower3_image_size else None
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def sample_captions(self, n: int) -> list[str]:
         """Captions to learn the tokenizer's merges from: n rows drawn without replacement (seeded)."""
@@ -713,28 +779,44 @@ class CsvPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = _check_index(index, len(self.rows))
         errors: Counter[str] = Counter()
-        for attempt in range(16):  # a corrupt image is replaced by the next row, and counted
+        for attempt in range(16 if self.train else 1):
             row = (index + attempt) % len(self.rows)
             try:
-                image = decode_rgb(_read_bytes(self.rows[row][0]))
+                image = decode_rgb(_read_bytes(self.rows[row][0], self.max_file_bytes), self.max_image_pixels)
                 break
             except Exception as e:  # noqa: BLE001 - decoder errors have no common type
-                errors["decode_error"] += 1
+                if not self.train:
+                    raise DataError(f"{self.path} row {row}: cannot use image {self.rows[row][0]} ({e}); evaluation "
+                                    f"data is never substituted: fix the file or remove its rows") from None
+                errors[skip_reason(e)] += 1
                 if self.logged < 5:  # the first few per worker; every one is counted
                     self.logged += 1
-                    logger.warning("%s row %d: cannot decode %s (%s)", self.path, row, self.rows[row][0], e)
+                    logger.warning("%s row %d: cannot use %s (%s)", self.path, row, self.rows[row][0], e)
         else:
-            raise RuntimeError(f"{self.path}: 16 consecutive undecodable images from row {index}")
+            raise RuntimeError(f"{self.path}: 16 consecutive unusable images from row {index}")
         caption = self.rows[_noisy_source(self.seed, row, len(self.rows), self.caption_noise)][1]
-        item = {"image": self.transform(image), "caption": caption, "index": index, "data_errors": dict(errors)}
-        if self.transform_h:
-            item["image_h"] = self.transform_h(image)
+        view = seeded(self.transform, image, self.seed, self.epoch, index) if self.train else self.transform(image)
+        item = {"image": view, "caption": caption, "index": index, "data_errors": dict(errors)}
+        if self.tower3_image_size:
+            item["image_h"] = tower3_view(image, self.tower3_image_size)
         return item
 
 
-def _read_bytes(path: str) -> bytes:
+def _file_stat(path: str) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a regular file, None if there is none at `path`."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def _read_bytes(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     with open(path, "rb") as f:
-        return f.read()
+        data = f.read(max_bytes + 1)      # never more than the limit in memory, even if the size lies
+    if len(data) > max_bytes:
+        raise TooLarge(f"{path}: more than --max-file-bytes {max_bytes} bytes")
+    return data
 
 
 # ----------------------------------------------------------------------------- tar shards
@@ -848,7 +930,8 @@ class TarShards(IterableDataset):
 
     def __init__(self, pattern: str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, image_size: int = 224, train: bool = True,
-                 tower3_image_size: int | None = None, max_bad_fraction: float = 0.1):
+                 tower3_image_size: int | None = None, max_bad_fraction: float = 0.1,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, max_file_bytes: int = MAX_FILE_BYTES):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.shards = expand_pattern(pattern)
@@ -862,9 +945,9 @@ class TarShards(IterableDataset):
             raise ValueError(f"{len(self.shards)} shards for {world_size} ranks: every rank needs a shard")
         self.pattern, self.rank, self.world_size, self.seed = pattern, rank, world_size, seed
         self.shuffle_buffer, self.train, self.max_bad_fraction = shuffle_buffer, train, max_bad_fraction
-        self.tower3_image_size = tower3_image_size
+        self.tower3_image_size, self.max_image_pixels = tower3_image_size, max_image_pixels
+        self.max_file_bytes = max_file_bytes
         self.transform = image_transform(image_size, train)
-        self.transform_h = image_transform(tower3_image_size, False) if tower3_image_size else None
         self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
 
     def set_epoch(self, epoch: int) -> None:
@@ -922,9 +1005,9 @@ class TarShards(IterableDataset):
 
         for shard, key, data, caption in shuffled():
             try:
-                image = decode_rgb(data)
-            except Exception:  # noqa: BLE001 - decoder errors have no common type
-                log.skip(shard, key, "decode_error")
+                image = decode_rgb(data, self.max_image_pixels)
+            except Exception as e:  # noqa: BLE001 - decoder errors have no common type
+                log.skip(shard, key, skip_reason(e))
                 continue
             if skip > 0:  # resuming mid-epoch: same order, decoded so that skips stay identical
                 skip -= 1
@@ -934,9 +1017,11 @@ class TarShards(IterableDataset):
             if held is not None:
                 held["data_errors"] = log.take()
                 yield held
-            held = {"image": self.transform(image), "caption": caption}
-            if self.transform_h:
-                held["image_h"] = self.transform_h(image)
+            sample = zlib.crc32(f"{os.path.basename(shard)}/{key}".encode())     # the crop's seed: not the reader's
+            held = {"image": seeded(self.transform, image, self.seed, epoch, sample) if self.train
+                    else self.transform(image), "caption": caption}
+            if self.tower3_image_size:
+                held["image_h"] = tower3_view(image, self.tower3_image_size)
         if held is not None:
             held["data_errors"] = log.take()
             yield held
@@ -955,20 +1040,23 @@ class TarShards(IterableDataset):
                         if k != key:
                             yield from self._complete(shard, key, group, log)
                             key, group = k, {}
-                        group[ext] = tar.extractfile(member).read()
+                        # a member over the limit is never read (a sparse one can claim gigabytes): None marks it
+                        group[ext] = tar.extractfile(member).read() if member.size <= self.max_file_bytes else None
                     yield from self._complete(shard, key, group, log)
                     _check_tar_end(shard, tar.offset)
             except (tarfile.TarError, OSError, EOFError) as e:
                 raise RuntimeError(f"shard {shard}: unreadable or truncated tar ({e})") from e
 
     @staticmethod
-    def _complete(shard: str, key: str | None, group: dict[str, bytes],
+    def _complete(shard: str, key: str | None, group: dict[str, bytes | None],
                   log: _SkipLog) -> Iterator[tuple[str, str, bytes, str]]:
         if not group:
             return
         log.see(shard)
         ext = next((e for e in _IMAGE_EXTS if e in group), None)
-        if ext is None:
+        if any(v is None for v in group.values()):
+            log.skip(shard, key, "too_large")
+        elif ext is None:
             log.skip(shard, key, "missing_image")
         elif "txt" not in group:
             log.skip(shard, key, "missing_caption")
@@ -984,34 +1072,49 @@ class TarShards(IterableDataset):
 
 
 class LabelledImages(Dataset):
-    """Items {'image', 'label'} from image files or an HWC uint8 array (CIFAR); .classnames, .num_classes."""
+    """Items {'image', 'label'} (+ 'image_h', h's view, when tower3_image_size is set) from image files or an HWC
+    uint8 array (CIFAR); .classnames, .num_classes. train=True seeds the random transform per (seed, epoch,
+    index). A file that cannot be used raises DataError naming it: labelled sets are test data or a
+    classifier's training data, never silently substituted."""
+
+    max_image_pixels, max_file_bytes = MAX_IMAGE_PIXELS, MAX_FILE_BYTES
 
     def __init__(self, transform: Callable[[Tensor], Tensor], classnames: list[str], targets: Sequence[int],
-                 paths: Sequence[str] | None = None, array: np.ndarray | None = None):
+                 paths: Sequence[str] | None = None, array: np.ndarray | None = None, *, train: bool = False,
+                 seed: int = 0):
         self.transform, self.classnames, self.targets = transform, list(classnames), list(targets)
         self.paths, self.array, self.num_classes = paths, array, len(self.classnames)
+        self.train, self.seed, self.epoch, self.tower3_image_size = train, seed, 0, None
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.array is not None:
             image = torch.from_numpy(np.ascontiguousarray(self.array[index])).permute(2, 0, 1)
         else:
-            try:  # eval data should be clean: a broken file is an error, not a skip
-                image = decode_rgb(_read_bytes(self.paths[index]))
+            try:
+                image = decode_rgb(_read_bytes(self.paths[index], self.max_file_bytes), self.max_image_pixels)
             except Exception as e:  # noqa: BLE001
-                raise RuntimeError(f"cannot decode image {self.paths[index]}: {e}") from e
-        return {"image": self.transform(image), "label": self.targets[index]}
+                raise DataError(f"cannot use image {self.paths[index]}: {e}") from None
+        item = {"image": seeded(self.transform, image, self.seed, self.epoch, index) if self.train
+                else self.transform(image), "label": self.targets[index]}
+        if self.tower3_image_size:
+            item["image_h"] = tower3_view(image, self.tower3_image_size)
+        return item
 
 
-def image_folder(root: str, transform: Callable[[Tensor], Tensor]) -> LabelledImages:
+def image_folder(root: str, transform: Callable[[Tensor], Tensor], **kwargs: Any) -> LabelledImages:
+    """An ImageFolder root: one sub-folder per class, labels in sorted folder order; kwargs go to LabelledImages."""
     from torchvision.datasets import ImageFolder
 
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
     folder = ImageFolder(root)  # only scans: classes = sorted sub-folder names
-    return LabelledImages(transform, folder.classes, folder.targets, paths=[p for p, _ in folder.samples])
+    return LabelledImages(transform, folder.classes, folder.targets, paths=[p for p, _ in folder.samples], **kwargs)
 
 
 # ----------------------------------------------------------------------------- what a flag names
@@ -1022,38 +1125,60 @@ def make_pairs_dataset(spec: str, split: str = "train", *, image_size: int = 64,
                        caption_noise: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1,
                        csv_img_key: str = "filepath", csv_caption_key: str = "title",
                        csv_separator: str | None = None, max_bad_fraction: float = 0.1,
-                       shuffle_buffer: int = 1000) -> Dataset:
-    """spec: 'shapes' | a .csv/.tsv file | a tar-shard pattern. Only split 'train' augments/shuffles."""
+                       shuffle_buffer: int = 1000, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                       max_file_bytes: int = MAX_FILE_BYTES) -> Dataset:
+    """spec: 'shapes' | a .csv/.tsv file | a tar-shard pattern. Only split 'train' augments/shuffles. Files are
+    used whole unless num_samples (CSV: the first rows) is given; items carry h's view when tower3_image_size is."""
     train = split == "train"
     if spec == "shapes":
         n = num_samples or (100_000 if train else 10_000)
         return ShapesPairs(split, n, seed=seed, image_size=image_size,
                            tower3_image_size=tower3_image_size, caption_noise=caption_noise)
+    limits = dict(max_image_pixels=max_image_pixels, max_file_bytes=max_file_bytes)
     if spec.lower().endswith((".csv", ".tsv")):
         return CsvPairs(spec, img_key=csv_img_key, caption_key=csv_caption_key,
                         separator=csv_separator, image_size=image_size, train=train,
                         tower3_image_size=tower3_image_size, num_samples=num_samples,
-                        caption_noise=caption_noise, seed=seed)
+                        caption_noise=caption_noise, seed=seed, **limits)
     if num_samples is not None or caption_noise > 0:
         raise ValueError("num_samples / caption_noise are not supported for tar shards: select fewer shards")
     return TarShards(spec, rank=rank, world_size=world_size, seed=seed,
                      shuffle_buffer=shuffle_buffer, image_size=image_size, train=train,
-                     tower3_image_size=tower3_image_size, max_bad_fraction=max_bad_fraction)
+                     tower3_image_size=tower3_image_size, max_bad_fraction=max_bad_fraction, **limits)
 
 
 def make_labelled_dataset(spec: str, split: str = "pretrain", *, label: str = "object", image_size: int = 64,
-                          num_samples: int | None = None, seed: int = 0) -> Dataset:
-    """'shapes' (label object|scene|position_size) or an ImageFolder root (its folders are the labels,
-    `label` is ignored; Inception-style crop + flip, a seeded subset when num_samples is given)."""
+                          num_samples: int | None = None, seed: int = 0, crop_scale: float = 0.08,
+                          flip: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                          max_file_bytes: int = MAX_FILE_BYTES) -> Dataset:
+    """'shapes' (label object|scene|position_size) or an ImageFolder root (its folders are the labels, `label`
+    is ignored; a seeded subset when num_samples is given). ImageFolder augmentation: a random crop of at
+    least crop_scale of the area (0.08: Inception-style; 1: resize + centre crop, no random crop), and
+    horizontal flips if `flip` -- small sets learn faster with less."""
     if spec == "shapes":
         return ShapesLabelled(split, num_samples or 50_000, label=label, seed=seed, image_size=image_size)
-    transform = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(),
-                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    data = image_folder(spec, transform)
+    crop = [v2.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True)] if crop_scale < 1 else \
+        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    transform = v2.Compose(crop + [v2.RandomHorizontalFlip()] * flip + [v2.ToDtype(torch.float32, scale=True),
+                                                                         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    data = image_folder(spec, transform, train=True, seed=seed)
+    data.max_image_pixels, data.max_file_bytes = max_image_pixels, max_file_bytes
     if num_samples is not None and num_samples < len(data):
         keep = np.sort(np.random.default_rng(seed).choice(len(data), num_samples, replace=False))
         data.targets, data.paths = [data.targets[i] for i in keep], [data.paths[i] for i in keep]
     return data
+
+
+def with_tower3_view(dataset: Dataset, size: int) -> Dataset:
+    """A shallow copy of `dataset` whose items also carry 'image_h', the third tower's own view at `size`
+    (tower3_view): evaluation gives h the pixels it saw in training, never f's view resized."""
+    if isinstance(dataset, Subset):
+        return Subset(with_tower3_view(dataset.dataset, size), dataset.indices)
+    if not hasattr(dataset, "tower3_image_size"):
+        raise TypeError(f"{type(dataset).__name__} has no third-tower view (no tower3_image_size)")
+    out = copy.copy(dataset)
+    out.tower3_image_size = size
+    return out
 
 
 # ==================================================================================================
@@ -1108,16 +1233,16 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def indices(self) -> list[int]:
-        """This rank's indices for the current epoch (before any skip)."""
-        order = list(range(self.length))
+        """This rank's indices for the current epoch (before any skip). The permutation stays a tensor
+        (8 bytes a row); only this rank's share becomes a list."""
+        order = torch.arange(self.length)
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.length, generator=generator).tolist()
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         if self.drop_last:
             order = order[: self.length - self.length % self.world_size]
         else:
-            order += order[: (-self.length) % self.world_size]
-        return order[self.rank :: self.world_size]
+            order = torch.cat([order, order[: (-self.length) % self.world_size]])
+        return order[self.rank :: self.world_size].tolist()
 
     def __iter__(self) -> Iterator[int]:
         skip, self.skip = self.skip, 0
@@ -1175,9 +1300,63 @@ def make_loader(dataset: Dataset, batch_size: int, *, tokenizer: Tokenizer | Non
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Forward the epoch to the sampler (map-style) or the streaming dataset (tar shards)."""
-    for target in (loader.sampler, loader.dataset):
-        if hasattr(target, "set_epoch"):
-            target.set_epoch(epoch)
-            return
-    raise TypeError("neither the loader's sampler nor its dataset has set_epoch; build it with make_loader")
+    """Forward the epoch to the sampler (map-style order) and the dataset (tar shard order, per-sample crops)."""
+    targets = [t for t in (loader.sampler, loader.dataset) if hasattr(t, "set_epoch")]
+    if not targets:
+        raise TypeError("neither the loader's sampler nor its dataset has set_epoch; build it with make_loader")
+    for target in targets:
+        target.set_epoch(epoch)
+
+
+class RowTable:
+    """A float32 table (rows x dim) in one file: a JSON header padded to 4 KiB, then the rows. Rows are written
+    and read by offset (os.pwrite / os.pread), so a process holds only the rows it touches, and the OS page
+    cache (one per node, shared by its processes) keeps the hot part. The third tower's cache (train.py)."""
+
+    HEADER = 4096
+
+    def __init__(self, path: str, fd: int, rows: int, dim: int):
+        self.path, self.fd, self.rows, self.dim = path, fd, rows, dim
+
+    @classmethod
+    def create(cls, path: str, rows: int, dim: int, **meta: Any) -> None:
+        header = json.dumps({"rows": rows, "dim": dim, **meta}).encode()
+        with open(path, "wb") as f:
+            f.write(header.ljust(cls.HEADER))
+            f.truncate(cls.HEADER + rows * dim * 4)                # sparse until written
+
+    @classmethod
+    def open(cls, path: str, rows: int, dim: int, writable: bool = False, **meta: Any) -> RowTable | None:
+        """The table at `path`, or None when it is missing, unreadable, or its header or size is not `rows`,
+        `dim` and `meta`."""
+        try:
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            header = json.loads(os.pread(fd, cls.HEADER, 0))
+        except ValueError:
+            header = None
+        if header != {"rows": rows, "dim": dim, **meta} or os.fstat(fd).st_size != cls.HEADER + rows * dim * 4:
+            os.close(fd)
+            return None
+        return cls(path, fd, rows, dim)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, index: Tensor | Sequence[int]) -> Tensor:
+        """Rows (B,) -> float32 (B, dim), one read per row."""
+        width, index = 4 * self.dim, [int(i) for i in index]
+        if index and not 0 <= min(index) <= max(index) < self.rows:
+            raise IndexError(f"{self.path}: rows {min(index)}..{max(index)} outside [0, {self.rows})")
+        data = bytearray(b"".join(os.pread(self.fd, width, self.HEADER + i * width) for i in index))
+        return torch.frombuffer(data, dtype=torch.float32).view(len(index), self.dim) if index \
+            else torch.empty(0, self.dim)
+
+    def write(self, start: int, rows: Tensor) -> None:
+        """Write rows (B, dim) at rows start..start+B-1."""
+        os.pwrite(self.fd, rows.float().contiguous().numpy().tobytes(), self.HEADER + start * 4 * self.dim)
+
+    def __del__(self) -> None:
+        os.close(self.fd)

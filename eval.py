@@ -40,8 +40,8 @@ from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, CsvPairs, LabelledImages, RetrievalSet, ShapesLabelled, Tokenizer,
-                  collate, image_folder, image_transform, resize_view, shapes_retrieval, zeroshot_tasks)
+from data import (IMAGENET_MEAN, IMAGENET_STD, CsvPairs, DataError, LabelledImages, RetrievalSet, ShapesLabelled,
+                  Tokenizer, collate, image_folder, image_transform, shapes_retrieval, with_tower3_view, zeroshot_tasks)
 from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, load_tower3
 
 TASKS = ("zeroshot", "retrieval", "fewshot")
@@ -186,15 +186,16 @@ class Embedder:
 
     def images(self, dataset: Dataset) -> tuple[dict[str, Tensor], Tensor | None]:
         """Every image-side embedding of model.encode_image, plus 'h' = normalised h(I) when a
-        third tower is used; and the labels, if the items have them."""
+        third tower is used; and the labels, if the items have them. h reads its own view of each
+        image (data.tower3_view), the pixels it saw in training, never f's view resized."""
         if id(dataset) not in self.cache:
-            loader = DataLoader(dataset, self.batch_size, shuffle=False, collate_fn=collate)
+            source = dataset if self.tower3 is None else with_tower3_view(dataset, self.tower3.image_size)
+            loader = DataLoader(source, self.batch_size, shuffle=False, collate_fn=collate)
             parts, labels = [], []
             for batch in tqdm(loader, desc="images", disable=not self.progress, leave=False):
                 image, h = batch["image"].to(self.device), None
                 if self.tower3 is not None:
-                    view = batch["image_h"] if "image_h" in batch else batch["image"]
-                    h = self.tower3(resize_view(view.to(self.device), self.tower3.image_size))
+                    h = self.tower3(batch["image_h"].to(self.device))
                 out = self.model.encode_image(image, h)
                 if h is not None:
                     out.setdefault("h", F.normalize(h.float(), dim=-1))
@@ -255,25 +256,35 @@ class EvalSuite:
 
 
 def imagefolder_zeroshot(root: str, classnames_file: str, image_size: int = 224) -> tuple[Dataset, list[str]]:
-    """ImageNet-val-style folder + a class-name file (one name per line, in sorted folder order)."""
+    """ImageNet-val-style folder + a class-name file: its k-th name names the k-th class folder in sorted
+    (alphabetical) order. A file that lists folder names in another order would permute every label
+    silently, so that raises."""
     data = image_folder(root, image_transform(image_size, train=False))
     with open(classnames_file, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
     if len(names) != data.num_classes:
         raise ValueError(f"{classnames_file} has {len(names)} names but {root} has {data.num_classes} class folders")
+    folder = {name: k for k, name in enumerate(data.classnames)}
+    moved = [(k, name) for k, name in enumerate(names) if folder.get(name, k) != k]
+    if moved:
+        k, name = moved[0]
+        raise ValueError(f"{classnames_file}: name {k + 1} is {name!r}, the name of class folder {folder[name] + 1} "
+                         f"in sorted order ({len(moved)} such names); the k-th name must name the k-th folder of "
+                         f"{root} in sorted order")
     data.classnames = names
     return data, names
 
 
-def cifar_zeroshot(name: str, root: str, image_size: int = 224, download: bool = False) -> tuple[Dataset, list[str]]:
-    """CIFAR-10/100 test set from torchvision's on-disk format; downloads only when asked."""
+def cifar_zeroshot(name: str, root: str, image_size: int = 224, download: bool = False,
+                   train: bool = False) -> tuple[Dataset, list[str]]:
+    """CIFAR-10/100 test (or train) set from torchvision's on-disk format; downloads only when asked."""
     from torchvision import datasets
 
     builders = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
     if name not in builders:
         raise ValueError(f"unknown CIFAR variant {name!r}; choose from {list(builders)}")
     try:
-        base = builders[name](root, train=False, download=download)
+        base = builders[name](root, train=train, download=download)
     except RuntimeError as e:
         raise FileNotFoundError(f"{name} not found under {root!r} (pass download=True to fetch it): {e}") from e
     names = [c.replace("_", " ") for c in base.classes]  # "aquarium_fish" -> "aquarium fish" for prompts
@@ -300,6 +311,36 @@ def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int
     return {kind: (data, classes, prompts_of(classes))}
 
 
+def fewshot_sets(spec: str, image_size: int, seed: int, test: Dataset | None = None,
+                 num_images: int = 500) -> dict[str, tuple[Dataset, Dataset]]:
+    """Task -> (probe-train pool, probe-test images). 'shapes': the 'object' task, pool from split 'val', test
+    images from 'test' (`test` if given), disjoint by construction. imagefolder:ROOT: ROOT/train is the pool,
+    ROOT/test (or ROOT/val) is scored, with the same class folders. cifar10:ROOT / cifar100:ROOT: the train and
+    test splits. Pools keep FEWSHOT_POOL_PER_CLASS seeded images per class: only those are embedded."""
+    if spec == "shapes":
+        test = test if test is not None else ShapesLabelled("test", num_images, label="object", seed=seed,
+                                                            image_size=image_size)
+        return {"object": (ShapesLabelled("val", FEWSHOT_POOL_PER_CLASS * test.num_classes, label="object",
+                                          seed=seed, image_size=image_size), test)}
+    kind, _, root = spec.partition(":")
+    if kind == "imagefolder" and root:
+        splits = [os.path.join(root, s) for s in ("train", "test", "val") if os.path.isdir(os.path.join(root, s))]
+        if len(splits) < 2 or not splits[0].endswith("train"):
+            raise FileNotFoundError(f"few-shot data {spec!r}: expected class folders under {root}/train and "
+                                    f"{root}/test (or {root}/val)")
+        pool, test = (image_folder(d, image_transform(image_size, train=False)) for d in splits[:2])
+        if pool.classnames != test.classnames:
+            raise ValueError(f"few-shot data {spec!r}: {splits[0]} and {splits[1]} have different class folders")
+    elif kind in ("cifar10", "cifar100") and root:
+        pool, test = (cifar_zeroshot(kind, root, image_size, train=train)[0] for train in (True, False))
+    else:
+        raise ValueError(f"few-shot data {spec!r}: use shapes, imagefolder:ROOT, cifar10:ROOT or cifar100:ROOT")
+    targets, generator = torch.tensor(pool.targets), torch.Generator().manual_seed(seed)
+    keep = [idx[torch.randperm(len(idx), generator=generator)[:FEWSHOT_POOL_PER_CLASS]]
+            for idx in ((targets == c).nonzero().flatten() for c in range(pool.num_classes))]
+    return {kind: (Subset(pool, sorted(torch.cat(keep).tolist())), test)}
+
+
 def csv_retrieval(path: str, *, image_size: int,
                   img_key: str = "filepath", caption_key: str = "title",
                   separator: str | None = None) -> RetrievalSet:
@@ -319,13 +360,13 @@ def build_eval_suite(spec: str = "shapes", *, tokenizer: Tokenizer, image_size: 
                      num_images: int = 500, seed: int = 0,
                      tasks: Sequence[str] = ("zeroshot", "retrieval"),
                      zeroshot_data: str | None = None, retrieval_data: str | None = None,
+                     fewshot_data: str | None = None,
                      csv_keys: tuple[str, str, str | None] = ("filepath", "title", None)
                      ) -> EvalSuite:
-    """Build the datasets once. `spec` names the data of every task; zeroshot_data / retrieval_data
-    override it per task. 'shapes' = the shapes world's split 'test' (num_images images, `seed`);
-    a .csv/.tsv serves retrieval only; imagefolder:/cifar: serve zero-shot only. Few-shot always
-    runs on the shapes 'object' task: probe-train examples come from split 'val', probe-test
-    images are the 'test' images, so the two are disjoint by construction."""
+    """Build the datasets once. `spec` names the data of every task; zeroshot_data / retrieval_data /
+    fewshot_data override it per task. 'shapes' = the shapes world's split 'test' (num_images images,
+    `seed`); a .csv/.tsv serves retrieval only; imagefolder:/cifar: serve zero-shot and few-shot
+    (fewshot_sets says which split does what)."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown eval task(s) {sorted(unknown)}; choose from {TASKS}")
@@ -346,15 +387,12 @@ def build_eval_suite(spec: str = "shapes", *, tokenizer: Tokenizer, image_size: 
         suite.notes.append(f"retrieval skipped: {rt_spec} has class labels, not captions")
     if suite.retrieval is not None:
         suite.retrieval_tokens = tokenizer.encode(suite.retrieval.captions)
-    if "fewshot" in tasks:
-        if zs_spec == "shapes" and "object" in suite.zeroshot:
-            test = suite.zeroshot["object"][0]                      # embedded once for both
-        else:
-            test = ShapesLabelled("test", num_images, label="object", seed=seed,
-                                  image_size=image_size)
-        pool = ShapesLabelled("val", FEWSHOT_POOL_PER_CLASS * test.num_classes, label="object",
-                              seed=seed, image_size=image_size)
-        suite.fewshot["object"] = (pool, test)
+    fs_spec = fewshot_data or spec
+    if "fewshot" in tasks and fs_spec.lower().endswith((".csv", ".tsv")):
+        suite.notes.append(f"few-shot skipped: {fs_spec} has captions, not class labels")
+    elif "fewshot" in tasks:
+        shared = suite.zeroshot["object"][0] if zs_spec == "shapes" and "object" in suite.zeroshot else None
+        suite.fewshot = fewshot_sets(fs_spec, image_size, seed, shared, num_images)    # shapes: embedded once
     return suite
 
 
@@ -551,7 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoint", required=True, help=f"a ckpt.pt written by train.py (format '{CHECKPOINT_FORMAT}')")
     add("--tasks", default="zeroshot,retrieval,fewshot", help=f"comma list of {TASKS}")
     add("--zeroshot-data", default="shapes", help="shapes | imagefolder:ROOT:CLASSNAMES_FILE | "
-        "cifar10:ROOT | cifar100:ROOT (the files hold no captions; CIFAR in torchvision's format)")
+        "cifar10:ROOT | cifar100:ROOT (CIFAR in torchvision's format). CLASSNAMES_FILE: one name per "
+        "line, the k-th naming ROOT's k-th class folder in sorted (alphabetical) order")
+    add("--fewshot-data", default="shapes", help="shapes | imagefolder:ROOT (probe trained on ROOT/train, "
+        "scored on ROOT/test or ROOT/val) | cifar10:ROOT | cifar100:ROOT (train / test split)")
     add("--retrieval-data", default="shapes", help="shapes | a .csv/.tsv of image paths and "
         "captions (rows with the same image path are one image with several captions)")
     add("--num-images", type=int, default=500, help="shapes test images (files are used whole)")
@@ -587,11 +628,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     train, config = ckpt.get("args") or {}, ckpt["model_config"]
     csv_keys = (args.csv_keys or f"{train.get('csv_img_key', 'filepath')},"
                 f"{train.get('csv_caption_key', 'title')}").split(",")
-    suite = build_eval_suite(
-        tokenizer=Tokenizer.from_dict(ckpt["tokenizer"]), num_images=args.num_images,
-        image_size=train.get("image_size") or config.get("image_size", 64), seed=args.seed,
-        tasks=args.tasks.split(","), zeroshot_data=args.zeroshot_data,
-        retrieval_data=args.retrieval_data, csv_keys=(*csv_keys, train.get("csv_separator")))
+    try:
+        suite = build_eval_suite(
+            tokenizer=Tokenizer.from_dict(ckpt["tokenizer"]), num_images=args.num_images,
+            image_size=train.get("image_size") or config.get("image_size", 64), seed=args.seed,
+            tasks=args.tasks.split(","), zeroshot_data=args.zeroshot_data, retrieval_data=args.retrieval_data,
+            fewshot_data=args.fewshot_data, csv_keys=(*csv_keys, train.get("csv_separator")))
+    except (FileNotFoundError, ValueError) as e:       # a missing file, a bad names file or CSV
+        raise SystemExit(f"eval.py: error: {e}") from None
     suite.shots = tuple(int(k) for k in args.shots.split(","))
     suite.fewshot_seeds, suite.fewshot_lambda = args.fewshot_seeds, args.fewshot_lambda
     embeddings, alphas = args.embeddings.split(","), [float(a) for a in args.alphas.split(",")]
@@ -600,8 +644,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
           f"scoring with {', '.join(dict.fromkeys(v for _, v, _ in view_list))}"
           + ("" if model.mode == "3t" else " (only the main embeddings exist in this mode)"))
     print("".join(f"note: {note}\n" for note in suite.notes), end="")
-    results = evaluate(model, tower3, suite, device=args.device, batch_size=args.batch_size,
-                       alphas=alphas, progress=args.progress, embeddings=embeddings)
+    try:
+        results = evaluate(model, tower3, suite, device=args.device, batch_size=args.batch_size,
+                           alphas=alphas, progress=args.progress, embeddings=embeddings)
+    except DataError as e:                              # an image that cannot be used: never substituted
+        raise SystemExit(f"eval.py: error: {e}") from None
     print(format_table(results))
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),

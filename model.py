@@ -237,7 +237,11 @@ def load_tower3(spec: str) -> FrozenTower:
             raise ValueError(f"--tower3 {spec!r}: unknown torchvision architecture {arch!r}")
         if os.sep in weights or weights.endswith((".pt", ".pth")):
             net = torchvision.models.get_model(arch, weights=None)
-            net.load_state_dict(_load_file(weights, spec))
+            try:
+                net.load_state_dict(_load_file(weights, spec))
+            except (RuntimeError, TypeError) as e:           # another architecture's weights, or not a dict
+                raise ValueError(f"--tower3 {spec!r}: {weights} is not a state_dict of torchvision's {arch} "
+                                 f"({str(e).splitlines()[0]} ...)") from None
             image_size = 224
         else:
             try:
@@ -271,7 +275,11 @@ def load_tower3(spec: str) -> FrozenTower:
 def _load_file(path: str, spec: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--tower3 {spec!r}: no such file {path!r}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and tensor errors have no common type
+        raise ValueError(f"--tower3 {spec!r}: {path} is not a file of tensors that torch.load(weights_only=True) "
+                         f"reads ({type(e).__name__}); save model.state_dict(), not the model") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ from model import (CHECKPOINT_FORMAT, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, Fr
 # ----------------------------------------------------------------------------------------------
 # Flags. Defaults are the CPU preset: the embedded shapes world, small towers, minutes on 2 cores.
 # ----------------------------------------------------------------------------------------------
+SHAPES_TRAIN_SAMPLES = 30_000     # --train-samples on the shapes world; files are used whole
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -52,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="'shapes' (embedded synthetic world, no download), a .csv/.tsv of image paths + captions, "
            "or tar shards like 'data/{00000..00099}.tar' (img2dataset layout); for --mode supervised: "
            "'shapes' or an ImageFolder root")
-    a("--train-samples", type=int, default=30_000, help="shapes/CSV: number of training pairs (scarce regime: fewer)")
+    a("--train-samples", type=int, default=None,
+      help=f"training pairs (scarce regime: fewer). Default: {SHAPES_TRAIN_SAMPLES:,} on the shapes world; a CSV or "
+           f"ImageFolder is used whole (given N: a CSV's first N usable rows, a seeded subset of N images)")
     a("--caption-noise", type=float, default=0.0,
       help="shapes/CSV: fraction of pairs whose caption belongs to another image (noisy web regime)")
     a("--label", default="object", choices=["object", "scene", "position_size"],
@@ -62,6 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--csv-separator", default=None, help="CSV separator (default: tab for .tsv, comma for .csv)")
     a("--max-bad-fraction", type=float, default=0.1,
       help="tar shards: stop with an error when more than this fraction of a shard's samples is unreadable")
+    a("--max-image-pixels", type=int, default=data.MAX_IMAGE_PIXELS,
+      help="files: an image whose header announces more pixels is skipped and counted (too_large), never decoded")
+    a("--max-file-bytes", type=int, default=data.MAX_FILE_BYTES,
+      help="files: an image file or tar member larger than this is skipped and counted (too_large), never read")
+    a("--crop-scale", type=float, default=0.08,
+      help="--mode supervised on an ImageFolder: random crops cover at least this fraction of the image (0.08: "
+           "Inception-style, the default; 1: resize + centre crop, no random crop; small sets learn faster with more)")
+    a("--flip", action=argparse.BooleanOptionalAction, default=True,
+      help="--mode supervised on an ImageFolder: random horizontal flips (default on)")
     a("--workers", type=int, default=None,
       help="DataLoader worker processes per rank (default: 0 on CPU, where the shapes world costs ~2%% of a "
            "step and extra processes only compete for the cores; 8 per GPU, capped by the CPU count)")
@@ -132,6 +146,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--loss-weights {args.loss_weights!r}: expected {len(PAIRS[args.mode])} comma-separated "
                     f"numbers for the terms {','.join(PAIRS[args.mode])} of --mode {args.mode}")
         args.loss_weights = values
+    tar = args.mode != "supervised" and args.train_data != "shapes" and not args.train_data.lower().endswith(
+        (".csv", ".tsv"))
+    if args.train_samples is not None and (args.train_samples < 1 or tar):
+        p.error(f"--train-samples {args.train_samples}: " + ("tar shards are streamed whole; select fewer shards"
+                                                              if tar else "expected at least 1"))
+    for flag in ("max_image_pixels", "max_file_bytes"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive limit")
+    if not 0 < args.crop_scale <= 1:
+        p.error(f"--crop-scale {args.crop_scale:g}: expected a fraction of the image area in (0, 1]")
+    if args.train_data == "shapes" and args.train_samples is None:
+        args.train_samples = SHAPES_TRAIN_SAMPLES
     if args.tower3 == "auto" and args.mode in ("lit", "3t") and args.train_data != "shapes":
         p.error(f"--tower3 auto only works with --train-data shapes; for {args.train_data!r} give e.g. "
                 f"--tower3 torchvision:resnet50:IMAGENET1K_V2")
@@ -226,10 +252,14 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
     return path
 
 
-def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset) -> torch.Tensor | None:
-    """h(x_i) for every sample i of a finite dataset, computed once (sharded over ranks, gathered)
-    and stored on disk under a fingerprint of the tower's weights and the data. A cache whose
-    fingerprint does not match is recomputed, never used."""
+def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset) -> data.RowTable | None:
+    """h(x_i) of every sample i of a finite dataset (h's own view, data.tower3_view), computed once and then
+    read by row (LiT Sec. 5.6). The table is a file under --cache-dir named by a fingerprint of the tower's
+    weights, h's view and the data (for files: every image's size and modification time); a file whose
+    header does not match is recomputed, never used. Rank r of W computes only rows [r N/W, (r+1) N/W) into
+    a temporary file that every rank writes, and rank 0 renames it into place once each rank sees the
+    others' rows -- so --cache-dir must be on a filesystem that all nodes share. Training reads the rows of
+    its batch: memory O(batch) per rank; the OS page cache holds what is read often."""
     if not args.cache_tower3:
         return None
     if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
@@ -239,42 +269,67 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
     for t in tower3.state_dict().values():
         digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())   # 1-d: BatchNorm counters are 0-d
     digest.update(json.dumps([args.train_data, len(dataset), args.seed, args.image_size, tower3.image_size,
-                              _data_stamp(args.train_data)]).encode())
-    fingerprint = digest.hexdigest()[:16]
-    path = os.path.join(args.cache_dir, f"h-{fingerprint}.pt")
+                              data.TOWER3_VIEW, getattr(dataset, "stamp", None)]).encode())
+    key = dict(rows=len(dataset), dim=tower3.dim, fingerprint=digest.hexdigest()[:16])
+    path = os.path.join(args.cache_dir, f"h-{key['fingerprint']}.bin")
+    table = data.RowTable.open(path, **key)
+    if every_rank(env, table is not None):
+        log(env, f"[tower3] reusing cached embeddings {path}")
+        return table
     if os.path.exists(path):
-        cached = read_checkpoint(path)
-        if cached.get("fingerprint") == fingerprint and cached["h"].shape == (len(dataset), tower3.dim):
-            log(env, f"[tower3] reusing cached embeddings {path}")
-            return cached["h"].to(env.device)
         log(env, f"[tower3] cache {path} is stale: recomputing")
-    loader = data.make_loader(dataset, 256, workers=env.workers(args), rank=env.rank, world_size=env.world,
-                              shuffle=False, drop_last=False)
-    h = torch.zeros(len(dataset), tower3.dim, device=env.device)
-    seen = torch.zeros(len(dataset), device=env.device)     # how many ranks wrote each row
+    token = [f"{os.getpid()}-{os.urandom(4).hex()}"]               # rank 0's, so every rank names one file
+    if env.world > 1:
+        dist.broadcast_object_list(token, src=0)
+    tmp = f"{path}.{token[0]}.tmp"
+    try:
+        if env.master:
+            os.makedirs(args.cache_dir, exist_ok=True)
+            data.RowTable.create(tmp, **key)
+        env.barrier()
+        table = data.RowTable.open(tmp, writable=True, **key)     # None where rank 0's file is not visible
+        first = cache_share(args, env, tower3, dataset, table) if table is not None else None
+        # Every rank must see every rank's rows: each compares the first row of every share in its own view.
+        firsts = [first]
+        if env.world > 1:
+            firsts = [None] * env.world
+            dist.all_gather_object(firsts, first)
+        seen = table is not None and all(torch.equal(table[[i]][0], row) for i, row in filter(None, firsts))
+        if not every_rank(env, seen):
+            raise SystemExit(f"--cache-dir {args.cache_dir}: the ranks do not see each other's rows of {tmp}; use a "
+                             f"folder on a filesystem that every node shares, or --no-cache-tower3")
+        if env.master:
+            os.replace(tmp, path)
+        env.barrier()
+    finally:
+        if env.master and os.path.exists(tmp):
+            os.remove(tmp)
+    return data.RowTable.open(path, **key)
+
+
+def cache_share(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, table: data.RowTable
+                ) -> tuple[int, torch.Tensor] | None:
+    """Compute this rank's share of the rows, [r N/W, (r+1) N/W), into `table`, batch by batch; return
+    (index, row) of its first row, or None for an empty share."""
+    lo, hi = len(dataset) * env.rank // env.world, len(dataset) * (env.rank + 1) // env.world
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), 256,   # in order, no
+                                         num_workers=env.workers(args), collate_fn=data.collate)  # index list
+    row, first = lo, None
     for batch in tqdm(loader, desc="caching h", disable=not env.master or args.quiet):
-        index = batch["index"].to(env.device)
         with autocast(args, env):
-            h[index] = tower3(tower3_view(batch, env.device)).float()
-        seen[index] = 1
-    if env.world > 1:   # sum the ranks' rows; the sampler's padding repeats a few rows on two ranks
-        dist.all_reduce(h)
-        dist.all_reduce(seen)
-        h = h / seen[:, None]
-    if env.master:
-        os.makedirs(args.cache_dir, exist_ok=True)
-        save_checkpoint({"fingerprint": fingerprint, "h": h.cpu()}, path)
-    env.barrier()
-    return h
+            h = tower3(batch["image_h"].to(env.device, non_blocking=True)).float().cpu()
+        table.write(row, h)
+        first, row = first or (lo, h[0].clone()), row + len(h)
+    return first
 
 
-def _data_stamp(spec: str) -> list:
-    return [os.path.getmtime(spec), os.path.getsize(spec)] if os.path.isfile(spec) else []
-
-
-def tower3_view(batch: dict, device: torch.device) -> torch.Tensor:
-    """The third tower's own input view (its size may differ from f's)."""
-    return batch.get("image_h", batch["image"]).to(device, non_blocking=True)
+def every_rank(env: Env, flag: bool) -> bool:
+    """Whether `flag` holds on every rank (one all_reduce), so that all ranks take the same branch."""
+    if env.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,6 +360,9 @@ def schedule(args: argparse.Namespace, env: Env, model: torch.nn.Module, dataset
     """AdamW, its warm-up + cosine schedule, and the number of steps: --steps, else --epochs
     (default 1) over a finite dataset."""
     per_epoch = len(dataset) // (args.batch_size * env.world) if hasattr(dataset, "__len__") else None
+    if per_epoch == 0:
+        raise SystemExit(f"--train-data {args.train_data!r}: {len(dataset)} samples, fewer than one global batch "
+                         f"(--batch-size {args.batch_size} x {env.world} processes)")
     if args.steps is None and per_epoch is None:
         raise SystemExit("--steps is required for streaming (tar-shard) data")
     total = args.steps or max(1, int((args.epochs or 1) * per_epoch))
@@ -326,10 +384,14 @@ def endless(loader, position: Position) -> Iterator[dict]:
     """The loader's batches, epoch after epoch, from `position` on; position follows along."""
     while True:
         data.set_epoch(loader, position.epoch)
+        fresh = position.batch == 0
         for batch in loader:
             position.batch += 1
             position.data_errors.update(batch.get("data_errors", {}))
             yield batch
+        if fresh and position.batch == 0:      # would loop forever
+            raise RuntimeError(f"epoch {position.epoch} of the training data gave this process no batch: every "
+                               f"sample was skipped ({dict(position.data_errors)}) or there are too few")
         position.epoch, position.batch = position.epoch + 1, 0
 
 
@@ -491,7 +553,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     tower3: FrozenTower | None
-    h_cache: torch.Tensor | None        # h(x_i) of every sample, or None: h runs every step
+    h_cache: data.RowTable | None       # h(x_i) by sample index (tower3_cache), or None: h runs every step
     weights: dict[str, float]           # weight of each loss term of losses.PAIRS[mode]
 
 
@@ -505,8 +567,8 @@ def train_step(args: argparse.Namespace, env: Env, parts: Parts, batch: dict) ->
     with autocast(args, env):
         h = None
         if parts.tower3 is not None:
-            h = parts.h_cache[batch["index"].to(env.device)] if parts.h_cache is not None else \
-                parts.tower3(tower3_view(batch, env.device))
+            h = parts.h_cache[batch["index"]].to(env.device, non_blocking=True) if parts.h_cache is not None else \
+                parts.tower3(batch["image_h"].to(env.device, non_blocking=True))
         out = parts.forward(image if args.mode != "lit" else None, text, h)
         loss, metrics = tower_loss(out, args.mode, parts.weights)
     if not apply_gradients(parts.model, parts.optimizer, parts.scheduler, loss, args.grad_clip):
@@ -541,14 +603,19 @@ def check_finite(ok: bool, streak: int, args: argparse.Namespace, env: Env, step
 
 
 def pairs_dataset(args: argparse.Namespace, env: Env, tower3: FrozenTower | None):
-    """The image-text pairs of --train-data, with the third tower's own view when its input size differs."""
-    h_size = tower3.image_size if tower3 is not None and tower3.image_size != args.image_size else None
-    return data.make_pairs_dataset(
-        args.train_data, "train", image_size=args.image_size, tower3_image_size=h_size,
-        num_samples=args.train_samples if args.train_data == "shapes" or args.train_data.endswith((".csv", ".tsv"))
-        else None, caption_noise=args.caption_noise, seed=args.seed, rank=env.rank, world_size=env.world,
+    """The image-text pairs of --train-data; with a third tower, items also carry h's own view ('image_h',
+    data.tower3_view). Logs how much of the data is used."""
+    h_size = tower3.image_size if tower3 is not None else None
+    dataset = data.make_pairs_dataset(
+        args.train_data, "train", image_size=args.image_size, tower3_image_size=h_size, num_samples=args.train_samples,
+        caption_noise=args.caption_noise, seed=args.seed, rank=env.rank, world_size=env.world,
         csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
-        max_bad_fraction=args.max_bad_fraction)
+        max_bad_fraction=args.max_bad_fraction, max_image_pixels=args.max_image_pixels,
+        max_file_bytes=args.max_file_bytes)
+    used = getattr(dataset, "summary", None) or (f"{len(dataset):,} pairs" if hasattr(dataset, "__len__") else
+                                                 f"{len(dataset.shards)} shards, streamed whole")
+    log(env, f"[data] {args.train_data}: {used}")
+    return dataset
 
 
 def model_config(args: argparse.Namespace, tokenizer: data.Tokenizer, tower3: FrozenTower | None) -> dict:
@@ -613,7 +680,9 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)                  # identical initial weights on every rank
     dataset = data.make_labelled_dataset(args.train_data, "pretrain", label=args.label, image_size=args.image_size,
-                                         num_samples=args.train_samples, seed=args.seed)
+                                         num_samples=args.train_samples, seed=args.seed, crop_scale=args.crop_scale,
+                                         flip=args.flip, max_image_pixels=args.max_image_pixels,
+                                         max_file_bytes=args.max_file_bytes)
     classnames = list(getattr(dataset, "classnames", getattr(dataset, "classes", [])))
     model = build_image_tower(args.image_arch, args.image_size, len(classnames), bias=True).to(env.device)
     config = {"arch": args.image_arch, "image_size": args.image_size, "num_classes": len(classnames),

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train  # noqa: E402
 from losses import contrastive_loss, default_weights  # noqa: E402
-from model import ThreeTowers, build_image_tower  # noqa: E402
+from model import FrozenTower, ThreeTowers, build_image_tower  # noqa: E402
 
 
 _ATTENTION_BACKWARD = ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
@@ -191,6 +191,53 @@ def bench_loss(sizes: list[int], world: int, dim: int = 128) -> list[dict]:
     return rows
 
 
+class _TinyImages(torch.utils.data.Dataset):
+    """`rows` 3x4x4 third-tower views made on the fly: the h cache's own cost, without decoding."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        views = torch.tensor(indices, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 4, 4) % 251 / 251
+        return [{"image_h": v, "index": i} for v, i in zip(views, indices)]
+
+
+def cache_memory_child(rows: int, dim: int, folder: str) -> None:
+    """Run in a subprocess: build train.tower3_cache for `rows` samples of a D_h = dim tower (one process),
+    then read 100 random batches of 512 rows, as training does. Peak memory = the high-water mark of
+    resident memory (reset first) above the resident memory before; 'table_mib' is what a full N x D_h
+    float32 table in memory -- the design this replaced -- would hold on every rank."""
+    tower = FrozenTower(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, dim)), dim, 4, "bench")
+    args = argparse.Namespace(cache_tower3=True, cache_dir=folder, train_data="bench", seed=0, image_size=4,
+                              workers=0, quiet=True, precision="fp32")
+    env = train.Env()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_kib("VmRSS:")
+    start = time.perf_counter()
+    table = train.tower3_cache(args, env, tower, _TinyImages(rows))
+    build = time.perf_counter() - start
+    built = (_rss_kib("VmHWM:") - before) / 1024
+    generator, start = torch.Generator().manual_seed(0), time.perf_counter()
+    for _ in range(100):
+        table[torch.randint(rows, (512,), generator=generator)]
+    read_ms = (time.perf_counter() - start) * 10
+    print(json.dumps({"rows": rows, "dim": dim, "table_mib": rows * dim * 4 / 2**20, "build_s": build,
+                      "peak_build_mib": built, "peak_after_reads_mib": (_rss_kib("VmHWM:") - before) / 1024,
+                      "read_512_rows_ms": read_ms, "file_mib": os.path.getsize(table.path) / 2**20}))
+
+
+def bench_cache(rows: int = 1_000_000, dim: int = 64) -> dict:
+    """The third tower's cache at `rows` rows (train.tower3_cache), in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, __file__, "--cache-child", str(rows), str(dim), tmp],
+                             capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def write_shard(path: str, count: int, size: int = 256) -> None:
     """A tar shard of `count` JPEG + caption pairs in the img2dataset layout."""
     world = data.ShapesWorld(0, size)
@@ -276,9 +323,15 @@ def main() -> None:
                    help="also time the README's main command end to end (~7 minutes on 2 CPU cores)")
     p.add_argument("--out", default="results/bench.json", help="where to write the JSON figures")
     p.add_argument("--loss-child", nargs=3, type=int, help=argparse.SUPPRESS)   # internal: one loss run
+    p.add_argument("--cache-child", nargs=3, help=argparse.SUPPRESS)            # internal: one h cache
+    p.add_argument("--cache-only", action="store_true", help="only the h cache figures (1M rows)")
     a = p.parse_args()
     if a.loss_child:
         return loss_memory_child(*a.loss_child)
+    if a.cache_child:
+        return cache_memory_child(int(a.cache_child[0]), int(a.cache_child[1]), a.cache_child[2])
+    if a.cache_only:
+        return print(json.dumps(bench_cache(), indent=1))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = 3 if a.quick else 16
@@ -312,6 +365,10 @@ def main() -> None:
             for k, v in r.items() if k != "global_batch") for r in result["loss"]))
     result["data"] = bench_data(64)
     print("\n## data path (images/s on one core)\n" + "\n".join(f"{k}: {v:.0f}" for k, v in result["data"].items()))
+    result["h_cache"] = c = bench_cache()
+    print(f"\n## h cache, {c['rows']:,} rows x D_h {c['dim']} ({c['table_mib']:.0f} MiB as a full table): built "
+          f"in {c['build_s']:.1f} s, peak memory +{c['peak_build_mib']:.0f} MiB, 512 rows read in "
+          f"{c['read_512_rows_ms']:.2f} ms")
     if a.main_job:
         result["main_job"] = job = bench_main_job()
         print(f"\n## main job: {job['command']}\n{job['minutes']:.1f} minutes; final (chance): " + ", ".join(

@@ -194,8 +194,10 @@ def embed_ours(path: str, images: list[str], captions: list[str]) -> tuple[torch
     model, tower3, ckpt = evaluation.load_checkpoint(path)
     model.eval()
     transform = data.image_transform(ckpt["model_config"]["image_size"], train=False)
-    x = torch.stack([transform(data.decode_rgb(data._read_bytes(p))) for p in images])
-    h = tower3(data.resize_view(x, tower3.image_size)) if tower3 is not None else None   # lit needs h
+    raw = [data.decode_rgb(data._read_bytes(p)) for p in images]
+    x = torch.stack([transform(r) for r in raw])
+    h = tower3(torch.stack([data.tower3_view(r, tower3.image_size) for r in raw])) if tower3 is not None \
+        else None                                               # lit needs h: its own view, as in training
     i, t = evaluation.MAIN_PAIR[model.mode]
     return model.encode_image(x, h)[i], model.encode_text(our_tokenizer(ckpt).encode(captions))[t]
 

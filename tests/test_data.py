@@ -253,11 +253,13 @@ def test_csv_errors_name_the_problem(tmp_path):
         data.CsvPairs(str(tmp_path / "nowhere.csv"))
 
 
-def test_csv_corrupt_image_is_replaced_and_counted(tmp_path):
+def test_csv_corrupt_image_is_replaced_and_counted_in_training_an_error_in_evaluation(tmp_path):
     path = make_csv(tmp_path)
     (tmp_path / "img" / "0.jpg").write_bytes(jpeg(0)[:40])
-    item = data.CsvPairs(path, image_size=16, train=False)[0]
+    item = data.CsvPairs(path, image_size=16, train=True)[0]
     assert item["data_errors"] == {"decode_error": 1} and item["caption"] == "photo number 1"
+    with pytest.raises(data.DataError, match=r"pairs\.csv row 0: cannot use image .*0\.jpg.*never substituted"):
+        data.CsvPairs(path, image_size=16, train=False)[0]
 
 
 # ----------------------------------------------------------------------------- tar shards

@@ -10,7 +10,7 @@ from PIL import Image
 
 import data
 import eval as ev
-from data import Tokenizer, ShapesPairs, resize_view, shapes_retrieval
+from data import Tokenizer, ShapesPairs, shapes_retrieval
 from losses import tower_loss
 from model import CHECKPOINT_FORMAT, ThreeTowers, build_image_tower, load_tower3
 
@@ -182,11 +182,11 @@ def save_checkpoint(path, model, tower3_spec):
 
 def train_a_little(model, tower3, steps=20):
     """A few contrastive steps on shapes pairs, so the checkpoint is not random."""
-    data = ShapesPairs("train", 16 * steps, image_size=32)
+    data = ShapesPairs("train", 16 * steps, image_size=32, tower3_image_size=TOWER3_SIZE)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for step in range(steps):
         batch = ev.collate(data.__getitems__(range(16 * step, 16 * step + 16)), Tokenizer(128))
-        h = tower3(resize_view(batch["image"], TOWER3_SIZE))
+        h = tower3(batch["image_h"])
         loss, _ = tower_loss(model(batch["image"], batch["text"][:, :100], h), model.mode)
         opt.zero_grad()
         loss.backward()

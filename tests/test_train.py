@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,6 +20,12 @@ TINY = ["--image-arch", "vit-micro", "--text-arch", "micro", "--image-size", "32
 
 def tiny(tmp_path, *extra, out="run"):
     return TINY + ["--out", str(tmp_path / out), "--cache-dir", str(tmp_path / "cache")] + list(extra)
+
+
+def without(args: list[str], flag: str) -> list[str]:
+    """args minus `flag` and its value."""
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
 
 
 def weights(path) -> dict:
@@ -126,11 +133,11 @@ def test_cache_reused_invalidated_and_equivalent(tmp_path, tower3_file, capsys):
     assert "reusing cached" in capsys.readouterr().out
     # a file under the right name whose contents do not match is recomputed, never used
     path = tmp_path / "cache" / caches[0]
-    stale = torch.load(path, weights_only=True)
-    torch.save({"fingerprint": "0" * 16, "h": torch.zeros_like(stale["h"])}, path)
+    stale = read_cache(path)
+    data.RowTable.create(str(path), *stale.shape, fingerprint="0" * 16)          # zeros, another fingerprint
     train.main(tiny(tmp_path, *base, out="cached3"))
     assert "is stale: recomputing" in capsys.readouterr().out
-    torch.testing.assert_close(torch.load(path, weights_only=True)["h"], stale["h"])
+    torch.testing.assert_close(read_cache(path), stale)
     # other data -> another fingerprint, another file
     train.main(tiny(tmp_path, *base, "--train-samples", "48", out="cached4"))
     assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("h-")]) == 2
@@ -139,6 +146,12 @@ def test_cache_reused_invalidated_and_equivalent(tmp_path, tower3_file, capsys):
     a, b = weights(tmp_path / "cached"), weights(tmp_path / "uncached")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def read_cache(path) -> torch.Tensor:
+    """Every row of an h cache file (train.tower3_cache), as a (rows, D_h) tensor."""
+    header = json.loads(open(path, "rb").read(data.RowTable.HEADER))
+    return data.RowTable.open(str(path), **header)[range(header["rows"])]
 
 
 def test_cache_fingerprints_a_batchnorm_tower(tmp_path):
@@ -256,14 +269,14 @@ def test_tar_shard_training_streams_without_cache(tmp_path, tower3_file, capsys)
     from test_data import good_shard
     for s in range(2):
         good_shard(tmp_path / f"shard-{s}.tar", [f"{s}{k:03d}" for k in range(12)])
-    args = tiny(tmp_path, "--mode", "3t", "--tower3", tower3_file, "--steps", "4", "--eval-data", "none",
-                "--train-data", str(tmp_path / "shard-{0..1}.tar"))
+    args = without(tiny(tmp_path, "--mode", "3t", "--tower3", tower3_file, "--steps", "4", "--eval-data", "none",
+                        "--train-data", str(tmp_path / "shard-{0..1}.tar")), "--train-samples")
     train.main(args)
     assert "streaming data: no cache" in capsys.readouterr().out
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 4
     with pytest.raises(SystemExit, match="--steps is required"):
-        train.main(tiny(tmp_path, "--mode", "clip", "--train-data", str(tmp_path / "shard-{0..1}.tar"),
-                        "--eval-data", "none", out="run2"))
+        train.main(without(tiny(tmp_path, "--mode", "clip", "--train-data", str(tmp_path / "shard-{0..1}.tar"),
+                                "--eval-data", "none", out="run2"), "--train-samples"))
 
 
 def test_tokenizer_is_learned_once_stored_and_reused_by_resume_and_eval(tmp_path, monkeypatch):
