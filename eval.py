@@ -16,7 +16,9 @@ Which embeddings score an image-text pair (a "view"):
 Few-shot probes read f ('main' of clip and 3t) or h ('main' of lit, 'tower3' of 3t).
 
 Conventions: every metric is a percentage. A tie counts against the positive (a negative scoring
-exactly as high as the best positive ranks above it), so a constant scorer gets 0, never 100.
+exactly as high as the best positive ranks above it), so a constant scorer gets 0, never 100; a NaN
+score counts against it too, so a broken model gets 0. Non-finite embeddings add the record
+'nonfinite/embeddings' (% of embedded rows), a warning, and make eval.py exit with an error.
 
     python eval.py --checkpoint runs/NAME/ckpt.pt --tasks zeroshot,retrieval,fewshot
 
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -42,7 +45,8 @@ from tqdm import tqdm
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, CsvPairs, DataError, LabelledImages, RetrievalSet, ShapesLabelled,
                   Tokenizer, collate, image_folder, image_transform, shapes_retrieval, with_tower3_view, zeroshot_tasks)
-from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, load_tower3
+from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, checksum, load_tower3, read_checkpoint
+from train import check_ranges, unwritable
 
 TASKS = ("zeroshot", "retrieval", "fewshot")
 VIEWS = ("main", "tower3", "mix")
@@ -64,10 +68,12 @@ PROBE_KEY = {"main": {"clip": "f", "lit": "h", "3t": "f"}, "tower3": {"3t": "h"}
 # ----------------------------------------------------------------------------------------------
 def positive_rank(scores: Tensor, positive: Tensor) -> Tensor:
     """Per row of scores (Q, K) with a boolean mask of its positives (Q, K): how many negatives
-    score >= the best positive (0 = retrieved first). Ties go against the positive; a row with
-    no positive gets rank >= K, a miss at every k."""
-    best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-    return ((scores >= best) & ~positive).sum(dim=1)
+    score >= the best positive (0 = retrieved first). Ties go against the positive, and so do NaN
+    scores (a NaN negative beats it; a NaN positive is never found: rank K); a row with no positive
+    gets rank >= K, a miss at every k."""
+    best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)     # NaN if any positive is
+    rank = (((scores >= best) | scores.isnan()) & ~positive).sum(dim=1)
+    return rank.masked_fill(best.squeeze(1).isnan(), scores.shape[1])
 
 
 def accuracy_topk(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
@@ -413,19 +419,31 @@ def evaluate(model: ThreeTowers, tower3: FrozenTower | None, suite: EvalSuite, *
         with torch.inference_mode():
             embedder = Embedder(model, tower3 if model.mode != "clip" else None, device,
                                 batch_size, progress)
-            view_list = views(model.mode, alphas, embeddings)
-            return {**_zeroshot(embedder, suite, view_list), **_retrieval(embedder, suite, view_list),
-                    **_fewshot(embedder, suite, view_list)}
+            view_list, found = views(model.mode, alphas, embeddings), []
+            results = {**_zeroshot(embedder, suite, view_list, found), **_retrieval(embedder, suite, view_list, found),
+                       **_fewshot(embedder, suite, view_list, found)}
     finally:
         model.train(was_training)
+    rows, bad = (sum(x) for x in zip(*found)) if found else (0, 0)
+    if bad:
+        results["nonfinite/embeddings"] = 100.0 * bad / rows
+        warnings.warn(f"{bad} of {rows} embeddings are not finite (NaN/inf): the model is broken (diverged "
+                      f"training?); every metric counts them as misses", RuntimeWarning)
+    return results
 
 
-def _zeroshot(embedder: Embedder, suite: EvalSuite, view_list: list) -> dict[str, float]:
+def _tally(found: list[tuple[int, int]], *embeddings: dict[str, Tensor]) -> None:
+    """(rows, rows with a NaN or inf) of every embedding that evaluate scores."""
+    found += [(len(x), int((~torch.isfinite(x)).any(dim=-1).sum())) for e in embeddings for x in e.values()]
+
+
+def _zeroshot(embedder: Embedder, suite: EvalSuite, view_list: list, found: list) -> dict[str, float]:
     out, mode = {}, embedder.model.mode
     for name, (data, classnames, prompts) in suite.zeroshot.items():
         image, labels = embedder.images(data)
         classes = class_embeddings(embedder.model, suite.tokenizer, prompts, device=embedder.device,
                                    batch_size=embedder.batch_size)
+        _tally(found, image, classes)
         class_ids = torch.arange(len(classnames), device=labels.device)
         for prefix, view, alpha in view_list:
             a, b = view_embeddings(image, classes, mode, view, alpha)
@@ -435,11 +453,12 @@ def _zeroshot(embedder: Embedder, suite: EvalSuite, view_list: list) -> dict[str
     return out
 
 
-def _retrieval(embedder: Embedder, suite: EvalSuite, view_list: list) -> dict[str, float]:
+def _retrieval(embedder: Embedder, suite: EvalSuite, view_list: list, found: list) -> dict[str, float]:
     if suite.retrieval is None:
         return {}
     image, _ = embedder.images(suite.retrieval.images)
     text = embedder.texts(suite.retrieval_tokens)
+    _tally(found, image, text)
     out = {}
     for prefix, view, alpha in view_list:
         a, b = view_embeddings(image, text, embedder.model.mode, view, alpha)
@@ -448,12 +467,13 @@ def _retrieval(embedder: Embedder, suite: EvalSuite, view_list: list) -> dict[st
     return out
 
 
-def _fewshot(embedder: Embedder, suite: EvalSuite, view_list: list) -> dict[str, float]:
+def _fewshot(embedder: Embedder, suite: EvalSuite, view_list: list, found: list) -> dict[str, float]:
     out, mode = {}, embedder.model.mode
     probes = [(prefix, PROBE_KEY[view][mode]) for prefix, view, _ in view_list
               if mode in PROBE_KEY.get(view, {})]
     for name, (pool, test) in suite.fewshot.items():
         (pool_x, pool_y), (test_x, test_y) = embedder.images(pool), embedder.images(test)
+        _tally(found, pool_x, test_x)
         num_classes = test.num_classes
         for prefix, key in probes:
             for k in suite.shots:
@@ -559,10 +579,7 @@ def load_checkpoint(path: str, tower3_spec: str | None = None
     The third tower is reloaded from its spec (it is never stored in the checkpoint)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle, zip and tensor errors have no common type
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    ckpt = read_checkpoint(path)                  # ValueError when unreadable or its checksum fails
     if isinstance(ckpt, dict) and (ckpt.get("mode") == "supervised" or "classifier" in ckpt):
         raise ValueError(f"{path} is a supervised classifier (train.py --mode supervised): a third "
                          f"tower, not an image-text model. Use it as `--tower3 {path}` when "
@@ -574,12 +591,22 @@ def load_checkpoint(path: str, tower3_spec: str | None = None
         raise ValueError(f"{path} stores no tokenizer: written by an older train.py, so eval.py cannot "
                          f"tokenise as training did")
     model = ThreeTowers(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit its model_config ({' '.join(str(e).split())[:300]})") from None
     spec = tower3_spec or ckpt.get("tower3")
     if model.mode != "clip" and not spec:
         raise ValueError(f"{path}: a {model.mode} checkpoint without a third-tower spec; "
                          f"pass --tower3")
-    return model, (load_tower3(spec) if model.mode != "clip" else None), ckpt
+    tower3 = load_tower3(spec) if model.mode != "clip" else None
+    if tower3 is not None and tower3.dim != ckpt["model_config"]["tower3_dim"]:
+        raise ValueError(f"--tower3 {spec!r}: D_h = {tower3.dim}, but {path} was trained with a third tower of "
+                         f"width {ckpt['model_config']['tower3_dim']} ({ckpt.get('tower3')!r})")
+    if tower3 is not None and ckpt.get("tower3_digest") not in (None, checksum(tower3.state_dict())[:16]):
+        raise ValueError(f"--tower3 {spec!r}: other weights than the third tower {path} was trained with "
+                         f"({ckpt.get('tower3')!r})")
+    return model, tower3, ckpt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -617,9 +644,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RANGES = {"num_images": "[1, inf)", "seed": "[0, inf)", "fewshot_seeds": "[1, inf)", "fewshot_lambda": "(0, inf)",
+          "batch_size": "[1, inf)", "shots": f"[1, {FEWSHOT_POOL_PER_CLASS}]", "alphas": "[0, 1]"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags, checked: comma lists parsed and known, every number in its range (RANGES)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag, allowed in (("tasks", TASKS), ("embeddings", VIEWS)):
+        if set(getattr(args, flag).split(",")) - set(allowed):
+            p.error(f"--{flag} {getattr(args, flag)!r}: expected a comma list of {', '.join(allowed)}")
+    for flag, kind in (("shots", int), ("alphas", float)):
+        try:
+            setattr(args, flag, [kind(x) for x in getattr(args, flag).split(",")])
+        except ValueError:
+            p.error(f"--{flag} {getattr(args, flag)!r}: expected comma-separated {kind.__name__}s")
+    check_ranges(p, args, RANGES)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{stem}.json")
     try:
+        for flag, path in (("--out", out), ("--save-grid", args.save_grid)):
+            problem = path and unwritable(flag, os.path.dirname(os.path.abspath(path)))
+            if problem:
+                raise ValueError(problem)
         model, tower3, ckpt = load_checkpoint(args.checkpoint, args.tower3)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eval.py: error: {e}") from None
@@ -636,9 +689,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             fewshot_data=args.fewshot_data, csv_keys=(*csv_keys, train.get("csv_separator")))
     except (FileNotFoundError, ValueError) as e:       # a missing file, a bad names file or CSV
         raise SystemExit(f"eval.py: error: {e}") from None
-    suite.shots = tuple(int(k) for k in args.shots.split(","))
+    suite.shots = tuple(args.shots)
     suite.fewshot_seeds, suite.fewshot_lambda = args.fewshot_seeds, args.fewshot_lambda
-    embeddings, alphas = args.embeddings.split(","), [float(a) for a in args.alphas.split(",")]
+    embeddings, alphas = args.embeddings.split(","), args.alphas
     view_list = views(model.mode, alphas, embeddings)
     print(f"{model.mode} checkpoint {args.checkpoint} (trained on {train.get('train_data', '?')}): "
           f"scoring with {', '.join(dict.fromkeys(v for _, v, _ in view_list))}"
@@ -647,12 +700,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     try:
         results = evaluate(model, tower3, suite, device=args.device, batch_size=args.batch_size,
                            alphas=alphas, progress=args.progress, embeddings=embeddings)
-    except DataError as e:                              # an image that cannot be used: never substituted
+    except (DataError, ValueError) as e:     # an unusable image (never substituted); too few probe examples
         raise SystemExit(f"eval.py: error: {e}") from None
     print(format_table(results))
-    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   f"eval_{stem}.json")
     with open(out, "w") as f:
         json.dump(to_records(results), f, indent=1)
     print(f"wrote {out}")
@@ -665,6 +715,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                    device=args.device, view=view, alpha=alpha,
                                    batch_size=args.batch_size)
         print(f"wrote {args.save_grid} ({size[0]}x{size[1]} pixels, scored with {view})")
+    if "nonfinite/embeddings" in results:
+        raise SystemExit(f"eval.py: error: {results['nonfinite/embeddings']:.1f}% of the embeddings of "
+                         f"{args.checkpoint} are not finite (NaN/inf); its metrics count them as misses")
     return results
 
 

@@ -20,9 +20,14 @@ Modes (../shared/DESIGN.md):
 """
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
 import math
 import os
+import socket
 import urllib.error
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -276,10 +281,9 @@ def _load_file(path: str, spec: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--tower3 {spec!r}: no such file {path!r}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle, zip and tensor errors have no common type
-        raise ValueError(f"--tower3 {spec!r}: {path} is not a file of tensors that torch.load(weights_only=True) "
-                         f"reads ({type(e).__name__}); save model.state_dict(), not the model") from None
+        return read_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"--tower3 {spec!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,13 +405,75 @@ def summary(model: ThreeTowers, tower3: FrozenTower | None = None) -> str:
 CHECKPOINT_FORMAT = "3t"   # written by train.py; --resume and eval.py refuse anything else
 
 
+def checksum(obj) -> str:
+    """sha256 over a checkpoint's contents in a fixed order: dict keys sorted, then every tensor's
+    dtype, shape and bytes and every other value's repr. Flipped bytes in a file change it."""
+    digest = hashlib.sha256()
+
+    def walk(x) -> None:
+        if isinstance(x, dict):
+            for key in sorted(x, key=repr):
+                digest.update(repr(key).encode())
+                walk(x[key])
+        elif isinstance(x, (list, tuple)):
+            digest.update(b"[%d" % len(x))
+            for v in x:
+                walk(v)
+        elif isinstance(x, Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)                 # 1-d: 0-d tensors cannot view
+            digest.update(f"{t.dtype}{tuple(x.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy())
+        else:
+            digest.update(repr(x).encode())
+    walk(obj)
+    return digest.hexdigest()
+
+
 def save_checkpoint(ckpt: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    """Write ckpt and its checksum to a temporary file in the same folder, then rename: a crash never
+    leaves half a file under `path`. A failed save removes its temporary file; temporary files of
+    writers on this host that died mid-save (kill -9) are removed by the next save."""
+    prefix = f"{path}.tmp.{socket.gethostname()}."
+    for stale in glob.glob(glob.escape(prefix) + "*"):
+        pid = stale[len(prefix):]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+    tmp = prefix + str(os.getpid())
+    try:
+        ckpt = {k: v for k, v in ckpt.items() if k != "checksum"}
+        torch.save({**ckpt, "checksum": checksum(ckpt)}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # another user's process
+        pass
+    return True
 
 
 def read_checkpoint(path: str) -> dict:
-    """torch.load with weights_only=True (a checkpoint can never run code), on the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """torch.load with weights_only=True (a checkpoint can never run code), on the CPU, checksum
+    verified. ValueError (one line, naming the file) when it is not a readable PyTorch file or its
+    contents differ from what save_checkpoint wrote. Files without a checksum load: foreign ones
+    (torchvision state_dicts) silently, this project's older checkpoints with a warning."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip, EOF and tensor errors have no common type
+        reason = ": ".join([type(e).__name__] + str(e).strip().splitlines()[:1])[:200]
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+    if isinstance(ckpt, dict) and "checksum" in ckpt:
+        if checksum({k: v for k, v in ckpt.items() if k != "checksum"}) != ckpt.pop("checksum"):
+            raise ValueError(f"{path}: checksum mismatch, its contents changed after it was written "
+                             f"(a damaged copy or disk): refusing to use it")
+    elif isinstance(ckpt, dict) and "format" in ckpt:
+        warnings.warn(f"{path}: no checksum (written before checkpoints had one): loaded unverified")
+    return ckpt

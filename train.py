@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import random
+import socket
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,7 +38,7 @@ from tqdm import tqdm
 import data
 from losses import PAIRS, default_weights, tower_loss
 from model import (CHECKPOINT_FORMAT, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, build_image_tower,
-                   load_tower3, read_checkpoint, save_checkpoint, summary)
+                   checksum, load_tower3, read_checkpoint, save_checkpoint, summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--log-every", type=int, default=10, help="write averaged metrics to metrics.jsonl every N steps")
     a("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    check_ranges(p, args, RANGES)
     args.out = args.out or os.path.join("runs", f"{args.mode}-s{args.seed}")
     args.context_length = args.context_length or (128 if args.tokenizer == "bytes" else 77)
     if args.loss_weights is not None and args.mode in PAIRS:
@@ -145,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if len(values) != len(PAIRS[args.mode]):
             p.error(f"--loss-weights {args.loss_weights!r}: expected {len(PAIRS[args.mode])} comma-separated "
                     f"numbers for the terms {','.join(PAIRS[args.mode])} of --mode {args.mode}")
+        if not all(0 <= v < math.inf for v in values) or not sum(values) > 0:
+            p.error(f"--loss-weights {args.loss_weights!r}: expected finite weights >= 0, not all 0")
         args.loss_weights = values
     tar = args.mode != "supervised" and args.train_data != "shapes" and not args.train_data.lower().endswith(
         (".csv", ".tsv"))
@@ -161,7 +167,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tower3 == "auto" and args.mode in ("lit", "3t") and args.train_data != "shapes":
         p.error(f"--tower3 auto only works with --train-data shapes; for {args.train_data!r} give e.g. "
                 f"--tower3 torchvision:resnet50:IMAGENET1K_V2")
+    patch = VIT_PRESETS.get(args.image_arch, [1])[0]
+    if args.image_size % patch:
+        p.error(f"--image-size {args.image_size}: expected a multiple of {args.image_arch}'s patch size {patch}")
     return args
+
+
+# The range of every numeric flag, checked once at parse time: [a, b] closed, (a, b) open. NaN and
+# inf fall outside all of them; a flag left at its default None is not checked.
+RANGES = {"train_samples": "[1, inf)", "caption_noise": "[0, 1]", "max_bad_fraction": "[0, 1]",
+          "workers": "[0, inf)", "eval_images": "[1, inf)", "image_size": "[1, inf)", "vocab_size": "[259, inf)",
+          "context_length": "[3, inf)", "embed_dim": "[1, inf)", "tower3_steps": "[1, inf)",
+          "init_temperature": "(0, 100]", "batch_size": "[1, inf)", "steps": "[1, inf)", "epochs": "(0, inf)",
+          "lr": "(0, inf)", "wd": "[0, inf)", "beta2": "[0, 1)", "warmup": "[0, inf)", "grad_clip": "[0, inf)",
+          "max_nonfinite": "[1, inf)", "seed": "[0, inf)", "save_every": "[1, inf)", "eval_every": "[0, inf)",
+          "log_every": "[1, inf)"}
+
+
+def check_ranges(p: argparse.ArgumentParser, args: argparse.Namespace, ranges: dict[str, str]) -> None:
+    """p.error naming the first flag (or list element) outside its interval in `ranges`."""
+    for name, interval in ranges.items():
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
+        value = getattr(args, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not ((lo < v if interval[0] == "(" else lo <= v) and
+                                      (v < hi if interval[-1] == ")" else v <= hi)):
+                p.error(f"--{name.replace('_', '-')} {v if isinstance(v, int) else f'{v:g}'}: "
+                        f"expected a value in {interval}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +215,8 @@ class Env:
             if "OMP_NUM_THREADS" not in os.environ:
                 torch.set_num_threads(cores)
         self.default_workers = 0 if self.device.type == "cpu" else min(8, cores)
+        self.agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None   # torchrun's agent process
+        self.locks = contextlib.ExitStack()                                           # run folders held
         self.owns_group = self.world > 1 and not dist.is_initialized()
         if self.owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
@@ -196,9 +230,70 @@ class Env:
         if self.world > 1:
             dist.barrier()
 
+    def stop_together(self, problem: str | None) -> None:
+        """SystemExit on every rank when any rank has a problem: one all_reduce, so no rank is left
+        waiting in a collective for one that stopped. A rank says its own problem, else whose it was."""
+        if self.world == 1:
+            if problem:
+                raise SystemExit(problem)
+            return
+        flags = torch.zeros(self.world, device=self.device)
+        flags[self.rank] = problem is not None
+        dist.all_reduce(flags)
+        if flags.any():
+            raise SystemExit(problem or f"rank {self.rank}: stopping with rank(s) "
+                                        f"{flags.nonzero().flatten().tolist()}, see their error")
+
+    def orphaned(self) -> str | None:
+        """Why this worker should stop when torchrun's agent died (it was re-parented), else None."""
+        if self.agent is not None and os.getppid() != self.agent:
+            return f"rank {self.rank}: the torchrun agent (pid {self.agent}) is gone, stopping this orphaned worker"
+        return None
+
+    def lock(self, folder: str) -> str | None:
+        """Hold an exclusive flock on folder/.lock (it names the holder) until close(); or say who holds
+        it. The kernel drops the lock when its process dies: no stale locks after a crash."""
+        f = open(os.path.join(folder, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "holder unknown"
+            f.close()
+            return f"--out {folder!r} is in use by another run ({holder}); give this run its own --out"
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.locks.enter_context(f)
+        return None
+
     def close(self) -> None:
+        self.locks.close()
         if self.owns_group:
             dist.destroy_process_group()
+
+
+def unwritable(flag: str, folder: str) -> str | None:
+    """Why `folder` (created if missing) cannot take a new file, or None."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return f"{flag} {folder!r}: cannot write there ({e.strerror or e})"
+    return None
+
+
+def claim_folders(args: argparse.Namespace, env: Env) -> None:
+    """Before any work: create --out (and --cache-dir where this run writes) and prove them writable;
+    then rank 0 locks --out for the run's lifetime, so a second run given the same folder stops at once
+    instead of interleaving metrics.jsonl and overwriting ckpt.pt."""
+    folders = [("--out", args.out)]
+    if args.mode in ("lit", "3t") and (args.tower3 == "auto" or args.cache_tower3):
+        folders.append(("--cache-dir", args.cache_dir))
+    problem = next(filter(None, (unwritable(flag, folder) for flag, folder in folders)), None)
+    if problem is None and env.master:
+        problem = env.lock(args.out)
+    env.stop_together(problem)
 
 
 def log(env: Env, message: str) -> None:
@@ -220,7 +315,10 @@ def autocast(args: argparse.Namespace, env: Env):
 def resolve_tower3(args: argparse.Namespace, env: Env) -> FrozenTower:
     """Load h from --tower3; 'auto' pretrains one on the shapes world first (see auto_tower3)."""
     spec = auto_tower3(args, env) if args.tower3 == "auto" else args.tower3
-    tower3 = load_tower3(spec).to(env.device)
+    try:
+        tower3 = load_tower3(spec).to(env.device)
+    except (ValueError, OSError, RuntimeError) as e:      # wrong file, wrong weights, offline download
+        raise SystemExit(" ".join(str(e).split())[:500]) from None
     log(env, f"[tower3] {spec}: D_h = {tower3.dim}, input {tower3.image_size}px, frozen")
     return tower3
 
@@ -380,8 +478,9 @@ class Position:
     data_errors: Counter = field(default_factory=Counter)
 
 
-def endless(loader, position: Position) -> Iterator[dict]:
-    """The loader's batches, epoch after epoch, from `position` on; position follows along."""
+def endless(loader, position: Position) -> Iterator[dict | None]:
+    """The loader's batches, epoch after epoch, from `position` on; position follows along. None after
+    an epoch that gave no batch at all (more epochs would not help: next_batch stops the run)."""
     while True:
         data.set_epoch(loader, position.epoch)
         fresh = position.batch == 0
@@ -389,10 +488,21 @@ def endless(loader, position: Position) -> Iterator[dict]:
             position.batch += 1
             position.data_errors.update(batch.get("data_errors", {}))
             yield batch
-        if fresh and position.batch == 0:      # would loop forever
-            raise RuntimeError(f"epoch {position.epoch} of the training data gave this process no batch: every "
-                               f"sample was skipped ({dict(position.data_errors)}) or there are too few")
+        if position.batch == 0:
+            yield None
         position.epoch, position.batch = position.epoch + 1, 0
+
+
+def next_batch(batches: Iterator[dict | None], args: argparse.Namespace, env: Env) -> dict:
+    """The next batch of `endless`, agreed on by all ranks each step (Env.stop_together): a rank whose
+    epoch held no full batch (too little usable data) or whose torchrun agent died stops every rank."""
+    batch, problem = next(batches), env.orphaned()
+    if batch is None:
+        problem = (f"--train-data {args.train_data!r}: an epoch gave rank {env.rank} no full batch of --batch-size "
+                   f"{args.batch_size}; each rank (and, for tar shards, each loader worker) needs at least that "
+                   f"many usable samples per epoch")
+    env.stop_together(problem)
+    return batch
 
 
 def rng_state() -> dict:
@@ -442,19 +552,43 @@ def find_checkpoint(args: argparse.Namespace) -> dict | None:
         return None
     elif not os.path.exists(path):
         raise SystemExit(f"--resume {path!r}: no such checkpoint")
-    ckpt = read_checkpoint(path)
-    if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("mode") != args.mode:
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"--resume {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("mode") != args.mode:
         raise SystemExit(f"--resume {path!r}: not a {CHECKPOINT_FORMAT} checkpoint of mode {args.mode}")
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "ranks") if k not in ckpt]
+    if missing:
+        raise SystemExit(f"--resume {path!r}: an incomplete checkpoint, without {', '.join(missing)}")
     return {**ckpt, "path": path}
+
+
+def check_resumable(ckpt: dict | None, config: dict, tower3_digest: str | None = None) -> None:
+    """A resumed run must rebuild the model its checkpoint holds, with the same frozen tower: SystemExit
+    naming every setting that differs (what the checkpoint does not record passes; so does the initial
+    temperature, which the checkpoint's learned one replaces)."""
+    if ckpt is None:
+        return
+    recorded = {**(ckpt.get("model_config") or ckpt.get("classifier") or {}), "tower3 weights": ckpt.get("tower3_digest")}
+    diff = [f"{k}: {recorded[k]!r} in the checkpoint, {v!r} now" for k, v in {**config, "tower3 weights": tower3_digest}.items()
+            if k != "init_temperature" and recorded.get(k) is not None and recorded[k] != v]
+    if diff:
+        raise SystemExit(f"--resume {ckpt['path']!r} holds another model than these flags build: {'; '.join(diff)}"
+                         + (f" (its third tower was --tower3 {ckpt['tower3']!r})" if ckpt.get("tower3") else ""))
 
 
 def resume(env: Env, ckpt: dict | None, model: torch.nn.Module, optimizer, scheduler) -> Position:
     """Restore the model, optimiser, schedule, this rank's RNG state and data position from ckpt."""
     if ckpt is None:
         return Position()
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"--resume {ckpt['path']!r}: its state does not fit the model these flags build "
+                         f"({' '.join(str(e).split())[:300]})") from None
     if len(ckpt["ranks"]) != env.world:
         raise SystemExit(f"--resume {ckpt['path']!r} was written by {len(ckpt['ranks'])} processes; resume it "
                          f"with the same number (now {env.world}) to continue exactly")
@@ -629,12 +763,14 @@ def model_config(args: argparse.Namespace, tokenizer: data.Tokenizer, tower3: Fr
 def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     """Train CLIP, LiT or 3T on the processes of env: data -> frozen tower h (cached) -> towers f, g
     and heads under DDP -> losses.tower_loss -> AdamW. Returns the final evaluation."""
-    os.makedirs(args.out, exist_ok=True)
+    claim_folders(args, env)
     ckpt = find_checkpoint(args)
     tower3 = resolve_tower3(args, env) if args.mode != "clip" else None
+    tower3_digest = checksum(tower3.state_dict())[:16] if tower3 is not None else None
     dataset = pairs_dataset(args, env, tower3)
     tokenizer = build_tokenizer(args, env, dataset, ckpt)
     config = model_config(args, tokenizer, tower3)
+    check_resumable(ckpt, config, tower3_digest)
     torch.manual_seed(args.seed)                  # identical initial weights on every rank
     model = ThreeTowers(**config).to(env.device)
     torch.manual_seed(args.seed + env.rank)       # after the identical init: per-rank randomness
@@ -652,7 +788,7 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     metrics_log, batches, skipped = MetricsLog(args, env, total, position, scheduler), endless(loader, position), 0
     model.train()
     while position.step < total:
-        metrics = train_step(args, env, parts, next(batches))
+        metrics = train_step(args, env, parts, next_batch(batches, args, env))
         skipped = check_finite(metrics is not None, skipped, args, env, position.step)
         if metrics is None:
             continue
@@ -660,7 +796,8 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
         metrics_log.step(metrics)
         if position.step % args.save_every == 0 or position.step == total:
             save(args, env, model, optimizer, scheduler, position, model_config=config,
-                 tokenizer=tokenizer.to_dict(), tower3=tower3.source if tower3 is not None else None)
+                 tokenizer=tokenizer.to_dict(), tower3=tower3.source if tower3 is not None else None,
+                 tower3_digest=tower3_digest)
         if args.eval_every and position.step % args.eval_every == 0 and position.step < total:
             periodic_eval(args, env, model, tower3, suite, metrics_log)
     final = periodic_eval(args, env, model, tower3, suite, metrics_log)
@@ -677,7 +814,7 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
     or an ImageFolder -- to serve later as a frozen third tower (`--tower3 CKPT`, or `--tower3
     auto`). The same optimiser, schedule, checkpoints and resume as `run`. Returns the held-out
     accuracy (shapes only)."""
-    os.makedirs(args.out, exist_ok=True)
+    claim_folders(args, env)
     torch.manual_seed(args.seed)                  # identical initial weights on every rank
     dataset = data.make_labelled_dataset(args.train_data, "pretrain", label=args.label, image_size=args.image_size,
                                          num_samples=args.train_samples, seed=args.seed, crop_scale=args.crop_scale,
@@ -691,7 +828,9 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
     log(env, f"[supervised] {env.world} process(es) on {env.device.type}; data {args.train_data!r}; classifier "
              f"{args.image_arch}: {sum(p.numel() for p in model.parameters()):,} parameters")
     optimizer, scheduler, total = schedule(args, env, model, dataset)
-    position = resume(env, find_checkpoint(args), model, optimizer, scheduler)
+    ckpt = find_checkpoint(args)
+    check_resumable(ckpt, config)
+    position = resume(env, ckpt, model, optimizer, scheduler)
     forward = wrap(model, args, env)
     loader = data.make_loader(dataset, args.batch_size, workers=env.workers(args), rank=env.rank,
                               world_size=env.world, seed=args.seed, start_batch=position.batch,
@@ -699,7 +838,7 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
     metrics_log, batches, skipped = MetricsLog(args, env, total, position, scheduler), endless(loader, position), 0
     model.train()
     while position.step < total:
-        batch = next(batches)
+        batch = next_batch(batches, args, env)
         labels = batch["label"].to(env.device, non_blocking=True)
         with autocast(args, env):
             logits = forward(batch["image"].to(env.device, non_blocking=True)).float()

@@ -1,0 +1,338 @@
+"""What train.py and eval.py do with bad input: too little data, broken models, out-of-range flags,
+bad checkpoints, two runs in one folder, orphaned workers and unwritable folders. Each case must end
+in a one-line error (SystemExit) or a counted skip -- never a hang, a traceback from inside torch, or
+exit code 0 with a wrong result."""
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import eval as ev
+import train
+from test_data import good_shard, write_tar
+from test_train import ROOT, TINY, free_port, tiny, torchrun
+
+
+class Hang(BaseException):
+    """Raised by `deadline`; a BaseException, so no `except Exception` in a data reader swallows it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Turn a hang into a failure: raise Hang after `seconds`, and every second after (SIGALRM)."""
+    def expired(*_):
+        raise Hang(f"still running after {seconds} s: a hang")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    """Two briefly pretrained third towers of the same width (D_h = 32) but other weights."""
+    tmp = tmp_path_factory.mktemp("towers")
+    for seed in (0, 1):
+        train.main(tiny(tmp, "--mode", "supervised", "--steps", "2", "--seed", str(seed), "--eval-data", "none",
+                        out=f"sup{seed}"))
+    return [str(tmp / f"sup{seed}" / "ckpt.pt") for seed in (0, 1)]
+
+
+# ------------------------------------------------------------------ 1. too little data: stop, never loop
+def shard_files(tmp_path, kind: str) -> str:
+    if kind == "empty tar":
+        return write_tar(tmp_path / "s.tar", [])
+    if kind == "tar of 3 samples":
+        return good_shard(tmp_path / "s.tar", ["a", "b", "c"])
+    return write_tar(tmp_path / "s.tar", [(f"{k}.jpg", b"not an image") for k in "abcdef"] +   # all bad
+                     [(f"{k}.txt", b"caption") for k in "abcdef"])
+
+
+@pytest.mark.parametrize("kind", ["4 shapes samples", "CSV of 3 rows", "empty tar", "tar of 3 samples",
+                                  "all-bad shard"])
+def test_too_little_data_for_one_batch_stops_with_an_error(tmp_path, kind):
+    if kind == "4 shapes samples":
+        data = ["--train-samples", "4"]
+    elif kind == "CSV of 3 rows":
+        from test_data import jpeg
+        for i in range(3):
+            (tmp_path / f"{i}.jpg").write_bytes(jpeg(i, 40))
+        (tmp_path / "p.csv").write_text("filepath,title\n" + "".join(f"{i}.jpg,caption {i}\n" for i in range(3)))
+        data = ["--train-data", str(tmp_path / "p.csv")]
+    else:
+        data = ["--train-data", shard_files(tmp_path, kind)]
+    with deadline(90), pytest.raises(SystemExit, match=r"no full batch of --batch-size 8"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "6", "--eval-data", "none", "--tokenizer", "bytes",
+                        *data))
+
+
+def test_one_rank_without_a_full_batch_stops_every_rank(tmp_path):
+    """2 ranks, 2 shards: one of 12 samples, one of 3. The rank that gets the small shard has no
+    batch; the other must not wait for it in a collective: both stop, at once, with the reason."""
+    good_shard(tmp_path / "s-0.tar", [f"a{k:02d}" for k in range(12)])
+    good_shard(tmp_path / "s-1.tar", ["b0", "b1", "b2"])
+    args = tiny(tmp_path, "--mode", "clip", "--steps", "50", "--eval-data", "none", "--tokenizer", "bytes",
+                "--train-data", str(tmp_path / "s-{0..1}.tar"))
+    start = time.time()
+    r = torchrun("--standalone", "--nproc_per_node=2", "train.py", *args, timeout=150)
+    assert r.returncode != 0 and "no full batch of --batch-size 8" in r.stderr, r.stderr[-3000:]
+    assert time.time() - start < 120
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+# ------------------------------------------------------------------ 2. a broken model scores 0, loudly
+def test_nan_scores_are_misses():
+    nan = float("nan")
+    scores = torch.tensor([[nan, nan, nan], [1.0, nan, 0.0], [1.0, 0.0, 0.5]])
+    # a NaN positive is never found (rank K); a NaN-free row ranks as before
+    assert ev.positive_rank(scores, torch.eye(3, dtype=torch.bool)).tolist() == [3, 3, 1]
+    # a NaN negative beats the positive: row 1's label 0 is second, behind its NaN
+    assert ev.accuracy_topk(scores, torch.tensor([0, 0, 2]), ks=(1, 2)) == {1: 0.0, 2: pytest.approx(200 / 3)}
+    r = ev.recall_at_k(torch.full((4, 8), nan), torch.full((4, 8), nan), torch.arange(4), ks=(1, 4))
+    assert set(r.values()) == {0.0}
+
+
+def test_eval_of_a_nan_model_says_so_and_fails(tmp_path, capsys):
+    train.main(tiny(tmp_path, "--mode", "clip", "--steps", "1", "--eval-data", "none"))
+    path = tmp_path / "run" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    ckpt.pop("checksum", None)
+    torch.save(ckpt, tmp_path / "nan.pt")
+    out = tmp_path / "nan.json"
+    with pytest.raises(SystemExit, match="embeddings .* are not finite") as stop:
+        ev.main(["--checkpoint", str(tmp_path / "nan.pt"), "--out", str(out), "--num-images", "24",
+                 "--shots", "1", "--fewshot-seeds", "1", "--device", "cpu", "--no-progress"])
+    assert stop.value.code not in (None, 0)
+    values = {(r["task"], r["metric"]): r["value"] for r in json.load(open(out))}
+    assert values.pop(("nonfinite", "embeddings")) == 100.0                 # every embedding is NaN
+    assert values and set(values.values()) == {0.0}                         # so every metric is a miss
+
+
+# ------------------------------------------------------------------ 3. every numeric flag has a range
+def parser_of(build) -> argparse.ArgumentParser:
+    """The parser a parse function builds (caught at its parse_args call)."""
+    seen = []
+    real = argparse.ArgumentParser.parse_args
+
+    def spy(self, *args, **kwargs):
+        seen.append(self)
+        return real(self, *args, **kwargs)
+    argparse.ArgumentParser.parse_args = spy
+    try:
+        build()
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return seen[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "-5"], "--steps -5"), (["--steps", "0"], "--steps 0"), (["--epochs", "-1"], "--epochs -1"),
+    (["--embed-dim", "0"], "--embed-dim 0"), (["--caption-noise", "2"], "--caption-noise 2"),
+    (["--loss-weights", "-1"], "--loss-weights"), (["--loss-weights", "nan"], "--loss-weights"),
+    (["--loss-weights", "0"], "--loss-weights"), (["--wd", "nan"], "--wd nan"),
+    (["--batch-size", "0"], "--batch-size 0"), (["--save-every", "0"], "--save-every 0"),
+    (["--log-every", "0"], "--log-every 0"), (["--init-temperature", "0"], "--init-temperature 0"),
+    (["--lr", "inf"], "--lr inf"), (["--image-size", "30"], "--image-size 30"),
+])
+def test_out_of_range_flags_fail_at_parse_time(tmp_path, capsys, argv, message):
+    with deadline(60), pytest.raises(SystemExit):        # what is accepted trains 2 tiny steps
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "2", "--eval-data", "none", *argv))
+    err = capsys.readouterr().err
+    assert message in err and "expected" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_numeric_flag_is_range_checked(capsys):
+    for name, build, parse in [("train.py", lambda: train.parse_args([]), train.parse_args),
+                               ("eval.py", lambda: ev.parse_args(["--checkpoint", "x"]), ev.parse_args)]:
+        numeric = [a for a in parser_of(build)._actions if a.type in (int, float)]
+        assert len(numeric) >= 3, name
+        for action in numeric:
+            flag, bad = action.option_strings[0], "-1" if action.type is int else "nan"
+            extra = ["--checkpoint", "x"] if name == "eval.py" else []
+            with pytest.raises(SystemExit):
+                parse(extra + [flag, bad])
+            assert f"{flag} {bad}" in capsys.readouterr().err, f"{name} accepts {flag} {bad}"
+
+
+@pytest.mark.parametrize("argv,message", [(["--shots", "0"], "--shots"), (["--shots", "1,x"], "--shots"),
+                                          (["--alphas", "nan"], "--alphas"), (["--tasks", "zeroshot,bogus"], "--tasks"),
+                                          (["--embeddings", "main,bogus"], "--embeddings")])
+def test_eval_list_flags_are_checked(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        ev.main(["--checkpoint", "x"] + argv)
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ 4. checkpoints
+@pytest.fixture(scope="module")
+def run_3t(tmp_path_factory, towers):
+    """A finished 2-step 3t run with towers[0]; tests copy what they damage."""
+    tmp = tmp_path_factory.mktemp("run3t")
+    train.main(tiny(tmp, "--mode", "3t", "--tower3", towers[0], "--steps", "2", "--eval-data", "none"))
+    return tmp / "run" / "ckpt.pt"
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint\n", "list"])
+def test_resume_of_a_non_checkpoint_is_one_line(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    torch.save([1, 2], path) if content == "list" else path.write_bytes(content)
+    with pytest.raises(SystemExit, match=r"--resume .*bad\.pt.*(not a readable|not a 3t checkpoint)") as stop:
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "2", "--resume", str(path)))
+    assert "\n" not in str(stop.value.code)
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--tower3", "sup0", "--embed-dim", "32"], r"embed_dim: 16 in the checkpoint, 32 now"),
+    (["--tower3", "sup1"], r"tower3 weights: '\w+' in the checkpoint, '\w+' now .*--tower3 .*sup0"),   # same width
+])
+def test_resume_names_what_differs(tmp_path, run_3t, towers, change, message):
+    change = [towers[int(x[-1])] if x.startswith("sup") else x for x in change]
+    with pytest.raises(SystemExit, match=message):
+        train.main(tiny(tmp_path, "--mode", "3t", "--steps", "3", "--eval-data", "none", "--resume", str(run_3t),
+                        *change))
+
+
+def flip_bytes(path, at: float = 0.5) -> None:
+    raw = bytearray(open(path, "rb").read())
+    i = int(len(raw) * at)
+    raw[i:i + 4] = bytes(b ^ 0xFF for b in raw[i:i + 4])
+    open(path, "wb").write(raw)
+
+
+def test_flipped_bytes_are_caught_by_the_checksum(tmp_path, run_3t, towers):
+    damaged = tmp_path / "ckpt.pt"
+    damaged.write_bytes(run_3t.read_bytes())
+    flip_bytes(damaged)
+    with pytest.raises(SystemExit, match="checksum"):
+        train.main(tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "3", "--resume", str(damaged)))
+    with pytest.raises(SystemExit, match="checksum"):
+        ev.main(["--checkpoint", str(damaged), "--device", "cpu", "--no-progress"])
+
+
+def test_a_checkpoint_without_checksum_loads_with_a_note(tmp_path, run_3t):
+    from model import read_checkpoint
+    ckpt = torch.load(run_3t, weights_only=True)
+    ckpt.pop("checksum", None)
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match="no checksum"):
+        assert read_checkpoint(str(tmp_path / "old.pt"))["step"] == 2
+
+
+def test_no_temporary_files_left_behind(tmp_path, monkeypatch):
+    import model
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"ckpt.pt.tmp.{socket.gethostname()}.{dead.pid}"     # a writer killed mid-save
+    stale.write_bytes(b"half a checkpoint")
+    model.save_checkpoint({"x": torch.ones(3)}, str(tmp_path / "ckpt.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+    real = torch.save
+
+    def crash(obj, f, *args, **kwargs):
+        real(obj, f, *args, **kwargs)
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_checkpoint({"x": torch.zeros(3)}, str(tmp_path / "ckpt.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+    assert torch.equal(model.read_checkpoint(str(tmp_path / "ckpt.pt"))["x"], torch.ones(3))
+
+
+def test_eval_with_a_third_tower_of_another_width(tmp_path, run_3t):
+    wide = tiny(tmp_path, "--mode", "supervised", "--steps", "1", "--eval-data", "none", out="wide")
+    wide[wide.index("--image-arch") + 1] = "cnn-tiny"                   # D_h = 128, not vit-micro's 32
+    train.main(wide)
+    with pytest.raises(SystemExit, match=r"--tower3 .*wide.*D_h = \d+.*trained with .*32"):
+        ev.main(["--checkpoint", str(run_3t), "--tower3", str(tmp_path / "wide" / "ckpt.pt"), "--device", "cpu"])
+
+
+# ------------------------------------------------------------------ 8. one run per folder; no orphans
+def test_second_run_in_the_same_folder_is_refused(tmp_path):
+    first = subprocess.Popen([sys.executable, "train.py", *tiny(tmp_path, "--mode", "clip", "--steps", "5000",
+                                                               "--eval-data", "none", "--save-every", "100000")],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        for _ in range(600):
+            if metrics.exists() and metrics.read_text():
+                break
+            assert first.poll() is None, "the first run ended early"
+            time.sleep(0.2)
+        with pytest.raises(SystemExit, match=rf"--out .*run.* in use by another run \(pid {first.pid}"):
+            train.main(tiny(tmp_path, "--mode", "clip", "--steps", "2", "--eval-data", "none", "--seed", "1"))
+    finally:
+        first.kill()
+        first.wait()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"                # a zombie has stopped
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_stop_when_their_torchrun_agent_is_killed(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *tiny(tmp_path, "--mode", "clip", "--steps", "5000", "--eval-data", "none", "--save-every", "100000")]
+    agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers = []
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        for _ in range(600):
+            if metrics.exists() and metrics.read_text():
+                break
+            assert agent.poll() is None, "the run ended early"
+            time.sleep(0.2)
+        with open(f"/proc/{agent.pid}/task/{agent.pid}/children") as f:
+            workers = [int(p) for p in f.read().split()]
+        assert len(workers) == 2
+        agent.kill()
+        agent.wait()
+        for _ in range(100):
+            if not any(alive(p) for p in workers):
+                break
+            time.sleep(0.2)
+        assert not any(alive(p) for p in workers), "orphaned workers still training 20 s after their agent died"
+    finally:
+        agent.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ 9. unwritable folders fail up front
+@pytest.mark.parametrize("place", ["a file in the way", "a read-only folder"])
+def test_unwritable_folders_fail_before_any_work(tmp_path, towers, run_3t, place):
+    bad = tmp_path / "bad"
+    if place == "a file in the way":
+        bad.write_text("not a folder")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        bad.mkdir(mode=0o500)
+    base = tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "2", "--eval-data", "none")
+    cache = base + ["--cache-dir", str(bad)]                              # the last --cache-dir wins
+    with pytest.raises(SystemExit, match=r"--cache-dir .*bad.*cannot write"):
+        train.main(cache)
+    assert not (tmp_path / "run" / "tokenizer.json").exists()             # stopped before any work
+    with pytest.raises(SystemExit, match=r"--out .*bad.*cannot write"):
+        train.main(base + ["--out", str(bad / "run")])
+    with pytest.raises(SystemExit, match=r"--out .*bad.*cannot write"):
+        ev.main(["--checkpoint", str(run_3t), "--out", str(bad / "r.json"), "--device", "cpu"])
