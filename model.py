@@ -25,6 +25,7 @@ import glob
 import hashlib
 import math
 import os
+import pickle
 import socket
 import urllib.error
 import warnings
@@ -467,7 +468,10 @@ def read_checkpoint(path: str) -> dict:
     (torchvision state_dicts) silently, this project's older checkpoints with a warning."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle, zip, EOF and tensor errors have no common type
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (it holds Python objects, not only tensors, "
+                         f"which torch.load(weights_only=True) refuses; save model.state_dict(), not the model)") from None
+    except Exception as e:  # noqa: BLE001 - zip, EOF and tensor errors have no common type
         reason = ": ".join([type(e).__name__] + str(e).strip().splitlines()[:1])[:200]
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     if isinstance(ckpt, dict) and "checksum" in ckpt:

@@ -154,14 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.loss_weights = values
     tar = args.mode != "supervised" and args.train_data != "shapes" and not args.train_data.lower().endswith(
         (".csv", ".tsv"))
-    if args.train_samples is not None and (args.train_samples < 1 or tar):
-        p.error(f"--train-samples {args.train_samples}: " + ("tar shards are streamed whole; select fewer shards"
-                                                              if tar else "expected at least 1"))
-    for flag in ("max_image_pixels", "max_file_bytes"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive limit")
-    if not 0 < args.crop_scale <= 1:
-        p.error(f"--crop-scale {args.crop_scale:g}: expected a fraction of the image area in (0, 1]")
+    if args.train_samples is not None and tar:
+        p.error(f"--train-samples {args.train_samples}: tar shards are streamed whole; select fewer shards")
     if args.train_data == "shapes" and args.train_samples is None:
         args.train_samples = SHAPES_TRAIN_SAMPLES
     if args.tower3 == "auto" and args.mode in ("lit", "3t") and args.train_data != "shapes":
@@ -181,7 +175,8 @@ RANGES = {"train_samples": "[1, inf)", "caption_noise": "[0, 1]", "max_bad_fract
           "init_temperature": "(0, 100]", "batch_size": "[1, inf)", "steps": "[1, inf)", "epochs": "(0, inf)",
           "lr": "(0, inf)", "wd": "[0, inf)", "beta2": "[0, 1)", "warmup": "[0, inf)", "grad_clip": "[0, inf)",
           "max_nonfinite": "[1, inf)", "seed": "[0, inf)", "save_every": "[1, inf)", "eval_every": "[0, inf)",
-          "log_every": "[1, inf)"}
+          "log_every": "[1, inf)", "max_image_pixels": "[1, inf)", "max_file_bytes": "[1, inf)",
+          "crop_scale": "(0, 1]"}
 
 
 def check_ranges(p: argparse.ArgumentParser, args: argparse.Namespace, ranges: dict[str, str]) -> None:
@@ -459,8 +454,8 @@ def schedule(args: argparse.Namespace, env: Env, model: torch.nn.Module, dataset
     (default 1) over a finite dataset."""
     per_epoch = len(dataset) // (args.batch_size * env.world) if hasattr(dataset, "__len__") else None
     if per_epoch == 0:
-        raise SystemExit(f"--train-data {args.train_data!r}: {len(dataset)} samples, fewer than one global batch "
-                         f"(--batch-size {args.batch_size} x {env.world} processes)")
+        raise SystemExit(f"--train-data {args.train_data!r}: no full batch of --batch-size {args.batch_size}: "
+                         f"{len(dataset)} samples, fewer than one global batch ({args.batch_size} x {env.world} processes)")
     if args.steps is None and per_epoch is None:
         raise SystemExit("--steps is required for streaming (tar-shard) data")
     total = args.steps or max(1, int((args.epochs or 1) * per_epoch))

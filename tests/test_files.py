@@ -287,9 +287,9 @@ def test_supervised_augmentation_flags(files, tmp_path, capsys):
     assert result == {} and torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
 
 
-@pytest.mark.parametrize("flag,message", [("--crop-scale 0", "a fraction of the image area in (0, 1]"),
-                                          ("--crop-scale 1.5", "a fraction of the image area in (0, 1]"),
-                                          ("--train-samples 0", "at least 1")])
+@pytest.mark.parametrize("flag,message", [("--crop-scale 0", "a value in (0, 1]"),
+                                          ("--crop-scale 1.5", "a value in (0, 1]"),
+                                          ("--train-samples 0", "a value in [1, inf)")])
 def test_bad_augmentation_flags(flag, message, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--mode", "supervised", "--train-data", "x"] + flag.split())
@@ -388,7 +388,7 @@ def test_corrupt_eval_image_is_an_error_not_a_substitute(files, tmp_path, capsys
 def test_bad_inputs_give_one_line_errors(files, tmp_path):
     few = tmp_path / "few.csv"
     few.write_text("filepath,title\n" + "".join(f"{files.root}/img/00{i}.jpg,caption {i}\n" for i in (0, 2)))
-    with pytest.raises(SystemExit, match=r"2 samples, fewer than one global batch \(--batch-size 8 x 1"):
+    with pytest.raises(SystemExit, match=r"2 samples, fewer than one global batch \(8 x 1"):
         train.main(run(tmp_path, "--mode", "clip", "--train-data", str(few), "--steps", "2"))
     (tmp_path / "long.csv").write_text("filepath,title\nimg/0.png," + "a" * 200_000 + "\n")
     with pytest.raises(data.DataError, match=r"long\.csv: not a ','-separated file after line 1 \(field larger"):
@@ -403,8 +403,7 @@ def test_bad_inputs_give_one_line_errors(files, tmp_path):
 
 def test_a_rank_whose_epoch_is_all_bad_stops_instead_of_looping(tmp_path):
     loader = data.make_loader(data.ShapesPairs("train", 3), batch_size=4)
-    with pytest.raises(RuntimeError, match="gave this process no batch"):
-        next(train.endless(loader, train.Position()))
+    assert next(train.endless(loader, train.Position())) is None       # next_batch turns it into an error
 
 
 def test_a_wrong_tower3_file_is_named(files, tmp_path, capsys):
@@ -412,8 +411,8 @@ def test_a_wrong_tower3_file_is_named(files, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"r34\.pth is not a state_dict of torchvision's resnet18"):
         load_tower3(f"torchvision:resnet18:{tmp_path / 'r34.pth'}")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")                  # the model, not its state_dict
-    with pytest.raises(ValueError, match=r"module\.pth is not a file of tensors .* save model\.state_dict\(\)"):
+    with pytest.raises(ValueError, match=r"module\.pth: not a readable PyTorch checkpoint \(it holds Python objects.* save model\.state_dict\(\)"):
         load_tower3(f"torchvision:resnet18:{tmp_path / 'module.pth'}")
     with pytest.raises(SystemExit):
         train.parse_args(["--max-image-pixels", "0"])
-    assert "--max-image-pixels 0: expected a positive limit" in capsys.readouterr().err
+    assert "--max-image-pixels 0: expected a value in [1, inf)" in capsys.readouterr().err
