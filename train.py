@@ -37,14 +37,14 @@ from tqdm import tqdm
 
 import data
 from losses import PAIRS, default_weights, tower_loss
-from model import (CHECKPOINT_FORMAT, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, build_image_tower,
+from model import (CHECKPOINT_FORMAT, CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, build_image_tower,
                    checksum, load_tower3, read_checkpoint, save_checkpoint, summary)
 
 
 # ----------------------------------------------------------------------------------------------
 # Flags. Defaults are the CPU preset: the embedded shapes world, small towers, minutes on 2 cores.
 # ----------------------------------------------------------------------------------------------
-SHAPES_TRAIN_SAMPLES = 30_000     # --train-samples on the shapes world; files are used whole
+SHAPES_TRAIN_SAMPLES = 40_000     # --train-samples on the shapes world; files are used whole
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="image tower f (or the classifier in supervised mode); the paper's are ViTs (vit-b/16, ...), the CPU "
            "default is a small conv net, which learns shapes within minutes on two cores")
     a("--image-size", type=int, default=32, help="input resolution of f (the shapes world renders at this size)")
-    a("--text-arch", default="tiny", choices=list(TEXT_PRESETS), help="text tower g (base = CLIP's 512x12)")
+    a("--text-arch", default="mini", choices=list(TEXT_PRESETS), help="text tower g (base = CLIP's 512x12)")
     a("--tokenizer", default="bpe", choices=["bpe", "bytes"],
       help="bpe: byte-level BPE whose merges are learned from the training captions at the start of a run "
            "and stored with it (captions ~5x shorter than bytes); bytes: one token per UTF-8 byte")
@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "torchvision:ARCH:/path/state_dict.pth, a --mode supervised checkpoint, or 'auto' (shapes only: "
            "pretrain one on the shapes world's --tower3-label labels on first use, then reuse it)")
     a("--tower3-label", default="object", choices=["object", "scene"], help="labels of the auto-pretrained tower")
-    a("--tower3-steps", type=int, default=200, help="steps of the auto-pretrained tower (batch: --batch-size)")
+    a("--tower3-steps", type=int, default=400, help="steps of the auto-pretrained tower")
+    a("--tower3-batch-size", type=int, default=64, help="per rank, for the auto-pretrained tower")
     a("--no-tower3-heads", action="store_true",
       help="3t: drop the heads h_f, h_g on the frozen embedding; f_h, g_h then map straight into D_h")
     a("--cache-tower3", action=argparse.BooleanOptionalAction, default=True,
@@ -119,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # optimisation
     a("--batch-size", type=int, default=128, help="per rank; the contrastive batch is batch-size x world size")
     a("--steps", type=int, default=None, help="optimiser steps (default: --epochs over the data)")
-    a("--epochs", type=float, default=None, help="passes over the data when --steps is not given (default 1)")
+    a("--epochs", type=float, default=3, help="passes over the data when --steps is not given")
     a("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
     a("--wd", type=float, default=0.1, help="AdamW weight decay (not on biases, norms, embeddings, temperatures)")
     a("--beta2", type=float, default=0.98, help="AdamW beta2 (CLIP's 0.98 is steadier than 0.999)")
@@ -171,7 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # inf fall outside all of them; a flag left at its default None is not checked.
 RANGES = {"train_samples": "[1, inf)", "caption_noise": "[0, 1]", "max_bad_fraction": "[0, 1]",
           "workers": "[0, inf)", "eval_images": "[1, inf)", "image_size": "[1, inf)", "vocab_size": "[259, inf)",
-          "context_length": "[3, inf)", "embed_dim": "[1, inf)", "tower3_steps": "[1, inf)",
+          "context_length": "[3, inf)", "embed_dim": "[1, inf)", "tower3_steps": "[1, inf)", "tower3_batch_size": "[1, inf)",
           "init_temperature": "(0, 100]", "batch_size": "[1, inf)", "steps": "[1, inf)", "epochs": "(0, inf)",
           "lr": "(0, inf)", "wd": "[0, inf)", "beta2": "[0, 1)", "warmup": "[0, inf)", "grad_clip": "[0, inf)",
           "max_nonfinite": "[1, inf)", "seed": "[0, inf)", "save_every": "[1, inf)", "eval_every": "[0, inf)",
@@ -323,21 +324,21 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
     --tower3-label labels, once, then reused from --cache-dir -- a genuinely pretrained tower,
     never a random one. The file name holds everything the tower depends on, including a digest
     of the preset's shape and of a rendered image, so a changed preset or world is never reused."""
-    recipe = [data.ShapesWorld(args.seed, args.image_size).digest(), VIT_PRESETS.get(args.image_arch)]
-    digest = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:8]
-    path = os.path.abspath(os.path.join(
-        args.cache_dir, f"tower3-shapes-{args.tower3_label}-{args.image_arch}-{args.image_size}px"
-                        f"-s{args.seed}-{args.tower3_steps}steps-{digest}.pt"))
+    recipe = ["--label", args.tower3_label, "--image-arch", args.image_arch, "--image-size", str(args.image_size),
+              "--steps", str(args.tower3_steps), "--batch-size", str(args.tower3_batch_size), "--lr", "4e-3",
+              "--warmup", "20", "--seed", str(args.seed)]
+    digest = hashlib.sha256(json.dumps([recipe, env.world, data.ShapesWorld(args.seed, args.image_size).digest(),
+                                        CNN_PRESETS.get(args.image_arch), VIT_PRESETS.get(args.image_arch)]
+                                       ).encode()).hexdigest()[:8]
+    path = os.path.abspath(os.path.join(args.cache_dir, f"tower3-shapes-{args.tower3_label}-{args.image_arch}-"
+                                                        f"{args.image_size}px-s{args.seed}-{digest}.pt"))
     if not os.path.exists(path):
         log(env, f"[tower3] no pretrained third tower yet: pretraining one on the shapes world's "
-                 f"'{args.tower3_label}' labels ({args.tower3_steps} steps, supervised); it is saved "
-                 f"to {path} and reused by later runs")
+                 f"'{args.tower3_label}' labels ({' '.join(recipe)}); it is saved to {path} and reused by later runs")
         folder = path[:-3]
-        pretrain(parse_args(["--mode", "supervised", "--label", args.tower3_label, "--image-arch", args.image_arch,
-                             "--image-size", str(args.image_size), "--steps", str(args.tower3_steps),
-                             "--seed", str(args.seed), "--batch-size", str(args.batch_size), "--lr", "4e-3",
-                             "--workers", str(env.workers(args)), "--eval-images", str(args.eval_images),
-                             "--out", folder, "--resume", "latest"] + (["--quiet"] if args.quiet else [])), env)
+        pretrain(parse_args(["--mode", "supervised", *recipe, "--workers", str(env.workers(args)), "--eval-images",
+                             str(args.eval_images), "--out", folder, "--resume", "latest"]
+                            + (["--quiet"] if args.quiet else [])), env)
         if env.master:   # a slim copy, written only once pretraining has finished
             ckpt = read_checkpoint(os.path.join(folder, "ckpt.pt"))
             save_checkpoint({k: ckpt[k] for k in ("format", "mode", "classifier", "model", "args")}, path)
@@ -458,7 +459,7 @@ def schedule(args: argparse.Namespace, env: Env, model: torch.nn.Module, dataset
                          f"{len(dataset)} samples, fewer than one global batch ({args.batch_size} x {env.world} processes)")
     if args.steps is None and per_epoch is None:
         raise SystemExit("--steps is required for streaming (tar-shard) data")
-    total = args.steps or max(1, int((args.epochs or 1) * per_epoch))
+    total = args.steps or max(1, int(args.epochs * per_epoch))
     optimizer = build_optimizer(model, args)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, total)), total
 
