@@ -55,8 +55,8 @@ TOWERS = IMAGE + ["--text-arch", "mini", "--embed-dim", "64"]
 SIZES = {
     "full": {"paired": ["--steps", "200", "--batch-size", "256", "--lr", "3e-3", "--warmup", "20"],
              "pairs": 51_200, "sweep": [800, 3_200, 12_800, 51_200], "sweep_seeds": 2,
-             "pretrain": ["--steps", "300", "--batch-size", "256", "--lr", "4e-3", "--warmup", "30",
-                          "--train-samples", "76800"]},
+             "pretrain": ["--steps", "400", "--batch-size", "128", "--lr", "4e-3", "--warmup", "20",
+                          "--train-samples", "51200"]},
     "quick": {"paired": ["--steps", "8", "--batch-size", "32", "--warmup", "2"],
               "pairs": 2_000, "sweep": [200, 2_000], "sweep_seeds": 2,
               "pretrain": ["--steps", "8", "--batch-size", "32", "--warmup", "2", "--train-samples", "2000"]},
@@ -222,6 +222,13 @@ def sweep_claims(sweep: dict[int, dict]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+def write(out: str, stem: str, md: list[str], record: dict) -> None:
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds per method and regime")
@@ -254,6 +261,7 @@ def main() -> None:
         md += table(results[regime]) + ["", "The paper's orderings:", ""] + orderings(results[regime]) + [""]
     record = {"minutes": minutes, "seeds": seeds, "tower3_accuracy": accuracy, "towers": TOWERS, "config": cfg,
               "results": {reg: {f"{m}/{t}": v for (m, t), v in r.items()} for reg, r in results.items()}}
+    write(a.out, stem, md, record)  # the main tables land before the (long) sweep starts
     if a.sweep:
         sweep_start = time.time()
         sweep = {cfg["pairs"]: {m: v[:cfg["sweep_seeds"]] for m, v in results["clean"].items()}}
@@ -277,10 +285,7 @@ def main() -> None:
         with open(os.path.join(a.out, f"scaling{'-quick' if a.quick else ''}.md"), "w") as f:
             f.write("\n".join(sweep_md) + "\n")
         record["sweep"] = {str(n): {f"{m}/{t}": v for (m, t), v in r.items()} for n, r in sweep.items()}
-    with open(os.path.join(a.out, f"{stem}.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    with open(os.path.join(a.out, f"{stem}.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    write(a.out, stem, md, record)
     print(f"[reproduce] {(time.time() - start) / 60:.1f} minutes; wrote {a.out}/{stem}.md and .json")
 
 
