@@ -1,32 +1,25 @@
-"""Data, in three parts after what they share (image helpers and the tokenizer):
+"""Data: what the towers read, in three parts after the image helpers they share.
 
-1. The shapes world: an embedded procedural world of image-text pairs and labelled images, no
-   download. 3T (Kossen et al. 2023) trains image and text towers on web pairs while the frozen third
-   tower comes from a classifier pretrained on labelled images: JFT or ImageNet-21k, whose labels
-   name much of what captions say, or Places365, whose scene labels name little (there 3T beats LiT).
-   The world reproduces that in miniature:
-     paired data     -> ShapesPairs (captions in varied templates, optional web-like caption noise)
-     labelled data   -> ShapesLabelled: "object" labels (shape x colour, like JFT) or "scene" labels
-                        (background only, like Places365)
-     test tasks      -> zeroshot_tasks() + ShapesLabelled(split="test"), shapes_retrieval()
+1. The shapes world, embedded, no download: its own file, shapes.py (image-text pairs, labelled
+   images for a third tower, the retrieval test set, zero-shot prompts).
 2. File readers: a CSV/TSV of image paths and captions (open_clip's keys), img2dataset/WebDataset tar
-   shards read with the standard library, and ImageFolder class folders.
+   shards read with the standard library, ImageFolder class folders. train.pairs_dataset and
+   pretrain.labelled_dataset turn a --train-data value into one of them, or into the shapes world.
 3. Loaders: one rank's share of the data per epoch, resumable mid-epoch; `collate` stacks items and
-   turns captions into token ids.
+   turns captions into token ids (tokenizer.py).
 
-Items are dicts of plain tensors and strings. Images use one normalisation: ImageNet mean/std.
+Items are dicts of plain tensors and strings: 'image' (f's view), 'caption' or 'label', 'index'
+(the row of the third tower's cache), 'image_h' (h's own view, tower3_view) when a third tower reads
+them, and 'data_errors' (skipped samples by reason). Images use one normalisation: ImageNet mean/std.
 """
 from __future__ import annotations
 
-import array
 import copy
 import csv
 import functools
 import glob
 import hashlib
-import heapq
 import io
-import json
 import logging
 import os
 import re
@@ -34,9 +27,9 @@ import stat
 import tarfile
 import warnings
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,10 +39,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subs
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from tokenizer import Tokenizer
+
 logger = logging.getLogger("data")
 
 # ==================================================================================================
-# Shared: images and the tokenizer
+# Shared: images, limits, and what every dataset builds on
 # ==================================================================================================
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -137,449 +132,7 @@ def skip_reason(error: Exception) -> str:
     return "too_large" if isinstance(error, TooLarge) else "decode_error"
 
 
-# ----------------------------------------------------------------------------- the tokenizer
-
-
-# Merges never cross these chunks: an optional space and a run of letters, digits or non-ASCII bytes (so no
-# UTF-8 character is ever split between chunks), an optional space and a run of other symbols, or spaces.
-_CHUNK = re.compile(rb" ?[A-Za-z0-9\x80-\xff]+| ?[^A-Za-z0-9\x80-\xff\s]+|\s+")
-
-
-class Tokenizer:
-    """Byte-level BPE: UTF-8 bytes, with frequent byte sequences merged into single tokens (Sennrich et
-    al. 2016; on bytes, as in GPT-2 and CLIP). The merges are learned from the training captions
-    (`learn`) and stored with the run, so no vocabulary file is needed and no text is ever unknown: what
-    the merges do not cover stays bytes. With no merges it is a plain byte tokenizer.
-
-    Why merges: a shapes caption is ~73 bytes but ~15 BPE tokens, so the text tower costs several times
-    less per caption, and it learns from the first steps (a word is one token, not a dozen bytes).
-
-    Ids: 0..255 bytes, 256 BOS, 257 EOS, 258 PAD, 259 + k merge k. A row is BOS, ids..., EOS, PAD...
-    of length context_length; truncation keeps EOS (the text tower pools there, and its causal mask
-    makes what follows irrelevant) and never cuts a UTF-8 character in two.
-    """
-
-    BOS, EOS, PAD = 256, 257, 258
-
-    def __init__(self, context_length: int = 128, merges: Sequence[Sequence[int]] = ()):
-        if context_length < 3:
-            raise ValueError(f"context_length must be >= 3 (BOS, a token, EOS), got {context_length}")
-        self.context_length, self.merges = context_length, []
-        self.pieces = [bytes([i]) for i in range(256)] + [b"", b"", b""]     # the bytes of each id
-        for k, (a, b) in enumerate(merges):
-            if not all(type(x) is int and (x < 256 or 259 <= x < 259 + k) and x >= 0 for x in (a, b)):
-                raise ValueError(f"merge {k} {(a, b)} names an id that is neither a byte nor an earlier merge")
-            self.merges.append((a, b))
-            self.pieces.append(self.pieces[a] + self.pieces[b])
-        self.rank = {pair: k for k, pair in enumerate(self.merges)}
-        self.vocab_size = len(self.pieces)
-        self._cache: dict[bytes, list[int]] = {}
-
-    @classmethod
-    def learn(cls, texts: Iterable[str], vocab_size: int, context_length: int) -> Tokenizer:
-        """Merge the most frequent adjacent pair of tokens (ties: the smallest pair) again and again,
-        until vocab_size ids exist or no pair occurs twice. Deterministic. Each distinct chunk is kept
-        once with its count, and a merge revisits only the chunks that hold its pair, updating the
-        pair counts by difference: thousands of merges over 100k captions take seconds."""
-        freq = Counter(chunk for text in texts for chunk in _CHUNK.findall(_utf8(text)))
-        words, counts = [list(w) for w in freq], list(freq.values())
-        pairs: Counter = Counter()
-        where: dict[tuple[int, int], set[int]] = defaultdict(set)      # pair -> chunks that may hold it
-        for w, ids in enumerate(words):
-            for pair in zip(ids, ids[1:]):
-                pairs[pair] += counts[w]
-                where[pair].add(w)
-        heap = [(-n, pair) for pair, n in pairs.items()]
-        heapq.heapify(heap)
-        merges: list[tuple[int, int]] = []
-        while 259 + len(merges) < vocab_size and heap:
-            n, pair = heapq.heappop(heap)
-            if -n != pairs[pair]:
-                continue                                  # an outdated count; the current one is queued
-            if -n < 2:
-                break
-            merges.append(pair)
-            changed = set()
-            for w in where.pop(pair):
-                old, ids = words[w], _merge(words[w], pair, 258 + len(merges))
-                words[w] = ids
-                for p in zip(old, old[1:]):
-                    pairs[p] -= counts[w]
-                for p in zip(ids, ids[1:]):
-                    pairs[p] += counts[w]
-                    where[p].add(w)
-                changed.update(zip(old, old[1:]), zip(ids, ids[1:]))
-            for p in changed:
-                heapq.heappush(heap, (-pairs[p], p))
-        return cls(context_length, merges)
-
-    def tokens(self, text: str | bytes) -> list[int]:
-        """Ids of one text, without BOS/EOS, untruncated."""
-        data = _utf8(text)
-        if not self.merges:
-            return list(data)
-        ids, cached = [], self._cache.get
-        for chunk in _CHUNK.findall(data):
-            ids += cached(chunk) or self._chunk(chunk)
-        return ids
-
-    def _chunk(self, chunk: bytes) -> list[int]:
-        """Apply the earliest-learned merge that occurs, until none does (memoised: words repeat)."""
-        ids = list(chunk)
-        while len(ids) > 1:
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.rank.get(p, len(self.rank)))
-            if pair not in self.rank:
-                break
-            ids = _merge(ids, pair, 259 + self.rank[pair])
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[chunk] = ids
-        return ids
-
-    def encode(self, texts: str | bytes | Sequence[str | bytes]) -> Tensor:
-        """Text(s) -> LongTensor (N, context_length); a single str/bytes gives N = 1."""
-        if isinstance(texts, (str, bytes, bytearray)):
-            texts = [texts]
-        width, flat = self.context_length, array.array("q")       # all rows, one conversion at the end
-        for text in texts:
-            ids = self.tokens(text)
-            if len(ids) > width - 2:     # keep EOS; back off while the first dropped token continues a character
-                cut = width - 2
-                while cut > width - 5 and cut > 0 and self.pieces[ids[cut]][0] & 0xC0 == 0x80:
-                    cut -= 1
-                ids = ids[:cut]
-            flat.append(self.BOS)
-            flat.extend(ids)
-            flat.append(self.EOS)
-            flat.extend([self.PAD] * (width - 2 - len(ids)))
-        return torch.frombuffer(flat, dtype=torch.long).clone().view(len(texts), width) if texts \
-            else torch.empty(0, width, dtype=torch.long)
-
-    @classmethod
-    def trim(cls, ids: Tensor) -> Tensor:
-        """Cut a batch (N, L) after its longest caption: the columns that are PAD in every row cannot
-        change the EOS-pooled embedding, only cost compute. Call on CPU ids (no device sync)."""
-        return ids[:, : int((ids != cls.PAD).sum(1).max())]
-
-    def decode(self, ids: Sequence[int] | Tensor) -> str:
-        """One row of ids -> text, for display; stops at EOS; invalid UTF-8 becomes U+FFFD."""
-        if isinstance(ids, Tensor):
-            if ids.dim() != 1:
-                raise ValueError(f"decode takes one row of ids, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        out = bytearray()
-        for i in ids:
-            if i == self.EOS:
-                break
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} outside the vocabulary of size {self.vocab_size}")
-            out += self.pieces[i]                         # BOS and PAD have no bytes
-        return out.decode("utf-8", errors="replace")
-
-    def to_dict(self) -> dict[str, Any]:
-        """What a checkpoint stores to rebuild this tokenizer exactly: plain ints and lists."""
-        return {"context_length": self.context_length, "merges": [list(m) for m in self.merges]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Tokenizer:
-        try:
-            return cls(d["context_length"], [tuple(m) for m in d["merges"]])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"not a stored tokenizer ({type(e).__name__}: {e})") from None
-
-
-def _utf8(text: str | bytes) -> bytes:
-    # errors="replace": a lone surrogate (e.g. from a file name) becomes "?" instead of a crash
-    return text.encode("utf-8", errors="replace") if isinstance(text, str) else bytes(text)
-
-
-def _merge(ids: list[int], pair: tuple[int, int], new: int) -> list[int]:
-    """ids with each occurrence of `pair`, left to right without overlaps, replaced by `new`."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
-
-# ==================================================================================================
-# Part 1. The shapes world
-# ==================================================================================================
-# ----------------------------------------------------------------------------- vocabulary and labels
-
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan")
-SIZES = ("small", "medium", "large")
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-SCENES = ("plain", "striped", "checkered", "dotted", "gradient", "speckled")
-
-_RGB = np.array([[220, 40, 40], [40, 170, 60], [40, 80, 220], [235, 210, 40], [140, 60, 190], [245, 135, 20],
-                 [40, 200, 215]], np.float32)  # saturated object colours, one row per COLOURS entry
-_BG_RGB = np.array([[25, 25, 25], [80, 80, 80], [140, 140, 140], [200, 200, 200], [110, 90, 70], [210, 195, 160]],
-                   np.float32)  # muted background colours, so objects stay visible
-_RADIUS = np.array([0.10, 0.15, 0.20], np.float32)  # per SIZES, as a fraction of the image side
-_SECOND_OBJECT_P = 0.3  # paired images only; labelled images show one object (ShapesLabelled)
-_NOISE_TILES = 4
-
-# Words a caption may use for each attribute value (synonyms keep text towers from memorising one form).
-CAPTION_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
-    "shape": {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",),
-              "diamond": ("diamond", "rhombus"), "cross": ("cross",)},
-    "colour": {c: (c,) for c in COLOURS},
-    "size": {"small": ("small", "tiny", "little"), "medium": ("medium", "mid-size"), "large": ("large", "big")},
-    "position": {"top left": ("at the top left", "in the upper left"), "top": ("at the top", "up top"),
-                 "top right": ("at the top right", "in the upper right"), "left": ("on the left", "at the left"),
-                 "center": ("in the center", "in the middle"), "right": ("on the right", "at the right"),
-                 "bottom left": ("at the bottom left", "in the lower left"), "bottom": ("at the bottom", "down below"),
-                 "bottom right": ("at the bottom right", "in the lower right")},
-    "scene": {"plain": ("plain", "blank"), "striped": ("striped", "stripy"), "checkered": ("checkered", "checked"),
-              "dotted": ("dotted", "polka-dot"), "gradient": ("gradient", "fading"),
-              "speckled": ("speckled", "grainy")},
-}
-# The main object is always described before the optional second one ({second}), so "first colour word"
-# etc. identify it. With the longest words every template stays <= 126 bytes (fits context 128).
-CAPTION_TEMPLATES = (
-    "a {size} {colour} {shape} {pos}{second} on a {scene} background",
-    "on a {scene} background, a {size} {colour} {shape} {pos}{second}",
-    "{pos} there is a {size} {colour} {shape}{second}, {scene} background",
-    "a {colour} {shape}, {size}, {pos}{second}; {scene} background",
-    "a {scene} background with a {size} {colour} {shape} {pos}{second}",
-    "{size} {colour} {shape} {pos}{second} over a {scene} backdrop",
-    "the {shape} is {colour} and {size}, {pos}{second}, {scene} background",
-    "photo of a {size} {shape} in {colour} {pos}{second}, {scene} background",
-    "{pos}: a {colour} {size} {shape}{second} on a {scene} backdrop",
-)
-_SECOND_TEMPLATE = "{conn} a {colour} {shape} {pos}"  # no size word: "size" always means the main object
-_CONNECTIVES = (" and", " by", ", with")
-
-
-_POS_PHRASE = {p: CAPTION_WORDS["position"][p][0] for p in POSITIONS}
-LABELS: dict[str, tuple[list[str], Callable[[int], dict[str, int]]]] = {  # class names; the attributes class k fixes
-    "object": ([f"{c} {s}" for s in SHAPES for c in COLOURS],  # label = shape * len(COLOURS) + colour
-               lambda k: {"shape": k // len(COLOURS), "colour": k % len(COLOURS)}),
-    "position_size": ([f"{z} object {_POS_PHRASE[p]}" for p in POSITIONS for z in SIZES],  # pos * 3 + size
-                      lambda k: {"position": k // len(SIZES), "size": k % len(SIZES)}),
-    "scene": ([f"{s} background" for s in SCENES], lambda k: {"scene": k}),
-}
-
-
-def zeroshot_tasks(prompts: int = 24) -> dict[str, tuple[list[str], list[list[str]]]]:
-    """Task -> (class names in label order, `prompts` prompts per class), for the shapes world.
-
-    A prompt is a caption in the world's own grammar that names the class and draws everything else
-    (other attributes, template, synonyms) at random, seeded; a class's text embedding is the mean
-    over its prompts. This is CLIP's prompt ensembling (Radford et al. 2021, Sec. 3.1.4) with prompts
-    that read like the training captions, which always name size, colour, shape, position and scene:
-    a bare "a red circle." is a text the text tower has never seen.
-    """
-    out = {}
-    for t, (name, (classnames, fixed)) in enumerate(LABELS.items()):
-        rng = np.random.default_rng([t, 4099])
-        per_class = []
-        for k in range(len(classnames)):
-            draws = [{"shape": rng.integers(len(SHAPES)), "colour": rng.integers(len(COLOURS)),
-                      "size": rng.integers(len(SIZES)), "position": rng.integers(len(POSITIONS)),
-                      "scene": rng.integers(len(SCENES)), "second": None, **fixed(k)} for _ in range(prompts)]
-            per_class.append([_describe(d, rng, [rng.integers(len(CAPTION_TEMPLATES))])[0] for d in draws])
-        out[name] = (classnames, per_class)
-    return out
-
-
-def _describe(d: dict[str, Any], rng: np.random.Generator, templates: Sequence[int]) -> list[str]:
-    """Captions of the attribute draw d, one per template index; words and connectives drawn from rng."""
-    pick = lambda options: options[int(rng.integers(len(options)))]
-    word = lambda attr, names, value: pick(CAPTION_WORDS[attr][names[value]])
-    out = []
-    for t in templates:
-        second, o = "", d["second"]
-        if o:
-            second = _SECOND_TEMPLATE.format(conn=pick(_CONNECTIVES), colour=COLOURS[o["colour"]],
-                                             shape=word("shape", SHAPES, o["shape"]),
-                                             pos=word("position", POSITIONS, o["position"]))
-        out.append(CAPTION_TEMPLATES[t].format(
-            size=word("size", SIZES, d["size"]), colour=COLOURS[d["colour"]], second=second,
-            shape=word("shape", SHAPES, d["shape"]), pos=word("position", POSITIONS, d["position"]),
-            scene=word("scene", SCENES, d["scene"])))
-    return out
-
-
-# ----------------------------------------------------------------------------- the generator
-
-
-class ShapesWorld:
-    """Deterministic procedural world. Splits are disjoint index ranges.
-
-    Every sample is a pure function of (seed, split offset + index): any rank or worker can make any
-    sample and nothing is stored. Attributes are drawn per sample (cheap scalar draws), then a whole
-    batch is painted with vectorised numpy masks on a coordinate grid.
-    """
-
-    SPLIT_SIZE = 10**8
-    SPLITS: dict[str, int] = {"train": 0, "pretrain": 10**8, "test": 2 * 10**8, "val": 3 * 10**8}
-
-    def __init__(self, seed: int = 0, image_size: int = 64):
-        if image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {image_size}")
-        self.seed, self.image_size = seed, image_size
-        s = image_size
-        grid = np.arange(s, dtype=np.float32) + 0.5  # pixel centres
-        x, y = np.broadcast_to(grid[None, :], (s, s)), np.broadcast_to(grid[:, None], (s, s))
-        self._grid = grid
-        self._coords = np.stack([x, y, (x + y) / np.sqrt(2)])  # (3, S, S): horizontal, vertical, diagonal
-        self._ramps = self._coords / self._coords.max(axis=(1, 2), keepdims=True)  # the same, scaled to [0, 1]
-        # Per-pixel noise comes from a few seeded tiles cropped at a per-sample offset: as random-looking
-        # as fresh noise per image, but ~50x cheaper than drawing 3*S*S normals per sample.
-        rng = np.random.default_rng([seed, 7919])
-        self._noise = rng.standard_normal((_NOISE_TILES, 3, 2 * s, 2 * s), dtype=np.float32)
-        self._high = np.array([len(SHAPES), len(COLOURS), len(SIZES), 9, len(SCENES), len(_BG_RGB),
-                               len(_BG_RGB) - 1, len(SHAPES), len(COLOURS), 8, 3, 3, _NOISE_TILES, s, s, 3])
-
-    def digest(self) -> str:
-        """A fingerprint of what this world draws -- a few rendered images, captions and the label
-        names -- for caches of anything learned from it (the auto-pretrained third tower)."""
-        content = self.render_batch(range(4)).numpy().tobytes() + repr(
-            [self.captions(i) for i in range(4)] + list(zeroshot_tasks().items())).encode()
-        return hashlib.sha256(content).hexdigest()[:16]
-
-    # --- attributes ---
-    def _draw(self, index: int, split: str, single: bool = False) -> dict[str, Any]:
-        if split not in self.SPLITS:
-            raise ValueError(f"unknown split {split!r}; splits are {list(self.SPLITS)}")
-        if not 0 <= index < self.SPLIT_SIZE:
-            raise IndexError(f"index {index} outside [0, {self.SPLIT_SIZE})")
-        rng = np.random.default_rng([self.seed, self.SPLITS[split] + index])
-        k, u = rng.integers(0, self._high).tolist(), rng.random(8).tolist()
-        second = None
-        if u[0] < _SECOND_OBJECT_P and not single:  # a different grid cell than the main object
-            second = {"shape": k[7], "colour": k[8], "position": (k[3] + 1 + k[9]) % 9, "size": k[15],
-                      "jitter": (u[7] - 0.5, 0.5 - u[1])}
-        return {"shape": k[0], "colour": k[1], "size": k[2], "position": k[3], "scene": k[4], "bg1": k[5],
-                "bg2": (k[5] + 1 + k[6]) % len(_BG_RGB), "orient": k[10], "period": k[11], "tile": k[12],
-                "oy": k[13], "ox": k[14], "jitter": (u[1] - 0.5, u[2] - 0.5), "tint": (u[3], u[4], u[5]),
-                "noise": 2.0 + 10.0 * u[6], "second": second}
-
-    def attributes(self, index: int, split: str = "train") -> dict[str, Any]:
-        """Named attributes of one sample; 'second' is None or the second object's attributes."""
-        d = self._draw(index, split)
-        named = lambda o: {"shape": SHAPES[o["shape"]], "colour": COLOURS[o["colour"]],
-                           "position": POSITIONS[o["position"]], "size": SIZES[o["size"]]}
-        return {**named(d), "scene": SCENES[d["scene"]], "noise": d["noise"],
-                "second": named(d["second"]) if d["second"] else None}
-
-    @staticmethod
-    def _labels(d: dict[str, Any]) -> dict[str, int]:
-        """All label sets; labels always describe the main object (never the second one)."""
-        return {"object": d["shape"] * len(COLOURS) + d["colour"], "scene": d["scene"],
-                "position_size": d["position"] * len(SIZES) + d["size"], "shape": d["shape"],
-                "colour": d["colour"], "size": d["size"], "position": d["position"]}
-
-    # --- captions ---
-    def captions(self, index: int, split: str = "train", n: int = 1) -> list[str]:
-        """n distinct phrasings (different templates, synonyms) of the same image."""
-        return self._captions(self._draw(index, split), index, split, n)
-
-    def _captions(self, d: dict[str, Any], index: int, split: str, n: int) -> list[str]:
-        if not 1 <= n <= len(CAPTION_TEMPLATES):
-            raise ValueError(f"n must be in [1, {len(CAPTION_TEMPLATES)}], got {n}")
-        rng = np.random.default_rng([self.seed, self.SPLITS[split] + index, 1])  # own stream: images unaffected
-        return _describe(d, rng, rng.permutation(len(CAPTION_TEMPLATES))[:n])
-
-    # --- images ---
-    def sample(self, index: int, split: str = "train") -> dict[str, Any]:
-        """One sample: image uint8 [3, S, S], a caption, all label sets, named attributes."""
-        d = self._draw(index, split)
-        return {"image": torch.from_numpy(self._paint([d]))[0], "caption": self._captions(d, index, split, 1)[0],
-                "labels": self._labels(d), "attributes": self.attributes(index, split)}
-
-    def render_batch(self, indices: Sequence[int], split: str = "train", single: bool = False) -> Tensor:
-        """Fast path: uint8 [N, 3, S, S] for many indices at once."""
-        return torch.from_numpy(self._paint([self._draw(int(i), split, single) for i in indices]))
-
-    def _paint(self, draws: list[dict[str, Any]]) -> np.ndarray:
-        """Attributes -> uint8 (N, 3, S, S). float32, channel-first and in place: this is the hot loop."""
-        s = self.image_size
-        col = lambda key, src=draws: np.array([d[key] for d in src])
-        noise = np.stack([self._noise[d["tile"], :, d["oy"]:d["oy"] + s, d["ox"]:d["ox"] + s] for d in draws])
-        phase = col("ox").astype(np.float32)  # stripe phase, reusing the noise offset
-        mix = self._scene_mix(col("scene"), col("orient"), col("period"), phase, noise[:, 0])  # (N, S, S)
-        bg1, bg2 = _BG_RGB[col("bg1")][:, :, None, None], _BG_RGB[col("bg2")][:, :, None, None]  # (N, 3, 1, 1)
-        img = np.multiply(mix[:, None], bg2 - bg1)  # (N, 3, S, S)
-        img += bg1
-        # The second object is painted first so the labelled main object is never hidden.
-        two = [i for i, d in enumerate(draws) if d["second"]]
-        if two:
-            objs = [draws[i]["second"] for i in two]
-            mask = self._object_mask(col("shape", objs), col("position", objs), col("size", objs),
-                                     col("jitter", objs))
-            img[two] = np.where(mask[:, None], _RGB[col("colour", objs)][:, :, None, None], img[two])
-        mask = self._object_mask(col("shape"), col("position"), col("size"), col("jitter"))
-        rgb = np.clip(_RGB[col("colour")] + 40.0 * (col("tint") - 0.5), 0, 255).astype(np.float32)  # +-20
-        np.copyto(img, rgb[:, :, None, None], where=mask[:, None])
-        noise *= col("noise").astype(np.float32)[:, None, None, None]
-        img += noise
-        return np.clip(img, 0, 255, out=img).astype(np.uint8)
-
-    def _object_mask(self, shape: np.ndarray, position: np.ndarray, size: np.ndarray,
-                     jitter: np.ndarray) -> np.ndarray:
-        """Boolean (N, S, S): shape k centred in grid cell `position` (3x3 grid, +-4% jitter)."""
-        s, n = self.image_size, len(shape)
-        cx = (0.2 + 0.3 * (position % 3) + 0.08 * jitter[:, 0]) * s
-        cy = (0.2 + 0.3 * (position // 3) + 0.08 * jitter[:, 1]) * s
-        r = (_RADIUS[size] * s)[:, None, None]
-        dx = self._grid[None, None, :] - cx[:, None, None].astype(np.float32)  # (N, 1, S)
-        dy = self._grid[None, :, None] - cy[:, None, None].astype(np.float32)  # (N, S, 1)
-        ax, ay = np.abs(dx), np.abs(dy)
-        mask = np.zeros((n, s, s), bool)
-        for k in range(len(SHAPES)):
-            sel = shape == k
-            if not sel.any():
-                continue
-            a, b, y, rr = ax[sel], ay[sel], dy[sel], r[sel]
-            if SHAPES[k] == "circle":
-                m = a * a + b * b <= rr * rr
-            elif SHAPES[k] == "square":
-                m = np.maximum(a, b) <= 0.85 * rr
-            elif SHAPES[k] == "triangle":  # apex up, base at +0.8 r
-                m = (y >= -rr) & (y <= 0.8 * rr) & (a <= 0.6 * (y + rr))
-            elif SHAPES[k] == "diamond":
-                m = a + b <= 1.15 * rr
-            else:  # cross
-                m = (np.minimum(a, b) <= 0.3 * rr) & (np.maximum(a, b) <= rr)
-            mask[sel] = m
-        return mask
-
-    def _scene_mix(self, scene: np.ndarray, orient: np.ndarray, period: np.ndarray, phase: np.ndarray,
-                   speck: np.ndarray) -> np.ndarray:
-        """Per-pixel blend factor in [0, 1] between the two background colours, (N, S, S)."""
-        s = self.image_size
-        mix = np.zeros((len(scene), s, s), np.float32)
-        x, y = self._coords[0], self._coords[1]
-        for k, name in enumerate(SCENES):
-            sel = scene == k
-            if name == "plain" or not sel.any():
-                continue
-            p = (np.array([0.125, 0.17, 0.25], np.float32)[period[sel]] * s)[:, None, None]
-            if name == "striped":
-                mix[sel] = (np.floor((self._coords[orient[sel]] + phase[sel, None, None]) / (p / 2)) % 2)
-            elif name == "checkered":
-                mix[sel] = (np.floor(x / p) + np.floor(y / p)) % 2
-            elif name == "dotted":
-                mix[sel] = ((x % p - p / 2) ** 2 + (y % p - p / 2) ** 2) < (0.3 * p) ** 2
-            elif name == "gradient":
-                mix[sel] = self._ramps[orient[sel]]
-            else:  # speckled: isolated bright pixels (~16%)
-                mix[sel] = speck[sel] > 1.0
-        return mix
-
-
-# ----------------------------------------------------------------------------- its datasets
-
-
-def _noisy_source(seed: int, index: int, num_samples: int, p: float) -> int:
+def noisy_source(seed: int, index: int, num_samples: int, p: float) -> int:
     """Index whose caption pair `index` gets: itself, or (with prob. p) another one (web alt-text noise)."""
     if p <= 0 or num_samples < 2:
         return index
@@ -590,100 +143,11 @@ def _noisy_source(seed: int, index: int, num_samples: int, p: float) -> int:
     return other + (other >= index)  # uniform over the other indices
 
 
-def _check_index(index: int, length: int) -> int:
+def check_index(index: int, length: int) -> int:
     index = int(index)
     if not 0 <= index < length:
         raise IndexError(f"index {index} out of range for dataset of length {length}")
     return index
-
-
-def _with_tower3_view(items: list[dict[str, Any]], raw: Tensor, images: Tensor, size: int | None) -> list[dict]:
-    """Add 'image_h', the third tower's view (tower3_view) of the rendered uint8 images `raw`; at f's own size
-    that is f's image itself (`images`, the same normalisation of the same pixels)."""
-    if size is not None:
-        for item, image in zip(items, images if size == raw.shape[-1] else tower3_view(raw, size)):
-            item["image_h"] = image
-    return items
-
-
-class ShapesPairs(Dataset):
-    """Image-text pairs from ShapesWorld. Rendering is batched via `__getitems__` (used by DataLoader).
-
-    No augmentation: captions name positions, and a crop or flip would make them false.
-    """
-
-    def __init__(self, split: str = "train", num_samples: int = 100_000, *, seed: int = 0, image_size: int = 64,
-                 tower3_image_size: int | None = None, caption_noise: float = 0.0):
-        if not 1 <= num_samples <= ShapesWorld.SPLIT_SIZE:
-            raise ValueError(f"num_samples must be in [1, {ShapesWorld.SPLIT_SIZE}], got {num_samples}")
-        if not 0.0 <= caption_noise <= 1.0:
-            raise ValueError(f"caption_noise must be in [0, 1], got {caption_noise}")
-        self.world = ShapesWorld(seed, image_size)
-        self.split, self.num_samples, self.seed = split, num_samples, seed
-        self.tower3_image_size, self.caption_noise = tower3_image_size, caption_noise
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def caption(self, index: int) -> str:
-        """The caption paired with `index` (another index's caption for a noisy pair)."""
-        source = _noisy_source(self.seed, index, self.num_samples, self.caption_noise)
-        return self.world.captions(source, self.split, 1)[0]
-
-    def sample_captions(self, n: int) -> list[str]:
-        """Captions to learn the tokenizer's merges from: those of the first n pairs."""
-        return [self.caption(i) for i in range(min(n, self.num_samples))]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        indices = [_check_index(i, self.num_samples) for i in indices]
-        draws = [self.world._draw(i, self.split) for i in indices]  # drawn once, for image and caption
-        raw = torch.from_numpy(self.world._paint(draws))
-        images = normalize(raw)
-        captions = []
-        for d, i in zip(draws, indices):  # the same as self.caption(i), reusing the draw
-            source = _noisy_source(self.seed, i, self.num_samples, self.caption_noise)
-            d = d if source == i else self.world._draw(source, self.split)
-            captions.append(self.world._captions(d, source, self.split, 1)[0])
-        items = [{"image": images[n], "caption": captions[n], "index": i} for n, i in enumerate(indices)]
-        return _with_tower3_view(items, raw, images, self.tower3_image_size)
-
-
-class ShapesLabelled(Dataset):
-    """Labelled shapes images (supervised pretraining of the third tower, or zero-shot eval on 'test').
-
-    label: 'object' (shape x colour, covers most of a caption), 'scene' (background kind, covers little),
-    or 'position_size'. Items: {'image', 'label'} (+ 'image_h' when tower3_image_size is given).
-    A labelled image shows one object, as in a classification dataset: with a second object (as paired
-    images may have) nothing in the pixels says which of the two the label names. single=False keeps
-    the paired images' second objects (the retrieval set, whose captions describe them).
-    """
-
-    def __init__(self, split: str = "pretrain", num_samples: int = 50_000, *, label: str = "object", seed: int = 0,
-                 image_size: int = 64, tower3_image_size: int | None = None, single: bool = True):
-        if label not in LABELS:
-            raise ValueError(f"unknown label set {label!r}; choose from {list(LABELS)}")
-        if not 1 <= num_samples <= ShapesWorld.SPLIT_SIZE:
-            raise ValueError(f"num_samples must be in [1, {ShapesWorld.SPLIT_SIZE}], got {num_samples}")
-        self.world = ShapesWorld(seed, image_size)
-        self.split, self.num_samples, self.label, self.tower3_image_size = split, num_samples, label, tower3_image_size
-        self.single, self.classnames = single, LABELS[label][0]
-        self.num_classes = len(self.classnames)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        draws = [self.world._draw(_check_index(i, self.num_samples), self.split, self.single) for i in indices]
-        raw = torch.from_numpy(self.world._paint(draws))
-        images = normalize(raw)
-        items = [{"image": images[n], "label": self.world._labels(d)[self.label]} for n, d in enumerate(draws)]
-        return _with_tower3_view(items, raw, images, self.tower3_image_size)
 
 
 @dataclass
@@ -695,22 +159,10 @@ class RetrievalSet:
     caption_image: Tensor
 
 
-def shapes_retrieval(num_images: int = 500, captions_per_image: int = 5, *, seed: int = 0, image_size: int = 64,
-                     tower3_image_size: int | None = None) -> RetrievalSet:
-    """Retrieval test set on the 'test' split; each image gets captions from distinct templates."""
-    images = ShapesLabelled("test", num_images, seed=seed, image_size=image_size,
-                            tower3_image_size=tower3_image_size, single=False)
-    captions = [c for i in range(num_images) for c in images.world.captions(i, "test", captions_per_image)]
-    owner = torch.arange(num_images).repeat_interleave(captions_per_image)
-    return RetrievalSet(images, captions, owner)
-
-
 # ==================================================================================================
-# Part 2. File readers
+# Part 2. File readers (Part 1, the shapes world, is shapes.py)
 # ==================================================================================================
 # ----------------------------------------------------------------------------- CSV / TSV pairs
-
-
 class CsvPairs(Dataset):
     """Image paths (relative to the file's folder) + captions from a .csv/.tsv file, open_clip keys.
 
@@ -777,7 +229,7 @@ class CsvPairs(Dataset):
         return [self.rows[i][1] for i in sorted(keep)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        index = _check_index(index, len(self.rows))
+        index = check_index(index, len(self.rows))
         errors: Counter[str] = Counter()
         for attempt in range(16 if self.train else 1):
             row = (index + attempt) % len(self.rows)
@@ -794,7 +246,7 @@ class CsvPairs(Dataset):
                     logger.warning("%s row %d: cannot use %s (%s)", self.path, row, self.rows[row][0], e)
         else:
             raise RuntimeError(f"{self.path}: 16 consecutive unusable images from row {index}")
-        caption = self.rows[_noisy_source(self.seed, row, len(self.rows), self.caption_noise)][1]
+        caption = self.rows[noisy_source(self.seed, row, len(self.rows), self.caption_noise)][1]
         view = seeded(self.transform, image, self.seed, self.epoch, index) if self.train else self.transform(image)
         item = {"image": view, "caption": caption, "index": index, "data_errors": dict(errors)}
         if self.tower3_image_size:
@@ -1069,8 +521,6 @@ class TarShards(IterableDataset):
 
 
 # ----------------------------------------------------------------------------- image folders
-
-
 class LabelledImages(Dataset):
     """Items {'image', 'label'} (+ 'image_h', h's view, when tower3_image_size is set) from image files or an HWC
     uint8 array (CIFAR); .classnames, .num_classes. train=True seeds the random transform per (seed, epoch,
@@ -1117,58 +567,7 @@ def image_folder(root: str, transform: Callable[[Tensor], Tensor], **kwargs: Any
     return LabelledImages(transform, folder.classes, folder.targets, paths=[p for p, _ in folder.samples], **kwargs)
 
 
-# ----------------------------------------------------------------------------- what a flag names
-
-
-def make_pairs_dataset(spec: str, split: str = "train", *, image_size: int = 64,
-                       tower3_image_size: int | None = None, num_samples: int | None = None,
-                       caption_noise: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1,
-                       csv_img_key: str = "filepath", csv_caption_key: str = "title",
-                       csv_separator: str | None = None, max_bad_fraction: float = 0.1,
-                       shuffle_buffer: int = 1000, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                       max_file_bytes: int = MAX_FILE_BYTES) -> Dataset:
-    """spec: 'shapes' | a .csv/.tsv file | a tar-shard pattern. Only split 'train' augments/shuffles. Files are
-    used whole unless num_samples (CSV: the first rows) is given; items carry h's view when tower3_image_size is."""
-    train = split == "train"
-    if spec == "shapes":
-        n = num_samples or (100_000 if train else 10_000)
-        return ShapesPairs(split, n, seed=seed, image_size=image_size,
-                           tower3_image_size=tower3_image_size, caption_noise=caption_noise)
-    limits = dict(max_image_pixels=max_image_pixels, max_file_bytes=max_file_bytes)
-    if spec.lower().endswith((".csv", ".tsv")):
-        return CsvPairs(spec, img_key=csv_img_key, caption_key=csv_caption_key,
-                        separator=csv_separator, image_size=image_size, train=train,
-                        tower3_image_size=tower3_image_size, num_samples=num_samples,
-                        caption_noise=caption_noise, seed=seed, **limits)
-    if num_samples is not None or caption_noise > 0:
-        raise ValueError("num_samples / caption_noise are not supported for tar shards: select fewer shards")
-    return TarShards(spec, rank=rank, world_size=world_size, seed=seed,
-                     shuffle_buffer=shuffle_buffer, image_size=image_size, train=train,
-                     tower3_image_size=tower3_image_size, max_bad_fraction=max_bad_fraction, **limits)
-
-
-def make_labelled_dataset(spec: str, split: str = "pretrain", *, label: str = "object", image_size: int = 64,
-                          num_samples: int | None = None, seed: int = 0, crop_scale: float = 0.08,
-                          flip: bool = True, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                          max_file_bytes: int = MAX_FILE_BYTES) -> Dataset:
-    """'shapes' (label object|scene|position_size) or an ImageFolder root (its folders are the labels, `label`
-    is ignored; a seeded subset when num_samples is given). ImageFolder augmentation: a random crop of at
-    least crop_scale of the area (0.08: Inception-style; 1: resize + centre crop, no random crop), and
-    horizontal flips if `flip` -- small sets learn faster with less."""
-    if spec == "shapes":
-        return ShapesLabelled(split, num_samples or 50_000, label=label, seed=seed, image_size=image_size)
-    crop = [v2.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True)] if crop_scale < 1 else \
-        [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    transform = v2.Compose(crop + [v2.RandomHorizontalFlip()] * flip + [v2.ToDtype(torch.float32, scale=True),
-                                                                         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    data = image_folder(spec, transform, train=True, seed=seed)
-    data.max_image_pixels, data.max_file_bytes = max_image_pixels, max_file_bytes
-    if num_samples is not None and num_samples < len(data):
-        keep = np.sort(np.random.default_rng(seed).choice(len(data), num_samples, replace=False))
-        data.targets, data.paths = [data.targets[i] for i in keep], [data.paths[i] for i in keep]
-    return data
-
-
+# ----------------------------------------------------------------------------- h's view of a dataset
 def with_tower3_view(dataset: Dataset, size: int) -> Dataset:
     """A shallow copy of `dataset` whose items also carry 'image_h', the third tower's own view at `size`
     (tower3_view): evaluation gives h the pixels it saw in training, never f's view resized."""
@@ -1184,8 +583,6 @@ def with_tower3_view(dataset: Dataset, size: int) -> Dataset:
 # ==================================================================================================
 # Part 3. Loaders
 # ==================================================================================================
-
-
 def collate(samples: list[dict[str, Any]], tokenizer: Tokenizer | None = None) -> dict[str, Any]:
     """Stack tensors, ints -> LongTensor, nested dicts recursively, sum 'data_errors' over the batch;
     with a tokenizer, the captions become 'text': token ids (B, context_length), in the loader's workers."""
@@ -1307,56 +704,3 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     for target in targets:
         target.set_epoch(epoch)
 
-
-class RowTable:
-    """A float32 table (rows x dim) in one file: a JSON header padded to 4 KiB, then the rows. Rows are written
-    and read by offset (os.pwrite / os.pread), so a process holds only the rows it touches, and the OS page
-    cache (one per node, shared by its processes) keeps the hot part. The third tower's cache (train.py)."""
-
-    HEADER = 4096
-
-    def __init__(self, path: str, fd: int, rows: int, dim: int):
-        self.path, self.fd, self.rows, self.dim = path, fd, rows, dim
-
-    @classmethod
-    def create(cls, path: str, rows: int, dim: int, **meta: Any) -> None:
-        header = json.dumps({"rows": rows, "dim": dim, **meta}).encode()
-        with open(path, "wb") as f:
-            f.write(header.ljust(cls.HEADER))
-            f.truncate(cls.HEADER + rows * dim * 4)                # sparse until written
-
-    @classmethod
-    def open(cls, path: str, rows: int, dim: int, writable: bool = False, **meta: Any) -> RowTable | None:
-        """The table at `path`, or None when it is missing, unreadable, or its header or size is not `rows`,
-        `dim` and `meta`."""
-        try:
-            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            header = json.loads(os.pread(fd, cls.HEADER, 0))
-        except ValueError:
-            header = None
-        if header != {"rows": rows, "dim": dim, **meta} or os.fstat(fd).st_size != cls.HEADER + rows * dim * 4:
-            os.close(fd)
-            return None
-        return cls(path, fd, rows, dim)
-
-    def __len__(self) -> int:
-        return self.rows
-
-    def __getitem__(self, index: Tensor | Sequence[int]) -> Tensor:
-        """Rows (B,) -> float32 (B, dim), one read per row."""
-        width, index = 4 * self.dim, [int(i) for i in index]
-        if index and not 0 <= min(index) <= max(index) < self.rows:
-            raise IndexError(f"{self.path}: rows {min(index)}..{max(index)} outside [0, {self.rows})")
-        data = bytearray(b"".join(os.pread(self.fd, width, self.HEADER + i * width) for i in index))
-        return torch.frombuffer(data, dtype=torch.float32).view(len(index), self.dim) if index \
-            else torch.empty(0, self.dim)
-
-    def write(self, start: int, rows: Tensor) -> None:
-        """Write rows (B, dim) at rows start..start+B-1."""
-        os.pwrite(self.fd, rows.float().contiguous().numpy().tobytes(), self.HEADER + start * 4 * self.dim)
-
-    def __del__(self) -> None:
-        os.close(self.fd)

@@ -52,7 +52,7 @@ from losses import PAIRS
 VIT_PRESETS: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
     "vit-micro": (8, 32, 1, 2, (8, 16, 32)),     # unit tests
     "vit-mini": (8, 64, 2, 2, (16, 32, 64)),
-    "vit-tiny": (8, 128, 4, 2, (16, 32, 64)),    # the CPU default
+    "vit-tiny": (8, 128, 4, 2, (16, 32, 64)),
     "vit-small": (8, 256, 6, 4, (32, 64, 128)),
     "vit-s/16": (16, 384, 12, 6, ()),
     "vit-b/32": (32, 768, 12, 12, ()),
@@ -481,3 +481,40 @@ def read_checkpoint(path: str) -> dict:
     elif isinstance(ckpt, dict) and "format" in ckpt:
         warnings.warn(f"{path}: no checksum (written before checkpoints had one): loaded unverified")
     return ckpt
+
+
+
+def load_trained(path: str, tower3_spec: str | None = None) -> tuple[ThreeTowers, FrozenTower | None, dict]:
+    """A train.py checkpoint (CHECKPOINT_FORMAT) -> (the trained model, its third tower or None for clip, the
+    checkpoint dict), for evaluation. The third tower is reloaded from its spec (checkpoints never store it) and
+    must be the one training used (its width and the checksum of its weights). ValueError says what is wrong."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = read_checkpoint(path)                  # ValueError when unreadable or its checksum fails
+    if isinstance(ckpt, dict) and (ckpt.get("mode") == "supervised" or "classifier" in ckpt):
+        raise ValueError(f"{path} is a supervised classifier (train.py --mode supervised): a third "
+                         f"tower, not an image-text model. Use it as `--tower3 {path}` when "
+                         f"training lit or 3t, then evaluate that checkpoint.")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has no format '{CHECKPOINT_FORMAT}': written by another project or an older "
+                         f"train.py, so eval.py cannot rebuild its model")
+    if "tokenizer" not in ckpt:
+        raise ValueError(f"{path} stores no tokenizer: written by an older train.py, so eval.py cannot "
+                         f"tokenise as training did")
+    model = ThreeTowers(**ckpt["model_config"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit its model_config ({' '.join(str(e).split())[:300]})") from None
+    spec = tower3_spec or ckpt.get("tower3")
+    if model.mode != "clip" and not spec:
+        raise ValueError(f"{path}: a {model.mode} checkpoint without a third-tower spec; "
+                         f"pass --tower3")
+    tower3 = load_tower3(spec) if model.mode != "clip" else None
+    if tower3 is not None and tower3.dim != ckpt["model_config"]["tower3_dim"]:
+        raise ValueError(f"--tower3 {spec!r}: D_h = {tower3.dim}, but {path} was trained with a third tower of "
+                         f"width {ckpt['model_config']['tower3_dim']} ({ckpt.get('tower3')!r})")
+    if tower3 is not None and ckpt.get("tower3_digest") not in (None, checksum(tower3.state_dict())[:16]):
+        raise ValueError(f"--tower3 {spec!r}: other weights than the third tower {path} was trained with "
+                         f"({ckpt.get('tower3')!r})")
+    return model, tower3, ckpt

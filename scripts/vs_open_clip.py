@@ -71,11 +71,12 @@ def register_oc_configs() -> None:
 def our_tokenizer(ckpt: dict | None = None, context_length: int = 64):
     """A checkpoint's own tokenizer; without one (the step benchmark), BPE learned from shapes captions,
     as train.py learns it at the start of a run."""
-    import data
+    import shapes
+    from tokenizer import Tokenizer
     if ckpt is not None:
-        return data.Tokenizer.from_dict(ckpt["tokenizer"])
-    world = data.ShapesWorld(0, 64)
-    return data.Tokenizer.learn([world.captions(i)[0] for i in range(20_000)], 8192, context_length)
+        return Tokenizer.from_dict(ckpt["tokenizer"])
+    world = shapes.ShapesWorld(0, 64)
+    return Tokenizer.learn([world.captions(i)[0] for i in range(20_000)], 8192, context_length)
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -95,10 +96,10 @@ def read_csv(path: str) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------------------------------- 1. data on disk
 def prepare(a: argparse.Namespace) -> None:
     """The shapes world at 32 px as PNG + CSV: split 'train' and split 'test', one caption per image."""
-    import data
+    import shapes
     from torchvision.io import encode_png, write_file
     warnings.filterwarnings("ignore", message=".*image decoding and encoding")   # torchvision 0.29's codecs
-    world, t0 = data.ShapesWorld(seed=0, image_size=32), time.time()
+    world, t0 = shapes.ShapesWorld(seed=0, image_size=32), time.time()
     for split, n in (("train", a.train), ("test", a.test)):
         rows = []
         for lo in range(0, n, 1000):                       # batch rendering, 1,000 files per folder
@@ -166,7 +167,7 @@ def run_ours(a: argparse.Namespace) -> None:
     """train.main in-process. --seconds S: a --calibrate-step run first, whose last logged 10-step window
     sets the number of steps; the wall time reported is always the real run's."""
     import train
-    os.environ["OMP_NUM_THREADS"] = str(a.threads)       # train.Env keeps it instead of taking every core
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)       # runtime.Env keeps it instead of taking every core
     torch.set_num_threads(a.threads)
     steps = a.steps
     if steps is None:
@@ -188,10 +189,11 @@ def run_ours(a: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------- 4. one scorer
 def embed_ours(path: str, images: list[str], captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our checkpoint: eval.py's loader, data.py's decoder and eval transform, our tokenizer."""
+    """Our checkpoint: model.load_trained (what eval.py uses), data.py's decoder and eval transform, our tokenizer."""
     import data
     import eval as evaluation
-    model, tower3, ckpt = evaluation.load_checkpoint(path)
+    from model import load_trained
+    model, tower3, ckpt = load_trained(path)
     model.eval()
     transform = data.image_transform(ckpt["model_config"]["image_size"], train=False)
     raw = [data.decode_rgb(data._read_bytes(p)) for p in images]
@@ -248,7 +250,7 @@ def score(a: argparse.Namespace) -> None:
 def steps(a: argparse.Namespace) -> None:
     """One full training step (forward, loss, backward, clip, AdamW, temperature clamp) of each model,
     A B A B in one process, on the same random images and shapes captions (each its own tokenizer)."""
-    import data
+    import shapes
     import open_clip
     from losses import default_weights, tower_loss
     from model import TEXT_PRESETS, VIT_PRESETS, ThreeTowers
@@ -261,7 +263,7 @@ def steps(a: argparse.Namespace) -> None:
     ours = ThreeTowers("clip", image_arch="vit-6x192", image_size=64, text_arch="4x192", vocab_size=tok.vocab_size,
                        context_length=64, eos_id=tok.EOS, embed_dim=128)
     theirs = open_clip.create_model(OC_STEPS_MODEL, precision="fp32", output_dict=True)   # as its trainer
-    world, B, oc_loss = data.ShapesWorld(seed=0, image_size=64), a.batch, open_clip.ClipLoss()
+    world, B, oc_loss = shapes.ShapesWorld(seed=0, image_size=64), a.batch, open_clip.ClipLoss()
     captions = [[world.captions(i, "train", 1)[0] for i in range(k * B, (k + 1) * B)] for k in range(4)]
     batches = [(tok.trim(tok.encode(c)), oc_tok(c)) for c in captions]   # ours trimmed as train.py does
     images = torch.randn(B, 3, 64, 64)

@@ -18,7 +18,7 @@ import torch
 import eval as ev
 import train
 from test_data import good_shard, write_tar
-from test_train import ROOT, TINY, free_port, tiny, torchrun, without
+from test_train import ROOT, tiny, torchrun, without
 
 
 class Hang(BaseException):
@@ -262,18 +262,23 @@ def test_eval_with_a_third_tower_of_another_width(tmp_path, run_3t):
 
 
 # ------------------------------------------------------------------ 8. one run per folder; no orphans
+def wait_for_metrics(process: subprocess.Popen, metrics) -> None:
+    """Until a background run has logged its first step (at most 2 minutes)."""
+    for _ in range(600):
+        if metrics.exists() and metrics.read_text():
+            return
+        assert process.poll() is None, "the background run ended early"
+        time.sleep(0.2)
+    raise AssertionError("the background run logged nothing in 2 minutes")
+
+
 def test_second_run_in_the_same_folder_is_refused(tmp_path):
     first = subprocess.Popen([sys.executable, "train.py", *tiny(tmp_path, "--mode", "clip", "--steps", "5000",
                                                                "--eval-data", "none", "--save-every", "100000")],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        for _ in range(600):
-            if metrics.exists() and metrics.read_text():
-                break
-            assert first.poll() is None, "the first run ended early"
-            time.sleep(0.2)
+        wait_for_metrics(first, tmp_path / "run" / "metrics.jsonl")
         with pytest.raises(SystemExit, match=rf"--out .*run.* in use by another run \(pid {first.pid}"):
             train.main(tiny(tmp_path, "--mode", "clip", "--steps", "2", "--eval-data", "none", "--seed", "1"))
     finally:
@@ -296,12 +301,7 @@ def test_workers_stop_when_their_torchrun_agent_is_killed(tmp_path):
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     workers = []
     try:
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        for _ in range(600):
-            if metrics.exists() and metrics.read_text():
-                break
-            assert agent.poll() is None, "the run ended early"
-            time.sleep(0.2)
+        wait_for_metrics(agent, tmp_path / "run" / "metrics.jsonl")
         with open(f"/proc/{agent.pid}/task/{agent.pid}/children") as f:
             workers = [int(p) for p in f.read().split()]
         assert len(workers) == 2

@@ -14,9 +14,14 @@ from torchvision.io import encode_jpeg, encode_png
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import pretrain  # noqa: E402
+import runtime  # noqa: E402
+import shapes  # noqa: E402
+import train  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
-TOK = data.Tokenizer(64)
+TOK = Tokenizer(64)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -65,13 +70,13 @@ def test_tokenizer_round_trips_any_script():
 
 
 def test_truncation_keeps_eos_and_whole_characters():
-    tok = data.Tokenizer(10)
+    tok = Tokenizer(10)
     row = tok.encode("x" * 100)[0]
     assert row[-1] == tok.EOS and row[0] == tok.BOS and (row[1:-1] == ord("x")).all()
     row = tok.encode("é" * 20)[0]  # 2 bytes each; 8 slots -> 4 characters, never half of one
     assert tok.decode(row) == "éééé" and (row == tok.EOS).sum() == 1
     assert tok.decode(tok.encode("abc🐍")[0]) == "abc🐍"  # 7 bytes fit in 8 slots
-    assert tok.decode(data.Tokenizer(8).encode("abc🐍")[0]) == "abc"  # 6 slots: the emoji goes whole
+    assert tok.decode(Tokenizer(8).encode("abc🐍")[0]) == "abc"  # 6 slots: the emoji goes whole
 
 
 def test_invalid_utf8_is_replaced_not_a_crash():
@@ -86,12 +91,12 @@ def test_invalid_utf8_is_replaced_not_a_crash():
 
 
 def test_shapes_deterministic_and_batch_independent():
-    a, b = data.ShapesWorld(seed=3), data.ShapesWorld(seed=3)
+    a, b = shapes.ShapesWorld(seed=3), shapes.ShapesWorld(seed=3)
     batch = a.render_batch([7, 2, 11], "train")
     assert batch.shape == (3, 3, 64, 64) and batch.dtype == torch.uint8
     assert torch.equal(batch[1], b.sample(2)["image"])  # same image alone or in any batch
     assert a.sample(7)["caption"] == b.sample(7)["caption"]
-    assert not torch.equal(batch[0], data.ShapesWorld(seed=4).sample(7)["image"])
+    assert not torch.equal(batch[0], shapes.ShapesWorld(seed=4).sample(7)["image"])
 
 
 def test_shapes_deterministic_across_processes():
@@ -100,19 +105,19 @@ def test_shapes_deterministic_across_processes():
         caps = "|".join(c for i in range(6) for c in world.captions(i, "pretrain", 3))
         return hashlib.sha256(imgs.numpy().tobytes() + caps.encode()).hexdigest()
 
-    code = ("import sys, hashlib; sys.path.insert(0, sys.argv[1]); import data; w = data.ShapesWorld(5, 32); "
+    code = ("import sys, hashlib; sys.path.insert(0, sys.argv[1]); import shapes; w = shapes.ShapesWorld(5, 32); "
             "imgs = w.render_batch(range(6), 'pretrain'); "
             "caps = '|'.join(c for i in range(6) for c in w.captions(i, 'pretrain', 3)); "
             "print(hashlib.sha256(imgs.numpy().tobytes() + caps.encode()).hexdigest())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == digest(data.ShapesWorld(5, 32))
+    assert out.stdout.strip() == digest(shapes.ShapesWorld(5, 32))
 
 
 def first_value(caption: str, attr: str) -> str:
     """The attribute value whose caption word appears first (the main object is always described first)."""
     hits = []
-    for value, words in data.CAPTION_WORDS[attr].items():
+    for value, words in shapes.CAPTION_WORDS[attr].items():
         for w in words:
             m = re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", caption)
             if m:
@@ -122,8 +127,8 @@ def first_value(caption: str, attr: str) -> str:
 
 
 def test_captions_say_what_the_labels_say():
-    world = data.ShapesWorld(seed=1)
-    classes = data.zeroshot_tasks()
+    world = shapes.ShapesWorld(seed=1)
+    classes = shapes.zeroshot_tasks()
     two_objects = 0
     for i in range(150):
         s = world.sample(i, "train")
@@ -132,7 +137,7 @@ def test_captions_say_what_the_labels_say():
         assert classes["object"][0][lab["object"]] == f"{att['colour']} {att['shape']}"
         assert classes["scene"][0][lab["scene"]] == f"{att['scene']} background"
         assert classes["position_size"][0][lab["position_size"]].startswith(f"{att['size']} object ")
-        caps = world.captions(i, "train", len(data.CAPTION_TEMPLATES))
+        caps = world.captions(i, "train", len(shapes.CAPTION_TEMPLATES))
         assert len(set(caps)) == len(caps) and caps[0] == s["caption"]
         for cap in caps:
             for attr in ("shape", "colour", "size", "position", "scene"):
@@ -141,32 +146,32 @@ def test_captions_say_what_the_labels_say():
 
 
 def test_images_show_the_main_object_colour():
-    world = data.ShapesWorld(seed=2)
+    world = shapes.ShapesWorld(seed=2)
     draws = [world._draw(i, "test") for i in range(60)]
     imgs = world.render_batch(range(60), "test").float()
     for d, img in zip(draws, imgs):
         cx = int((0.2 + 0.3 * (d["position"] % 3) + 0.08 * d["jitter"][0]) * 64)
         cy = int((0.2 + 0.3 * (d["position"] // 3) + 0.08 * d["jitter"][1]) * 64)
         pixel = img[:, cy - 1 : cy + 2, cx - 1 : cx + 2].mean((1, 2)).numpy()
-        nearest = np.argmin(((data._RGB - pixel) ** 2).sum(1))
+        nearest = np.argmin(((shapes._RGB - pixel) ** 2).sum(1))
         assert nearest == d["colour"], (d, pixel)
 
 
 def test_captions_fit_context_128():
-    longest = {a: max((w for ws in data.CAPTION_WORDS[a].values() for w in ws), key=len) for a in data.CAPTION_WORDS}
-    second = data._SECOND_TEMPLATE.format(conn=max(data._CONNECTIVES, key=len), colour=longest["colour"],
+    longest = {a: max((w for ws in shapes.CAPTION_WORDS[a].values() for w in ws), key=len) for a in shapes.CAPTION_WORDS}
+    second = shapes._SECOND_TEMPLATE.format(conn=max(shapes._CONNECTIVES, key=len), colour=longest["colour"],
                                           shape=longest["shape"], pos=longest["position"])
-    for t in data.CAPTION_TEMPLATES:  # lengths add up, so the longest words give the exact bound
+    for t in shapes.CAPTION_TEMPLATES:  # lengths add up, so the longest words give the exact bound
         worst = t.format(size=longest["size"], colour=longest["colour"], shape=longest["shape"],
                          pos=longest["position"], scene=longest["scene"], second=second)
         assert len(worst.encode()) <= 126, worst
-    assert len(data.CAPTION_TEMPLATES) >= 8
+    assert len(shapes.CAPTION_TEMPLATES) >= 8
 
 
 def test_splits_are_disjoint():
-    offsets = sorted(data.ShapesWorld.SPLITS.values())
-    assert all(b - a >= data.ShapesWorld.SPLIT_SIZE for a, b in zip(offsets, offsets[1:]))
-    world = data.ShapesWorld(seed=0)
+    offsets = sorted(shapes.ShapesWorld.SPLITS.values())
+    assert all(b - a >= shapes.ShapesWorld.SPLIT_SIZE for a, b in zip(offsets, offsets[1:]))
+    world = shapes.ShapesWorld(seed=0)
     images = {s: world.render_batch(range(20), s) for s in ("train", "pretrain", "test")}
     for a in images:
         for b in images:
@@ -177,43 +182,43 @@ def test_splits_are_disjoint():
 
 
 def test_caption_noise_swaps_about_p_of_captions():
-    clean = data.ShapesPairs("train", 2000, caption_noise=0.0)
-    noisy = data.ShapesPairs("train", 2000, caption_noise=0.25)
+    clean = shapes.ShapesPairs("train", 2000, caption_noise=0.0)
+    noisy = shapes.ShapesPairs("train", 2000, caption_noise=0.25)
     swapped = sum(clean.caption(i) != noisy.caption(i) for i in range(2000)) / 2000
     assert 0.21 < swapped < 0.29
-    again = data.ShapesPairs("train", 2000, caption_noise=0.25)
+    again = shapes.ShapesPairs("train", 2000, caption_noise=0.25)
     assert all(noisy.caption(i) == again.caption(i) for i in range(0, 2000, 7))
     items = again.__getitems__(range(40))  # the batched path pairs the same (noisy) captions
     assert [it["caption"] for it in items] == [again.caption(i) for i in range(40)]
 
 
 def test_shapes_datasets_items_and_zero_shot_tasks():
-    pairs = data.ShapesPairs("train", 10, tower3_image_size=96)
+    pairs = shapes.ShapesPairs("train", 10, tower3_image_size=96)
     item = pairs[3]
     assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
     assert item["image_h"].shape == (3, 96, 96) and isinstance(item["caption"], str) and item["index"] == 3
     assert abs(item["image"].mean().item()) < 3
     with pytest.raises(IndexError):
         pairs[10]
-    tasks = data.zeroshot_tasks()
+    tasks = shapes.zeroshot_tasks()
     assert {k: len(v[0]) for k, v in tasks.items()} == {"object": 35, "position_size": 27, "scene": 6}
     # prompts per class: full captions that name the class and vary everything else
     names, prompts = tasks["object"]
-    assert all(len(p) == 24 for p in prompts) and prompts == data.zeroshot_tasks()["object"][1]
+    assert all(len(p) == 24 for p in prompts) and prompts == shapes.zeroshot_tasks()["object"][1]
     for k, name in enumerate(names):
         colour, shape = name.split()
-        words = data.CAPTION_WORDS["shape"][shape]
+        words = shapes.CAPTION_WORDS["shape"][shape]
         assert all(colour in p and any(w in p for w in words) for p in prompts[k])
         assert len({p for p in prompts[k]}) > 12                      # sizes, positions, scenes vary
     scene_names, scene_prompts = tasks["scene"]
     for k, name in enumerate(scene_names):
-        words = data.CAPTION_WORDS["scene"][name.split()[0]]
+        words = shapes.CAPTION_WORDS["scene"][name.split()[0]]
         assert all(any(f"{w} back" in p for w in words) for p in scene_prompts[k])
     for label in ("object", "scene", "position_size"):
-        ds = data.ShapesLabelled("pretrain", 20, label=label)
+        ds = shapes.ShapesLabelled("pretrain", 20, label=label)
         assert ds.num_classes == len(tasks[label][0])
         assert all(0 <= ds[i]["label"] < ds.num_classes for i in range(20))
-    ret = data.shapes_retrieval(num_images=6, captions_per_image=4)
+    ret = shapes.shapes_retrieval(num_images=6, captions_per_image=4)
     assert len(ret.captions) == 24 and ret.caption_image.tolist() == [i // 4 for i in range(24)]
     assert len(set(ret.captions[:4])) == 4 and ret.images[0]["image"].shape == (3, 64, 64)
 
@@ -374,7 +379,7 @@ def test_epoch_sampler_disjoint_covering_and_seeded():
 
 
 def test_map_loader_start_batch_resumes_exactly():
-    ds = data.ShapesPairs("train", 40, image_size=16)
+    ds = shapes.ShapesPairs("train", 40, image_size=16)
     full_loader = data.make_loader(ds, 4, rank=1, world_size=2, seed=5)
     data.set_epoch(full_loader, 3)
     full = [b["index"].tolist() for b in full_loader]
@@ -391,8 +396,8 @@ def test_map_loader_start_batch_resumes_exactly():
 
 
 def test_loader_workers_batch_shapes_with_getitems():
-    ds = data.ShapesPairs("train", 16, image_size=16)
-    tok = data.Tokenizer(128)
+    ds = shapes.ShapesPairs("train", 16, image_size=16)
+    tok = Tokenizer(128)
     batches = list(data.make_loader(ds, 8, tokenizer=tok, workers=2, shuffle=False))
     assert [b["index"].tolist() for b in batches] == [list(range(8)), list(range(8, 16))]
     assert batches[0]["image"].shape == (8, 3, 16, 16) and batches[0]["text"].shape == (8, 128)
@@ -418,15 +423,23 @@ def test_image_folder_trains_a_classifier(tmp_path):
         (tmp_path / "val" / cls).mkdir(parents=True)
         for i in range(2):
             (tmp_path / "val" / cls / f"{i}.jpg").write_bytes(jpeg(10 * c + i, 20))
-    train = data.make_labelled_dataset(str(tmp_path / "val"), image_size=12, num_samples=3)
-    assert len(train) == 3 and train.num_classes == 2 and train[0]["image"].shape == (3, 12, 12)
+    images = pretrain.labelled_dataset(flags("--mode", "supervised", "--train-data", str(tmp_path / "val"),
+                                             "--image-size", "12", "--train-samples", "3"))
+    assert len(images) == 3 and images.num_classes == 2 and images[0]["image"].shape == (3, 12, 12)
 
 
-def test_make_pairs_dataset_dispatch(tmp_path):
-    assert isinstance(data.make_pairs_dataset("shapes", num_samples=8), data.ShapesPairs)
-    assert isinstance(data.make_pairs_dataset(make_csv(tmp_path)), data.CsvPairs)
+def flags(*argv: str):
+    return train.parse_args([*argv, "--out", "/nonexistent"])
+
+
+def test_train_data_flag_dispatch(tmp_path, capsys):
+    pairs = lambda *argv: train.pairs_dataset(flags(*argv), runtime.Env(), None)
+    assert isinstance(pairs("--train-samples", "8"), shapes.ShapesPairs)
+    assert isinstance(pairs("--train-data", make_csv(tmp_path), "--tower3", "x.pt"), data.CsvPairs)
     pattern = make_shards(tmp_path, num_shards=2, per_shard=2)
-    assert isinstance(data.make_pairs_dataset(pattern), data.TarShards)
-    with pytest.raises(ValueError, match="tar shards"):
-        data.make_pairs_dataset(pattern, caption_noise=0.1)
-    assert data.make_labelled_dataset("shapes", label="scene", num_samples=5).num_classes == 6
+    assert isinstance(pairs("--train-data", pattern, "--tower3", "x.pt"), data.TarShards)
+    with pytest.raises(SystemExit):
+        flags("--train-data", pattern, "--caption-noise", "0.1", "--tower3", "x.pt")
+    assert "--caption-noise 0.1: only for the shapes world and CSV files" in capsys.readouterr().err
+    assert pretrain.labelled_dataset(flags("--mode", "supervised", "--label", "scene",
+                                           "--train-samples", "5")).num_classes == 6

@@ -23,11 +23,16 @@ from torchvision.io import encode_jpeg, encode_png
 from torchvision.transforms import v2
 
 import data
+import pretrain
+import runtime
+import shapes
+import tasks
+from tokenizer import Tokenizer
 import eval as ev
 import train
-from model import build_image_tower, load_tower3
+from model import build_image_tower, load_trained, load_tower3
 from test_data import write_tar
-from test_train import ROOT, torchrun, weights
+from test_train import ROOT, crash_at_step, torchrun, weights
 
 N = 24                                          # CSV rows, one image each; 12 per tar shard
 FILES = ["--image-arch", "vit-micro", "--text-arch", "micro", "--image-size", "32", "--embed-dim", "16",
@@ -77,8 +82,8 @@ def run(tmp_path, *extra, out="run"):
 def cache_rows(folder) -> torch.Tensor:
     """Every row of the one h cache file in `folder`."""
     (name,) = [f for f in os.listdir(folder) if f.startswith("h-") and f.endswith(".bin")]
-    header = json.loads(open(os.path.join(folder, name), "rb").read(data.RowTable.HEADER))
-    return data.RowTable.open(os.path.join(folder, name), **header)[range(header["rows"])]
+    header = json.loads(open(os.path.join(folder, name), "rb").read(runtime.RowTable.HEADER))
+    return runtime.RowTable.open(os.path.join(folder, name), **header)[range(header["rows"])]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -105,9 +110,9 @@ def test_train_resume_evaluate_on_files(files, tmp_path, capsys, mode, source):
     assert expected <= set(results) and all(0 <= v <= 100 for v in results.values())
     assert ("tower3/fewshot/imagefolder/1shot" in results) == (mode == "3t")
     if source == "csv":      # h in training (the cache) = h in eval.py: h(tower3_view(image)) at its own 224 px
-        model, tower3, _ = ev.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+        model, tower3, _ = load_trained(str(tmp_path / "run" / "ckpt.pt"))
         with torch.inference_mode():
-            images = ev.csv_retrieval(files.csv, image_size=32).images
+            images = tasks.csv_retrieval(files.csv, image_size=32).images
             embedded, _ = ev.Embedder(model.eval(), tower3, "cpu").images(images)
         torch.testing.assert_close(embedded["h"], F.normalize(cache_rows(tmp_path / "cache"), dim=-1),
                                    atol=1e-5, rtol=1e-4)
@@ -115,7 +120,7 @@ def test_train_resume_evaluate_on_files(files, tmp_path, capsys, mode, source):
 
 def test_eval_h_of_an_image_folder_is_h_of_its_own_view(files):
     tower3 = load_tower3(files.micro)           # h at 32 px, f at 16 px, the images 40 x 44
-    folder, _ = ev.imagefolder_zeroshot(f"{files.folder}/test", files.names, image_size=16)
+    folder, _ = tasks.imagefolder_zeroshot(f"{files.folder}/test", files.names, image_size=16)
     model = ev.ThreeTowers("lit", image_arch="vit-micro", image_size=16, text_arch="micro", embed_dim=16,
                            tower3_dim=tower3.dim).eval()
     with torch.inference_mode():
@@ -156,7 +161,7 @@ def test_csv_is_used_whole_unless_asked(files, tmp_path, capsys):
     rows = 30_010                              # more than the shapes world's default of --train-samples
     (files.root / "big.csv").write_text("filepath,title\n" + "".join(f"img/{i % N:03d}.{'png' if i % N % 2 else 'jpg'},"
                                                                   f"caption {i}\n" for i in range(rows)))
-    env = train.Env()
+    env = runtime.Env()
     args = train.parse_args(run(tmp_path, "--mode", "clip", "--train-data", str(files.root / "big.csv")))
     assert len(train.pairs_dataset(args, env, None)) == rows
     assert f"{rows:,} of {rows:,} rows used ({N} image files" in capsys.readouterr().out
@@ -172,17 +177,7 @@ def test_resume_is_exact_on_csv_with_workers(files, tmp_path, monkeypatch):
     common = ["--mode", "clip", "--train-data", files.csv, "--train-samples", "12", "--batch-size", "4",
               "--workers", "2", "--steps", "7", "--save-every", "4"]   # 3 steps per epoch: resumed at step 4 of 7
     train.main(run(tmp_path, *common, out="straight"))
-    real, calls = train.train_step, [0]
-
-    def crash_at_step_6(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 6:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(train, "train_step", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(run(tmp_path, *common, out="interrupted"))
-    monkeypatch.setattr(train, "train_step", real)
+    crash_at_step(monkeypatch, 6, run(tmp_path, *common, out="interrupted"))
     train.main(run(tmp_path, *common, "--resume", "latest", out="interrupted"))
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "interrupted")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
@@ -239,7 +234,7 @@ def test_fewshot_on_cifar(tmp_path, monkeypatch):
     for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 30)]:
         pickle.dump(batch(n), open(folder / name, "wb"))
     pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, open(folder / "batches.meta", "wb"))
-    suite = ev.build_eval_suite(tokenizer=data.Tokenizer(32), image_size=16, tasks=("fewshot",),
+    suite = tasks.build_eval_suite(tokenizer=Tokenizer(32), image_size=16, tasks=("fewshot",),
                                 fewshot_data=f"cifar10:{tmp_path}")
     pool, test = suite.fewshot["cifar10"]
     assert len(pool) == 100 and len(test) == 30           # 10 per class in the train split, all kept (<= 30)
@@ -252,9 +247,9 @@ def test_fewshot_on_cifar(tmp_path, monkeypatch):
 def test_fewshot_folder_layout_errors(files, tmp_path):
     (tmp_path / "only" / "train" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="expected class folders under .*only/train and .*only/test"):
-        ev.fewshot_sets(f"imagefolder:{tmp_path / 'only'}", 16, 0)
+        tasks.fewshot_sets(f"imagefolder:{tmp_path / 'only'}", 16, 0)
     with pytest.raises(ValueError, match="use shapes, imagefolder:ROOT"):
-        ev.fewshot_sets("mnist:/x", 16, 0)
+        tasks.fewshot_sets("mnist:/x", 16, 0)
 
 
 # ----------------------------------------------------------------------------- 8. class-name files
@@ -262,19 +257,20 @@ def test_names_file_in_another_order_than_the_folders_stops(files, tmp_path):
     (tmp_path / "shuffled.txt").write_text("red\nblue\ngreen\n")             # the folder names, not sorted
     with pytest.raises(ValueError, match=r"shuffled\.txt: name 1 is 'red', the name of class folder 3 in sorted "
                                          r"order \(3 such names\)"):
-        ev.imagefolder_zeroshot(f"{files.folder}/test", str(tmp_path / "shuffled.txt"))
+        tasks.imagefolder_zeroshot(f"{files.folder}/test", str(tmp_path / "shuffled.txt"))
     (tmp_path / "sorted.txt").write_text("blue\ngreen\nred\n")
-    assert ev.imagefolder_zeroshot(f"{files.folder}/test", str(tmp_path / "sorted.txt"))[1] == ["blue", "green", "red"]
+    assert tasks.imagefolder_zeroshot(f"{files.folder}/test", str(tmp_path / "sorted.txt"))[1] == ["blue", "green", "red"]
     assert "sorted (alphabetical) order" in " ".join(ev.build_parser().format_help().split())
 
 
 # ----------------------------------------------------------------------------- 9. augmentation of small sets
 def test_supervised_augmentation_flags(files, tmp_path, capsys):
     root = f"{files.folder}/train"
-    plain = data.make_labelled_dataset(root, image_size=16, crop_scale=1.0, flip=False)
+    supervised = ["--mode", "supervised", "--train-data", root, "--image-size", "16"]
+    plain = pretrain.labelled_dataset(train.parse_args(supervised + ["--crop-scale", "1", "--no-flip"]))
     raw = data.decode_rgb(open(plain.paths[2], "rb").read())
     assert torch.equal(plain[2]["image"], data.tower3_view(raw, 16))      # resize + centre crop, nothing random
-    crops = data.make_labelled_dataset(root, image_size=16)
+    crops = pretrain.labelled_dataset(train.parse_args(supervised))
     crops.set_epoch(1)
     assert not torch.equal(crops[2]["image"], plain[2]["image"])
     args = train.parse_args(["--mode", "supervised", "--train-data", root, "--crop-scale", "0.5", "--no-flip"])
@@ -402,8 +398,8 @@ def test_bad_inputs_give_one_line_errors(files, tmp_path):
 
 
 def test_a_rank_whose_epoch_is_all_bad_stops_instead_of_looping(tmp_path):
-    loader = data.make_loader(data.ShapesPairs("train", 3), batch_size=4)
-    assert next(train.endless(loader, train.Position())) is None       # next_batch turns it into an error
+    loader = data.make_loader(shapes.ShapesPairs("train", 3), batch_size=4)
+    assert next(runtime.endless(loader, runtime.Position())) is None       # next_batch turns it into an error
 
 
 def test_a_wrong_tower3_file_is_named(files, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""data.Tokenizer: byte-level BPE learned from captions (no merges: plain bytes), and its storage."""
+"""Tokenizer: byte-level BPE learned from captions (no merges: plain bytes), and its storage."""
 import json
 import os
 import pickle
@@ -9,7 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
-import data
+import tokenizer
+import shapes
+from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,13 +29,13 @@ UNSEEN = ["日本語のテキスト", "emoji 🐍🚀 ok", "café crème brûlé
 
 
 @pytest.fixture(scope="module")
-def tok() -> data.Tokenizer:
-    return data.Tokenizer.learn(CORPUS, vocab_size=400, context_length=64)
+def tok() -> Tokenizer:
+    return Tokenizer.learn(CORPUS, vocab_size=400, context_length=64)
 
 
 def lengths(ids: torch.Tensor) -> list[int]:
     """Tokens per row, BOS and EOS excluded."""
-    return ((ids != data.Tokenizer.PAD).sum(1) - 2).tolist()
+    return ((ids != Tokenizer.PAD).sum(1) - 2).tolist()
 
 
 # ----------------------------------------------------------------------------- 1. round trip
@@ -66,14 +68,14 @@ def test_decode_rejects_ids_outside_the_vocabulary(tok):
 
 
 _LEARN_IN_SUBPROCESS = (
-    "import json, sys; sys.path.insert(0, sys.argv[1]); import data; "
+    "import json, sys; sys.path.insert(0, sys.argv[1]); from tokenizer import Tokenizer; "
     "texts = json.load(sys.stdin); "
-    "print(json.dumps(data.Tokenizer.learn(texts, 400, 64).merges))"
+    "print(json.dumps(Tokenizer.learn(texts, 400, 64).merges))"
 )
 
 
 def test_learning_is_deterministic_across_runs_and_hash_seeds(tok):
-    again = data.Tokenizer.learn(list(reversed(CORPUS)), vocab_size=400, context_length=64)
+    again = Tokenizer.learn(list(reversed(CORPUS)), vocab_size=400, context_length=64)
     assert again.merges == tok.merges  # text order does not matter either
     # one subprocess (importing torch is slow) with a hash seed other than this process's
     seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
@@ -88,7 +90,7 @@ def test_learning_is_deterministic_across_runs_and_hash_seeds(tok):
 
 def naive_learn(texts: list[str], vocab_size: int) -> list[tuple[int, int]]:
     """Textbook BPE: recount every pair after every merge. Same chunks, same tie rule."""
-    freq = Counter(chunk for text in texts for chunk in data._CHUNK.findall(text.encode("utf-8")))
+    freq = Counter(chunk for text in texts for chunk in tokenizer._CHUNK.findall(text.encode("utf-8")))
     words = {chunk: list(chunk) for chunk in freq}
     merges = []
     while 259 + len(merges) < vocab_size:
@@ -120,9 +122,9 @@ def test_incremental_learner_matches_naive_learner():
     # overlapping runs ("aaaa", "zzz"), shared prefixes and non-ASCII letters exercise the bookkeeping
     texts = CORPUS[:25] + ["aaaa aaa aa a", "zzz zzzz zz", "banana bandana", "über übel übung", "ee eee eeee"] * 3
     reference = naive_learn(texts, 10_000)
-    learned = data.Tokenizer.learn(texts, vocab_size=10_000, context_length=64)
+    learned = Tokenizer.learn(texts, vocab_size=10_000, context_length=64)
     assert len(reference) > 50 and learned.merges == reference  # ran to "best pair occurs < 2 times"
-    assert data.Tokenizer.learn(texts, vocab_size=300, context_length=64).merges == reference[:41]
+    assert Tokenizer.learn(texts, vocab_size=300, context_length=64).merges == reference[:41]
 
 
 # ----------------------------------------------------------------------------- 4. byte fallback
@@ -141,10 +143,10 @@ def test_unknown_text_falls_back_to_bytes(tok):
 
 
 def test_shapes_captions_are_at_least_three_times_shorter():
-    world = data.ShapesWorld(0, 32)
+    world = shapes.ShapesWorld(0, 32)
     train = [world.captions(i, "train", 1)[0] for i in range(2000)]
     test = [world.captions(i, "test", 1)[0] for i in range(300)]
-    tok = data.Tokenizer.learn(train, vocab_size=4096, context_length=77)
+    tok = Tokenizer.learn(train, vocab_size=4096, context_length=77)
     assert tok.vocab_size < 4096  # the shapes vocabulary is small: learning stops on its own
     for texts in (train[:500], test):
         ids = tok.encode(texts)
@@ -157,17 +159,17 @@ def test_shapes_captions_are_at_least_three_times_shorter():
 
 
 def test_truncation_keeps_eos_pad_fills_and_trim_works(tok):
-    small = data.Tokenizer(8, tok.merges)
+    small = Tokenizer(8, tok.merges)
     text = " ".join(CORPUS)
     row = small.encode(text)[0]
     assert row.shape == (8,) and row[0] == small.BOS and row[-1] == small.EOS and (row == small.EOS).sum() == 1
     assert small.PAD not in row.tolist() and text.startswith(small.decode(row)) and len(small.decode(row)) > 6
     # a UTF-8 character is never cut: 7 slots of 2-byte byte tokens hold 3 whole "é", not 3.5
-    nine = data.Tokenizer(9, tok.merges)
+    nine = Tokenizer(9, tok.merges)
     assert nine.decode(nine.encode("é" * 20)[0]) == "ééé"
     ids = tok.encode(["dog", "a photo of a dog on the beach today"])
     assert ids[0].tolist()[lengths(ids)[0] + 2:] == [tok.PAD] * (64 - lengths(ids)[0] - 2)
-    trimmed = data.Tokenizer.trim(ids)
+    trimmed = Tokenizer.trim(ids)
     assert trimmed.shape == (2, max(lengths(ids)) + 2) and trimmed[1, -1] == tok.EOS
     assert [tok.decode(r) for r in trimmed] == ["dog", "a photo of a dog on the beach today"]
     assert tok.encode([]).shape == (0, 64)
@@ -180,13 +182,13 @@ def test_dict_round_trip_json_and_weights_only_load(tok, tmp_path):
     texts = CORPUS[:10] + UNSEEN
     d = tok.to_dict()
     assert d["context_length"] == 64 and len(d["merges"]) == len(tok.merges)
-    for restored in (data.Tokenizer.from_dict(d), data.Tokenizer.from_dict(json.loads(json.dumps(d)))):
+    for restored in (Tokenizer.from_dict(d), Tokenizer.from_dict(json.loads(json.dumps(d)))):
         assert restored.merges == tok.merges
         assert torch.equal(restored.encode(texts), tok.encode(texts))
     torch.save({"tokenizer": d}, tmp_path / "ckpt.pt")
     loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"]
-    assert torch.equal(data.Tokenizer.from_dict(loaded).encode(texts), tok.encode(texts))
-    byte = data.Tokenizer.from_dict(data.Tokenizer(32).to_dict())
+    assert torch.equal(Tokenizer.from_dict(loaded).encode(texts), tok.encode(texts))
+    byte = Tokenizer.from_dict(Tokenizer(32).to_dict())
     assert byte.context_length == 32 and byte.vocab_size == 259
     assert torch.equal(byte.encode("abc")[0, 1:4], torch.tensor([97, 98, 99]))
 
@@ -205,7 +207,7 @@ def test_dict_round_trip_json_and_weights_only_load(tok, tmp_path):
 ])
 def test_malformed_dicts_raise(bad):
     with pytest.raises(ValueError, match="not a stored tokenizer"):
-        data.Tokenizer.from_dict(bad)
+        Tokenizer.from_dict(bad)
 
 
 # ----------------------------------------------------------------------------- 8. pickling

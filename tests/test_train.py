@@ -9,7 +9,10 @@ import sys
 import pytest
 import torch
 
-import data
+import runtime
+from model import CHECKPOINT_FORMAT
+import shapes
+from tokenizer import Tokenizer
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +48,7 @@ def tower3_file(tmp_path_factory):
 def test_main_end_to_end(tmp_path, tower3_file, mode):
     result = train.main(tiny(tmp_path, "--mode", mode, "--steps", "4", "--tower3", tower3_file))
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert (ckpt["format"], ckpt["mode"], ckpt["step"]) == (train.CHECKPOINT_FORMAT, mode, 4)
+    assert (ckpt["format"], ckpt["mode"], ckpt["step"]) == (CHECKPOINT_FORMAT, mode, 4)
     assert not any(k.startswith("tower3") or "backbone" in k for k in ckpt["model"])  # h is not stored
     assert ckpt["tower3"] == (None if mode == "clip" else tower3_file)
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -78,22 +81,28 @@ def test_supervised_checkpoint_loads_as_tower3(tower3_file):
     assert tower3(torch.randn(2, 3, 32, 32)).shape == (2, 32)
 
 
+def crash_at_step(monkeypatch, step: int, argv: list[str]) -> None:
+    """Run train.main(argv) and interrupt it at its `step`-th train_step call (steps before it were saved
+    by --save-every); train_step is whole again afterwards."""
+    real, calls = train.train_step, [0]
+
+    def crashing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "train_step", crashing)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv)
+
+
 def test_resume_is_exact(tmp_path, tower3_file, monkeypatch):
     common = ["--mode", "3t", "--tower3", tower3_file, "--steps", "12", "--save-every", "5",
               "--train-samples", "40", "--eval-data", "none"]   # 5 steps per epoch: crosses epochs
     train.main(tiny(tmp_path, *common, out="straight"))
-    real, calls = train.train_step, [0]
-
-    def crash_at_step_8(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 8:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(train, "train_step", crash_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(tiny(tmp_path, *common, out="interrupted"))
+    crash_at_step(monkeypatch, 8, tiny(tmp_path, *common, out="interrupted"))
     assert torch.load(tmp_path / "interrupted" / "ckpt.pt", weights_only=True)["step"] == 5
-    monkeypatch.setattr(train, "train_step", real)
     train.main(tiny(tmp_path, *common, "--resume", "latest", out="interrupted"))
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "interrupted")
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
@@ -101,7 +110,7 @@ def test_resume_is_exact(tmp_path, tower3_file, monkeypatch):
 
 def test_frozen_tower_unchanged_and_outside_optimizer(tmp_path, tower3_file, monkeypatch):
     seen = {}
-    real_load, real_opt = train.load_tower3, train.build_optimizer
+    real_load, real_opt = train.load_tower3, runtime.build_optimizer
 
     def spy_load(spec):
         seen["tower3"] = real_load(spec)
@@ -112,7 +121,7 @@ def test_frozen_tower_unchanged_and_outside_optimizer(tmp_path, tower3_file, mon
         seen["opt"] = real_opt(model, args)
         return seen["opt"]
     monkeypatch.setattr(train, "load_tower3", spy_load)
-    monkeypatch.setattr(train, "build_optimizer", spy_opt)
+    monkeypatch.setattr(runtime, "build_optimizer", spy_opt)
     train.main(tiny(tmp_path, "--mode", "3t", "--tower3", tower3_file, "--steps", "3", "--no-cache-tower3",
                     "--eval-data", "none", "--lr", "1e-2"))
     after = seen["tower3"].state_dict()
@@ -134,7 +143,7 @@ def test_cache_reused_invalidated_and_equivalent(tmp_path, tower3_file, capsys):
     # a file under the right name whose contents do not match is recomputed, never used
     path = tmp_path / "cache" / caches[0]
     stale = read_cache(path)
-    data.RowTable.create(str(path), *stale.shape, fingerprint="0" * 16)          # zeros, another fingerprint
+    runtime.RowTable.create(str(path), *stale.shape, fingerprint="0" * 16)          # zeros, another fingerprint
     train.main(tiny(tmp_path, *base, out="cached3"))
     assert "is stale: recomputing" in capsys.readouterr().out
     torch.testing.assert_close(read_cache(path), stale)
@@ -150,8 +159,8 @@ def test_cache_reused_invalidated_and_equivalent(tmp_path, tower3_file, capsys):
 
 def read_cache(path) -> torch.Tensor:
     """Every row of an h cache file (train.tower3_cache), as a (rows, D_h) tensor."""
-    header = json.loads(open(path, "rb").read(data.RowTable.HEADER))
-    return data.RowTable.open(str(path), **header)[range(header["rows"])]
+    header = json.loads(open(path, "rb").read(runtime.RowTable.HEADER))
+    return runtime.RowTable.open(str(path), **header)[range(header["rows"])]
 
 
 def test_cache_fingerprints_a_batchnorm_tower(tmp_path):
@@ -283,7 +292,6 @@ def test_tokenizer_is_learned_once_stored_and_reused_by_resume_and_eval(tmp_path
     """BPE merges are learned from the training captions at the start of a run, written to
     tokenizer.json and every checkpoint; a resumed run and eval.py take them from there (they
     never learn again), so every stage tokenises alike."""
-    import data
     import eval as evaluation
     args = tiny(tmp_path, "--mode", "clip", "--steps", "4", "--save-every", "2", "--eval-data", "none")
     train.main(args)
@@ -291,12 +299,12 @@ def test_tokenizer_is_learned_once_stored_and_reused_by_resume_and_eval(tmp_path
     stored = ckpt["tokenizer"]
     assert len(stored["merges"]) > 50 and ckpt["model_config"]["vocab_size"] == 259 + len(stored["merges"])
     assert json.load(open(tmp_path / "run" / "tokenizer.json")) == stored
-    caption = data.ShapesWorld(0, 32).captions(0, "train")[0]
-    assert len(data.Tokenizer.from_dict(stored).tokens(caption)) < len(caption) / 3
+    caption = shapes.ShapesWorld(0, 32).captions(0, "train")[0]
+    assert len(Tokenizer.from_dict(stored).tokens(caption)) < len(caption) / 3
 
     def refuse(*a, **k):
         raise AssertionError("a resumed run or eval.py learned a tokenizer again")
-    monkeypatch.setattr(data.Tokenizer, "learn", refuse)
+    monkeypatch.setattr(Tokenizer, "learn", refuse)
     seen = {}
     real_suite = evaluation.build_eval_suite
     monkeypatch.setattr(evaluation, "build_eval_suite", lambda *a, **k: seen.setdefault("suite", real_suite(*a, **k)))

@@ -1,0 +1,498 @@
+"""What every run needs besides the method: processes and devices, run folders, the optimiser and its
+update, the run's position and checkpoints, the metrics log.
+
+train.py (CLIP, LiT, 3T) and pretrain.py (a third tower's pretraining) share all of it, so both resume
+exactly, write checkpoints atomically and stop together on every rank. Nothing here knows which
+embeddings a loss compares: that is losses.py and train.train_step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import random
+import socket
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from model import CHECKPOINT_FORMAT, read_checkpoint, save_checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags: one range per numeric flag, checked at parse time
+# ----------------------------------------------------------------------------------------------
+
+
+def check_ranges(p: argparse.ArgumentParser, args: argparse.Namespace, ranges: dict[str, str]) -> None:
+    """p.error naming the first flag (or list element) outside its interval in `ranges`."""
+    for name, interval in ranges.items():
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
+        value = getattr(args, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not ((lo < v if interval[0] == "(" else lo <= v) and
+                                      (v < hi if interval[-1] == ")" else v <= hi)):
+                p.error(f"--{name.replace('_', '-')} {v if isinstance(v, int) else f'{v:g}'}: "
+                        f"expected a value in {interval}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes and devices (torchrun's RANK / LOCAL_RANK / WORLD_SIZE; a plain `python` run is rank 0)
+# ----------------------------------------------------------------------------------------------
+
+
+class Env:
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        cores = max(1, (os.cpu_count() or 1) // local_world)       # this process's share of the CPU
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        else:
+            self.device = torch.device("cpu")
+            if "OMP_NUM_THREADS" not in os.environ:
+                torch.set_num_threads(cores)
+        self.default_workers = 0 if self.device.type == "cpu" else min(8, cores)
+        self.agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None   # torchrun's agent process
+        self.locks = contextlib.ExitStack()                                           # run folders held
+        self.owns_group = self.world > 1 and not dist.is_initialized()
+        if self.owns_group:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.master = self.rank == 0
+
+    def workers(self, args: argparse.Namespace) -> int:
+        """DataLoader workers per rank: --workers, else 0 on CPU and up to 8 per GPU."""
+        return self.default_workers if args.workers is None else args.workers
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def stop_together(self, problem: str | None) -> None:
+        """SystemExit on every rank when any rank has a problem: one all_reduce, so no rank is left
+        waiting in a collective for one that stopped. A rank says its own problem, else whose it was."""
+        if self.world == 1:
+            if problem:
+                raise SystemExit(problem)
+            return
+        flags = torch.zeros(self.world, device=self.device)
+        flags[self.rank] = problem is not None
+        dist.all_reduce(flags)
+        if flags.any():
+            raise SystemExit(problem or f"rank {self.rank}: stopping with rank(s) "
+                                        f"{flags.nonzero().flatten().tolist()}, see their error")
+
+    def orphaned(self) -> str | None:
+        """Why this worker should stop when torchrun's agent died (it was re-parented), else None."""
+        if self.agent is not None and os.getppid() != self.agent:
+            return f"rank {self.rank}: the torchrun agent (pid {self.agent}) is gone, stopping this orphaned worker"
+        return None
+
+    def lock(self, folder: str) -> str | None:
+        """Hold an exclusive flock on folder/.lock (it names the holder) until close(); or say who holds
+        it. The kernel drops the lock when its process dies: no stale locks after a crash."""
+        f = open(os.path.join(folder, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "holder unknown"
+            f.close()
+            return f"--out {folder!r} is in use by another run ({holder}); give this run its own --out"
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self.locks.enter_context(f)
+        return None
+
+    def close(self) -> None:
+        self.locks.close()
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def every_rank(env: Env, flag: bool) -> bool:
+    """Whether `flag` holds on every rank (one all_reduce), so that all ranks take the same branch."""
+    if env.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def log(env: Env, message: str) -> None:
+    if env.master:
+        tqdm.write(message)
+
+
+def autocast(args: argparse.Namespace, env: Env):
+    """bf16 autocast on CUDA (the paper's towers train in bf16); nothing on CPU."""
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
+    if bf16:
+        return torch.autocast(env.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def wrap(model: torch.nn.Module, args: argparse.Namespace, env: Env) -> torch.nn.Module:
+    """What the step calls: the model, compiled if asked (before DDP, so DDP sees the compiled
+    graph), in DDP when there are several processes. Checkpoints and evaluation keep the raw model."""
+    if args.compile:
+        model = torch.compile(model)
+    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.world > 1 else model
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders
+# ----------------------------------------------------------------------------------------------
+
+
+def unwritable(flag: str, folder: str) -> str | None:
+    """Why `folder` (created if missing) cannot take a new file, or None."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return f"{flag} {folder!r}: cannot write there ({e.strerror or e})"
+    return None
+
+
+def claim_folders(args: argparse.Namespace, env: Env) -> None:
+    """Before any work: create --out (and --cache-dir where this run writes) and prove them writable;
+    then rank 0 locks --out for the run's lifetime, so a second run given the same folder stops at once
+    instead of interleaving metrics.jsonl and overwriting ckpt.pt."""
+    folders = [("--out", args.out)]
+    if args.mode in ("lit", "3t") and (args.tower3 == "auto" or args.cache_tower3):
+        folders.append(("--cache-dir", args.cache_dir))
+    problem = next(filter(None, (unwritable(flag, folder) for flag, folder in folders)), None)
+    if problem is None and env.master:
+        problem = env.lock(args.out)
+    env.stop_together(problem)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimiser and the update
+# ----------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on weight matrices -- not on biases, norms, embeddings (token,
+    positional, class token) or the temperatures/biases of the loss (CLIP, Sec. 2.5)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "embedding" in name or "class_token" in name or name.startswith(("log_temperature", "bias."))
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def schedule(args: argparse.Namespace, env: Env, model: torch.nn.Module, dataset
+             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
+    """AdamW, its warm-up + cosine schedule, and the number of steps: --steps, else --epochs
+    (default 1) over a finite dataset."""
+    per_epoch = len(dataset) // (args.batch_size * env.world) if hasattr(dataset, "__len__") else None
+    if per_epoch == 0:
+        raise SystemExit(f"--train-data {args.train_data!r}: no full batch of --batch-size {args.batch_size}: "
+                         f"{len(dataset)} samples, fewer than one global batch ({args.batch_size} x {env.world} processes)")
+    if args.steps is None and per_epoch is None:
+        raise SystemExit("--steps is required for streaming (tar-shard) data")
+    total = args.steps or max(1, int(args.epochs * per_epoch))
+    optimizer = build_optimizer(model, args)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, total)), total
+
+
+def apply_gradients(model: torch.nn.Module, optimizer, scheduler, loss: torch.Tensor, grad_clip: float) -> bool:
+    """Backward, clip the global gradient norm, AdamW step, schedule step; False (and no update)
+    when the norm is not finite. One host sync per step: a non-finite loss makes the (all-reduced,
+    so rank-identical) gradient norm non-finite, and every rank skips the same step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if not torch.isfinite(norm).item():
+        return False
+    optimizer.step()
+    scheduler.step()
+    return True
+
+
+def check_finite(ok: bool, streak: int, args: argparse.Namespace, env: Env, step: int) -> int:
+    """Count skipped steps in a row; stop after --max-nonfinite of them."""
+    if ok:
+        return 0
+    log(env, f"[warn] step {step}: non-finite loss/gradient, step skipped ({streak + 1} in a row)")
+    if streak + 1 >= args.max_nonfinite:
+        raise FloatingPointError(f"{streak + 1} non-finite steps in a row at step {step}: lower --lr, "
+                                 f"check the data, or use --precision fp32")
+    return streak + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a run stands, and its checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Position:
+    """Where a run stands: optimiser steps, and this rank's epoch and batch within it (streaming
+    shards may put ranks at different points of an epoch); skipped samples so far."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    data_errors: Counter = field(default_factory=Counter)
+
+
+def endless(loader, position: Position) -> Iterator[dict | None]:
+    """The loader's batches, epoch after epoch, from `position` on; position follows along. None after
+    an epoch that gave no batch at all (more epochs would not help: next_batch stops the run)."""
+    while True:
+        data.set_epoch(loader, position.epoch)
+        for batch in loader:
+            position.batch += 1
+            position.data_errors.update(batch.get("data_errors", {}))
+            yield batch
+        if position.batch == 0:
+            yield None
+        position.epoch, position.batch = position.epoch + 1, 0
+
+
+def next_batch(batches: Iterator[dict | None], args: argparse.Namespace, env: Env) -> dict:
+    """The next batch of `endless`, agreed on by all ranks each step (Env.stop_together): a rank whose
+    epoch held no full batch (too little usable data) or whose torchrun agent died stops every rank."""
+    batch, problem = next(batches), env.orphaned()
+    if batch is None:
+        problem = (f"--train-data {args.train_data!r}: an epoch gave rank {env.rank} no full batch of --batch-size "
+                   f"{args.batch_size}; each rank (and, for tar shards, each loader worker) needs at least that "
+                   f"many usable samples per epoch")
+    env.stop_together(problem)
+    return batch
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, scheduler, position: Position,
+         **extra) -> None:
+    """ckpt.pt: the trainable model, optimiser, schedule, step, and every rank's RNG state and data
+    position (gathered, so one file resumes every rank exactly); `extra` says what the model is."""
+    mine = {"rng": rng_state(), "epoch": position.epoch, "batch_in_epoch": position.batch}
+    ranks = [mine]
+    if env.world > 1:
+        ranks = [None] * env.world
+        dist.all_gather_object(ranks, mine)
+    if env.master:
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "mode": args.mode, "args": vars(args),
+                                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "step": position.step, "ranks": ranks,
+                                   "data_errors": dict(position.data_errors), **extra},
+                                  os.path.join(args.out, "ckpt.pt"))
+
+
+def find_checkpoint(args: argparse.Namespace) -> dict | None:
+    """The checkpoint to resume from: --resume PATH, or with --resume latest the run folder's ckpt.pt
+    if there is one; also after an elastic restart by torchrun (--max-restarts), so a restarted worker
+    continues instead of starting over."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    path = args.resume
+    if args.resume == "latest" or (args.resume is None and restarted):
+        path = os.path.join(args.out, "ckpt.pt")
+        if not os.path.exists(path):
+            return None
+    elif path is None:
+        return None
+    elif not os.path.exists(path):
+        raise SystemExit(f"--resume {path!r}: no such checkpoint")
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"--resume {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("mode") != args.mode:
+        raise SystemExit(f"--resume {path!r}: not a {CHECKPOINT_FORMAT} checkpoint of mode {args.mode}")
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "ranks") if k not in ckpt]
+    if missing:
+        raise SystemExit(f"--resume {path!r}: an incomplete checkpoint, without {', '.join(missing)}")
+    return {**ckpt, "path": path}
+
+
+def check_resumable(ckpt: dict | None, config: dict, tower3_digest: str | None = None) -> None:
+    """A resumed run must rebuild the model its checkpoint holds, with the same frozen tower: SystemExit
+    naming every setting that differs (what the checkpoint does not record passes; so does the initial
+    temperature, which the checkpoint's learned one replaces)."""
+    if ckpt is None:
+        return
+    recorded = {**(ckpt.get("model_config") or ckpt.get("classifier") or {}), "tower3 weights": ckpt.get("tower3_digest")}
+    diff = [f"{k}: {recorded[k]!r} in the checkpoint, {v!r} now" for k, v in {**config, "tower3 weights": tower3_digest}.items()
+            if k != "init_temperature" and recorded.get(k) is not None and recorded[k] != v]
+    if diff:
+        raise SystemExit(f"--resume {ckpt['path']!r} holds another model than these flags build: {'; '.join(diff)}"
+                         + (f" (its third tower was --tower3 {ckpt['tower3']!r})" if ckpt.get("tower3") else ""))
+
+
+def resume(env: Env, ckpt: dict | None, model: torch.nn.Module, optimizer, scheduler) -> Position:
+    """Restore the model, optimiser, schedule, this rank's RNG state and data position from ckpt."""
+    if ckpt is None:
+        return Position()
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"--resume {ckpt['path']!r}: its state does not fit the model these flags build "
+                         f"({' '.join(str(e).split())[:300]})") from None
+    if len(ckpt["ranks"]) != env.world:
+        raise SystemExit(f"--resume {ckpt['path']!r} was written by {len(ckpt['ranks'])} processes; resume it "
+                         f"with the same number (now {env.world}) to continue exactly")
+    mine = ckpt["ranks"][env.rank]
+    set_rng_state(mine["rng"])
+    log(env, f"[resume] {ckpt['path']}: step {ckpt['step']}, epoch {mine['epoch']}, batch {mine['batch_in_epoch']}")
+    return Position(ckpt["step"], mine["epoch"], mine["batch_in_epoch"], Counter(ckpt.get("data_errors", {})))
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics log
+# ----------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """The progress bar and metrics.jsonl (rank 0): running means of the step metrics over ranks,
+    one record every --log-every steps; evaluation records as they come."""
+
+    def __init__(self, args: argparse.Namespace, env: Env, total: int, position: Position, scheduler):
+        self.args, self.env, self.position, self.total, self.scheduler = args, env, position, total, scheduler
+        self.file = open(os.path.join(args.out, "metrics.jsonl"), "a") if env.master else None
+        self.bar = tqdm(total=total, initial=position.step, desc=args.mode, disable=not env.master or args.quiet,
+                        dynamic_ncols=True)
+        self.running: Counter = Counter()
+        self.t_last, self.n_last = time.time(), position.step
+
+    def step(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.running[k] += v
+        self.running["n"] += 1
+        self.bar.update(1)
+        step = self.position.step
+        if step % self.args.log_every and step != self.total:
+            return
+        keys = sorted(k for k in self.running if k != "n")       # one all_reduce per log line
+        values = torch.stack([torch.as_tensor(self.running[k], dtype=torch.float32, device=self.env.device)
+                              for k in keys]) / self.running["n"]
+        if self.env.world > 1:
+            dist.all_reduce(values)
+            values /= self.env.world
+        now = time.time()
+        record = dict(zip(keys, values.tolist()), step=step, epoch=self.position.epoch,
+                      lr=self.scheduler.get_last_lr()[0],
+                      samples_per_s=(step - self.n_last) * self.args.batch_size * self.env.world / (now - self.t_last),
+                      data_errors=dict(self.position.data_errors))
+        self.t_last, self.n_last, self.running = now, step, Counter()
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "lr", "samples_per_s")
+                              or k.startswith("t/")})
+        self.write(record)
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.position.data_errors:
+            log(self.env, f"[data] skipped samples: {dict(self.position.data_errors)}")
+        if self.file:
+            self.file.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The third tower's cache: a table of embeddings in one file
+# ----------------------------------------------------------------------------------------------
+
+
+class RowTable:
+    """A float32 table (rows x dim) in one file: a JSON header padded to 4 KiB, then the rows. Rows are written
+    and read by offset (os.pwrite / os.pread), so a process holds only the rows it touches, and the OS page
+    cache (one per node, shared by its processes) keeps the hot part. Holds the third tower's cache (train.tower3_cache)."""
+
+    HEADER = 4096
+
+    def __init__(self, path: str, fd: int, rows: int, dim: int):
+        self.path, self.fd, self.rows, self.dim = path, fd, rows, dim
+
+    @classmethod
+    def create(cls, path: str, rows: int, dim: int, **meta: Any) -> None:
+        header = json.dumps({"rows": rows, "dim": dim, **meta}).encode()
+        with open(path, "wb") as f:
+            f.write(header.ljust(cls.HEADER))
+            f.truncate(cls.HEADER + rows * dim * 4)                # sparse until written
+
+    @classmethod
+    def open(cls, path: str, rows: int, dim: int, writable: bool = False, **meta: Any) -> RowTable | None:
+        """The table at `path`, or None when it is missing, unreadable, or its header or size is not `rows`,
+        `dim` and `meta`."""
+        try:
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            header = json.loads(os.pread(fd, cls.HEADER, 0))
+        except ValueError:
+            header = None
+        if header != {"rows": rows, "dim": dim, **meta} or os.fstat(fd).st_size != cls.HEADER + rows * dim * 4:
+            os.close(fd)
+            return None
+        return cls(path, fd, rows, dim)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, index: Tensor | Sequence[int]) -> Tensor:
+        """Rows (B,) -> float32 (B, dim), one read per row."""
+        width, index = 4 * self.dim, [int(i) for i in index]
+        if index and not 0 <= min(index) <= max(index) < self.rows:
+            raise IndexError(f"{self.path}: rows {min(index)}..{max(index)} outside [0, {self.rows})")
+        data = bytearray(b"".join(os.pread(self.fd, width, self.HEADER + i * width) for i in index))
+        return torch.frombuffer(data, dtype=torch.float32).view(len(index), self.dim) if index \
+            else torch.empty(0, self.dim)
+
+    def write(self, start: int, rows: Tensor) -> None:
+        """Write rows (B, dim) at rows start..start+B-1."""
+        os.pwrite(self.fd, rows.float().contiguous().numpy().tobytes(), self.HEADER + start * 4 * self.dim)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
