@@ -204,15 +204,19 @@ def draw_scaling(path: str, sweep: dict[int, dict], metrics: list[str]) -> None:
 
 
 def sweep_claims(sweep: dict[int, dict]) -> list[str]:
-    """Each claim at each number of pairs; 'held only above N' when it holds from N pairs upwards."""
+    """Each claim at each number of pairs, summarised: held at every size, only from N pairs up, only up
+    to N pairs, not held at any size, or not decided."""
     lines, pairs = [], sorted(sweep)
     for claim, key, a, b in CLAIMS:
         words = {n: verdict([r[key] for r in sweep[n][a]], [r[key] for r in sweep[n][b]])[0] for n in pairs}
         held = [n for n in pairs if all(words[m] == "held" for m in pairs if m >= n)]
+        below = [n for n in pairs if all(words[m] == "held" for m in pairs if m <= n)]
         if len(held) == len(pairs):
             summary = "held at every size"
         elif held:
             summary = f"held only from {held[0]:,} pairs up"
+        elif below:
+            summary = f"held only up to {below[-1]:,} pairs"
         elif all(w == "not held" for w in words.values()):
             summary = "not held at any size"
         else:
