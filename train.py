@@ -88,8 +88,8 @@ def data_flags(a: Callable) -> None:
     a("--flip", action=argparse.BooleanOptionalAction, default=True,
       help="--mode supervised on an ImageFolder: random horizontal flips (default on)")
     a("--workers", type=int, default=None,
-      help="DataLoader worker processes per rank (default: 0 on CPU, where the shapes world costs ~2%% of a "
-           "step and extra processes only compete for the cores; 8 per GPU, capped by the CPU count)")
+      help="DataLoader worker processes per rank (default: 0 on CPU, where extra processes compete for the "
+           "same cores; 8 per GPU, capped by the CPU count)")
     a("--eval-data", default="shapes", help="periodic evaluation: 'shapes' or 'none'")
     a("--eval-images", type=int, default=500, help="images per periodic zero-shot / retrieval evaluation")
 
