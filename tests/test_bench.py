@@ -68,3 +68,12 @@ def test_each_step_is_paired_with_the_peak_around_it(monkeypatch):
         assert r["mfu"] == pytest.approx((expected[1] + expected[2]) / 2)
     assert [r["step_ms"] for r in rows] == pytest.approx([1500, 750, 1200, 1800])   # medians of 1x, 2x
     assert peak == 87.5                        # median over all steps of the peak around them
+
+
+def test_data_path_figures_are_positive_rates():
+    """bench_data runs what it names (renderer, tokenising loader, tar reader) and reports rates; a
+    name clash with an imported module once broke it without any other test noticing."""
+    figures = load_bench().bench_data(16, count=8)
+    assert set(figures) == {"shapes_render_per_s_per_core", "shapes_pairs_loader_per_s_per_core",
+                            "tar_256px_jpeg_to_224_per_s_per_core"}
+    assert all(v > 0 for v in figures.values())
