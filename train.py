@@ -418,6 +418,8 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     weights = dict(zip(PAIRS[args.mode], args.loss_weights)) if args.loss_weights else default_weights(args.mode)
     parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3,
                   tower3_cache(args, env, tower3, dataset) if tower3 is not None else None, weights)
+    if parts.h_cache is not None:
+        dataset.tower3_image_size = None          # h comes from the cache: items need not carry h's view
     loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, workers=env.workers(args), rank=env.rank,
                               world_size=env.world, seed=args.seed, start_batch=position.batch,
                               pin_memory=env.device.type == "cuda")
