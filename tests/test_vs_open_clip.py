@@ -1,0 +1,51 @@
+"""scripts/vs_open_clip.py without open_clip: the one scorer both trainers are judged by, and the flags
+our side of the comparison trains with (the start temperature is open_clip's, and --extra can override it)."""
+import argparse
+import importlib.util
+import os
+
+import torch
+
+import eval as evaluation
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("vs_open_clip", os.path.join(ROOT, "scripts", "vs_open_clip.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def naive_recall1(s: torch.Tensor) -> float:
+    """Row i is a hit when every other column scores strictly below column i."""
+    hits = [all(s[i, j] < s[i, i] for j in range(s.shape[1]) if j != i) for i in range(s.shape[0])]
+    return 100 * sum(hits) / len(hits)
+
+
+def test_scorer_matches_a_naive_loop_and_counts_ties_as_misses():
+    vs = load_script()
+    torch.manual_seed(0)
+    image, text = torch.randn(40, 8), torch.randn(40, 8)
+    text[:10] = image[:10] + 0.01 * torch.randn(10, 8)     # ten clear hits
+    text[10] = text[11]                                      # two identical captions: a tie in image 11's row
+    image[11] = text[11]
+    s = image @ text.T
+    got = vs.recall1(image, text)
+    assert abs(got["i2t_R@1"] - naive_recall1(s)) < 1e-4 and abs(got["t2i_R@1"] - naive_recall1(s.T)) < 1e-4
+    assert s[11, 10] == s[11, 11] and vs.recall1(image[[11]], text[[11, 10]])["i2t_R@1"] == 0   # a tie is a miss
+    ev = evaluation.recall_at_k(image, text, torch.arange(40), ks=(1,))
+    assert abs(ev["i2t/R@1"] - got["i2t_R@1"]) < 1e-6 and abs(ev["t2i/R@1"] - got["t2i_R@1"]) < 1e-6
+
+
+def test_our_side_starts_at_open_clips_temperature_unless_extra_says_otherwise(tmp_path):
+    vs = load_script()
+    a = argparse.Namespace(data=str(tmp_path), train_rows=None, extra="")
+    args = train.parse_args(vs.our_argv(a, str(tmp_path / "run"), 5))
+    assert abs(args.init_temperature - 1 / 0.07) < 0.01
+    assert (args.batch_size, args.lr, args.warmup, args.image_arch, args.text_arch) == (256, 2e-3, 30, "vit-tiny", "tiny")
+    a.extra = "--init-temperature 10 --seed 3"
+    args = train.parse_args(vs.our_argv(a, str(tmp_path / "run"), 5))
+    assert (args.init_temperature, args.seed) == (10.0, 3)
