@@ -1,7 +1,7 @@
 """The three towers of 3T (Kossen et al. 2023, Sec. 3 and Fig. 2), and the CLIP and LiT baselines.
 
     f    image tower, trained from scratch   (torchvision ViT or ResNet, head -> embed_dim)
-    g    text tower, trained from scratch    (causal Transformer over bytes, pooled at EOS)
+    g    text tower, trained from scratch    (causal Transformer over BPE tokens, pooled at EOS)
     h    third tower: a FROZEN pretrained image classifier, classification layer removed;
          its output is the pre-logits embedding of dimension D_h
     f_h, g_h   linear adaptor heads on f and g, for the alignment with h
@@ -41,23 +41,24 @@ from losses import PAIRS
 # ----------------------------------------------------------------------------------------------
 # Image tower f (also the classifier that `train.py --mode supervised` pretrains as a tower h)
 # ----------------------------------------------------------------------------------------------
-# ViT sizes: patch, width, depth, heads (MLP = 4 x width), conv stem. vit-b/16 and vit-b/32 are
-# ViT-Base (Dosovitskiy et al. 2021, Table 1); the small ones are for the shapes world on a CPU.
+# ViT sizes: patch, width, depth, heads (MLP = 4 x width), conv stem, pooling. vit-b/16 and vit-b/32
+# are ViT-Base (Dosovitskiy et al. 2021, Table 1); the small ones are for the shapes world on a CPU.
 # From tiny up, heads are 64 wide, as in ViT-Base and CLIP's text tower.
 # Conv stem: the patchify layer becomes stride-2 3x3 convolutions (norm, ReLU) with these channels,
 # then a 1x1 projection to the width (Xiao et al. 2021, "Early convolutions help transformers see
 # better"): small ViTs learn shape, not only colour, within a CPU budget (README, design notes).
 # GroupNorm, not the paper's BatchNorm: per-sample statistics keep N processes x batch B exactly
 # equal to one process x batch N*B.
-VIT_PRESETS: dict[str, tuple[int, int, int, int, tuple[int, ...]]] = {
-    "vit-micro": (8, 32, 1, 2, (8, 16, 32)),     # unit tests
-    "vit-mini": (8, 64, 2, 2, (16, 32, 64)),
-    "vit-tiny": (8, 128, 4, 2, (16, 32, 64)),
-    "vit-small": (8, 256, 6, 4, (32, 64, 128)),
-    "vit-s/16": (16, 384, 12, 6, ()),
-    "vit-b/32": (32, 768, 12, 12, ()),
-    "vit-b/16": (16, 768, 12, 12, ()),
-    "vit-l/16": (16, 1024, 24, 16, ()),
+# Pooling: "token" is torchvision's class token; "mean" averages the patch tokens (MeanPooledViT).
+VIT_PRESETS: dict[str, tuple[int, int, int, int, tuple[int, ...], str]] = {
+    "vit-micro": (8, 32, 1, 2, (8, 16, 32), "mean"),     # unit tests
+    "vit-mini": (8, 64, 2, 2, (16, 32, 64), "mean"),
+    "vit-tiny": (8, 128, 4, 2, (16, 32, 64), "mean"),
+    "vit-small": (8, 256, 6, 4, (32, 64, 128), "mean"),
+    "vit-s/16": (16, 384, 12, 6, (), "token"),
+    "vit-b/32": (32, 768, 12, 12, (), "token"),
+    "vit-b/16": (16, 768, 12, 12, (), "token"),
+    "vit-l/16": (16, 1024, 24, 16, (), "token"),
 }
 
 
@@ -80,12 +81,12 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
     """A torchvision ViT/ResNet from scratch whose classifier is a linear map to `out_dim`
     (embed_dim for f; the number of classes for a supervised classifier). (B,3,S,S) -> (B,out_dim)."""
     if arch in VIT_PRESETS:
-        patch, width, depth, heads, stem = VIT_PRESETS[arch]
+        patch, width, depth, heads, stem, pool = VIT_PRESETS[arch]
         if image_size % patch:
             raise ValueError(f"--image-size {image_size} is not a multiple of {arch}'s patch {patch}")
-        net = VisionTransformer(image_size=image_size, patch_size=patch, num_layers=depth,
-                                num_heads=heads, hidden_dim=width, mlp_dim=4 * width,
-                                conv_stem_configs=[ConvStemConfig(c, 3, 2, norm_layer=_group_norm) for c in stem] or None)
+        net = (MeanPooledViT if pool == "mean" else VisionTransformer)(
+            image_size=image_size, patch_size=patch, num_layers=depth, num_heads=heads, hidden_dim=width,
+            mlp_dim=4 * width, conv_stem_configs=[ConvStemConfig(c, 3, 2, norm_layer=_group_norm) for c in stem] or None)
         # torchvision zero-initialises the classifier; a zero embedding has no direction to
         # normalise, so the projection gets a CLIP-like width^-0.5 init instead.
         net.heads = nn.Linear(width, out_dim, bias=bias)
@@ -102,6 +103,26 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
     if arch in RESNETS:
         return getattr(torchvision.models, arch)(weights=None, num_classes=out_dim)
     raise ValueError(f"unknown image architecture {arch!r}; choose one of {', '.join(IMAGE_ARCHS)}")
+
+
+class MeanPooledViT(VisionTransformer):
+    """torchvision's ViT pooled by the mean of its patch tokens (global average pooling) instead of
+    a class token, as in "Better plain ViT baselines" (Beyer et al. 2022), which trains small ViTs
+    from scratch on short budgets. Why here: with the class token, vit-tiny at 32 px stayed on the
+    contrastive loss plateau (~ln B) for hundreds of steps in one seed of three and ended at 4.9 %
+    I->T R@1 where the others reached 57-75 % (README, "Against open_clip's trainer"); the mean
+    sees every patch's gradient from the first step. No class token, and no position for it, so
+    DDP finds no unused parameter. The position embeddings are torchvision's own draw without the
+    class token's row. (B,3,S,S) -> (B, out_dim)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.class_token = None
+        self.encoder.pos_embedding = nn.Parameter(self.encoder.pos_embedding.detach()[:, 1:].clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._process_input(x) + self.encoder.pos_embedding               # (B, patches, W)
+        return self.heads(self.encoder.ln(self.encoder.layers(x)).mean(dim=1))
 
 
 def fused_self_attention(x: Tensor, weight: Tensor, bias: Tensor | None, heads: int, causal: bool) -> Tensor:
@@ -140,7 +161,7 @@ class ViTSelfAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Text tower g: a causal Transformer over byte tokens (data.ByteTokenizer), pooled at EOS
+# Text tower g: a causal Transformer over tokenizer.Tokenizer ids (BPE or bytes), pooled at EOS
 # ----------------------------------------------------------------------------------------------
 TEXT_PRESETS: dict[str, tuple[int, int, int]] = {   # width, depth, heads
     "micro": (32, 1, 2),

@@ -262,7 +262,7 @@ def steps(a: argparse.Namespace) -> None:
     register_oc_configs()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    VIT_PRESETS["vit-6x192"] = (8, 192, 6, 3, (16, 32, 64))      # conv stem, as the other patch-8 presets
+    VIT_PRESETS["vit-6x192"] = (8, 192, 6, 3, (16, 32, 64), "mean")   # as the other patch-8 presets
     TEXT_PRESETS["4x192"] = (192, 4, 3)
     tok, oc_tok = our_tokenizer(context_length=64), open_clip.get_tokenizer(OC_STEPS_MODEL)
     ours = ThreeTowers("clip", image_arch="vit-6x192", image_size=64, text_arch="4x192", vocab_size=tok.vocab_size,

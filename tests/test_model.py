@@ -95,6 +95,25 @@ def test_vit_attention_equals_torchvision_multihead_attention():
         model_lib.ViTSelfAttention(nn.MultiheadAttention(32, 2, dropout=0.1, batch_first=True))
 
 
+def test_small_vits_pool_the_mean_of_their_patch_tokens_and_train_every_parameter():
+    """The small presets (MeanPooledViT): the encoder sees only the (S/patch)^2 patch tokens (no
+    class token), the embedding is the head applied to their mean, and one backward reaches every
+    parameter -- an unused one would stop DDP. The large presets keep torchvision's class token."""
+    torch.manual_seed(0)
+    net = build_image_tower("vit-micro", 32, 8)
+    assert net.class_token is None and "class_token" not in net.state_dict()
+    tokens = []
+    net.encoder.ln.register_forward_hook(lambda module, inputs, out: tokens.append(out))
+    image = torch.randn(3, 3, 32, 32)
+    out = net(image)
+    assert tokens[0].shape == (3, (32 // 8) ** 2, 32)
+    torch.testing.assert_close(out, net.heads(tokens[0].mean(dim=1)))
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    big = build_image_tower("vit-b/32", 64, 8)
+    assert type(big) is torchvision.models.VisionTransformer and big.class_token.shape == (1, 1, 768)
+
+
 def test_third_tower_unchanged_by_training_in_train_mode():
     tower3 = small_resnet_tower()
     model = ThreeTowers("3t", image_arch="vit-micro", image_size=32, text_arch="micro",
@@ -160,7 +179,7 @@ def test_tower3_from_an_older_preset_fails_clearly(tmp_path, monkeypatch):
     path = tmp_path / "sup.pt"
     torch.save({"classifier": {"arch": "vit-micro", "image_size": 16, "num_classes": 5},
                 "model": net.state_dict()}, path)
-    monkeypatch.setitem(model_lib.VIT_PRESETS, "vit-micro", (8, 32, 1, 2, ()))  # as if the stem were new
+    monkeypatch.setitem(model_lib.VIT_PRESETS, "vit-micro", (8, 32, 1, 2, (), "mean"))  # as if the stem were new
     with pytest.raises(ValueError, match="do not fit vit-micro"):
         load_tower3(str(path))
 
