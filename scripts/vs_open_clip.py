@@ -12,21 +12,22 @@ sys.path (the script adds it); `prepare`, `ours` and `report` run in either envi
 
     python scripts/vs_open_clip.py prepare                      # 60k + 1k PNG/CSV pairs in /work/oc-data
     /work/venv-oc/bin/python scripts/vs_open_clip.py openclip   # 1 epoch (open_clip trains whole epochs)
-    python scripts/vs_open_clip.py ours --steps 234 [--extra "--tokenizer bpe"]   # or --seconds S
+    python scripts/vs_open_clip.py ours --steps 490 [--extra "--seed 1"]    # or --seconds S
     /work/venv-oc/bin/python scripts/vs_open_clip.py score CHECKPOINT             # either kind
     /work/venv-oc/bin/python scripts/vs_open_clip.py steps      # step time at equal towers
-    python scripts/vs_open_clip.py report RUN_FOLDER ...        # markdown table
+    python scripts/vs_open_clip.py report RUN_FOLDER ...        # markdown table, mean ± std over seeds
 
 Both trainers run in-process with 2 threads, fp32, workers 0, batch 256, lr 2e-3, warmup 30, AdamW
 (0.9, 0.98, eps 1e-6), wd 0.1, cosine, grad clip 1, and start from the same temperature: open_clip's
 1/0.07 (our default is 10, DESIGN.md). The start matters here: t moves by at most ~lr per step, so it
-stays near its start for the whole run, and at t = 10 our ViT at 32 px sat on its loss plateau far
+stays near its start for the whole run, and at t = 10 our (then class-token) ViT sat on its loss plateau far
 longer (R@1 5.9 % after 234 steps, against 21.8 % at 14.29, same seed). Wall time is the training call's (model build,
 data setup, training, checkpoint), not the interpreter start's. open_clip opens CSV paths relative to
 the working directory, so its launcher chdirs into the data folder; an experiment `--name` must be
 new (open_clip refuses an existing one). Towers: ViT 4 x 128, patch 8, 32 px; text 4 x 128, 2 heads;
 embed 128; open_clip's BPE tokenizer (context 77), ours what `our_tokenizer` says. Our patch-8 ViTs
-have a conv stem (model.VIT_PRESETS), open_clip's ViT a plain patchify layer. Retrieval: per pair
+have a conv stem and pool the mean of their patch tokens (model.VIT_PRESETS), open_clip's ViT has a
+plain patchify layer and a class token. Retrieval: per pair
 over the 1,000 held-out pairs, R@1 both ways, a negative scoring >= the positive ranking above it
 (eval.py's convention), cross-checked against eval.recall_at_k and open_clip's get_clip_metrics.
 """
@@ -38,6 +39,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -303,15 +305,31 @@ def steps(a: argparse.Namespace) -> None:
                        "open_clip_text_len": batches[0][1].shape[1], "pairs_s": pairs})
 
 
+def seed_of(argv: list[str]) -> int:
+    """The seed a run's argv gives (the last --seed wins, as in argparse; both trainers default to 0)."""
+    return int(argv[len(argv) - 1 - argv[::-1].index("--seed") + 1]) if "--seed" in argv else 0
+
+
 def report(a: argparse.Namespace) -> None:
-    """A markdown table from run folders holding run.json (and score.json once scored)."""
-    print("| run | wall s | samples/s | I->T R@1 | T->I R@1 |\n|---|---|---|---|---|")
+    """A markdown table from run folders holding run.json (and score.json once scored): one row per run,
+    then one per group of runs that differ only in their seed, with the mean and the sample standard
+    deviation over those seeds."""
+    nan, rows = float("nan"), []
     for folder in a.runs:
         run = json.load(open(os.path.join(folder, "run.json")))
         sc = os.path.join(folder, "score.json")
         sc = json.load(open(sc)) if os.path.exists(sc) else {}
-        print(f"| {run['run']} | {run['wall_s']:.0f} | {run['samples_per_s']:.0f} | "
-              f"{sc.get('i2t_R@1', float('nan')):.1f} | {sc.get('t2i_R@1', float('nan')):.1f} |")
+        group = re.sub(r" \(\)$", "", re.sub(r"\s*--seed \d+", "", run["run"]))
+        rows.append((group, seed_of(run["argv"]), run, sc.get("i2t_R@1", nan), sc.get("t2i_R@1", nan)))
+    print("| run | seed | wall s | samples/s | I->T R@1 | T->I R@1 |\n|---|---|---|---|---|---|")
+    for group, seed, run, i2t, t2i in rows:
+        print(f"| {group} | {seed} | {run['wall_s']:.0f} | {run['samples_per_s']:.0f} | {i2t:.1f} | {t2i:.1f} |")
+    spread = lambda x: f"{statistics.mean(x):.1f} ± {statistics.stdev(x) if len(x) > 1 else nan:.1f}"
+    for group in dict.fromkeys(r[0] for r in rows):
+        g = [r for r in rows if r[0] == group]
+        print(f"| **{group}**, mean ± std | {len(g)} seeds | {statistics.mean(r[2]['wall_s'] for r in g):.0f} | "
+              f"{statistics.mean(r[2]['samples_per_s'] for r in g):.0f} | {spread([r[3] for r in g])} | "
+              f"{spread([r[4] for r in g])} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--pairs", type=int, default=20)
     c.add_argument("--warmup", type=int, default=3)
     c.add_argument("--out", default="runs/vs-open-clip/steps.json")
-    c = sub.add_parser("report", help="markdown table of run folders (run.json, score.json)")
+    c = sub.add_parser("report", help="markdown table of run folders (run.json, score.json), mean ± std over seeds")
     c.add_argument("runs", nargs="+")
     a = p.parse_args(argv)
     if a.cmd == "steps":

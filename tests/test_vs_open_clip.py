@@ -49,3 +49,20 @@ def test_our_side_starts_at_open_clips_temperature_unless_extra_says_otherwise(t
     a.extra = "--init-temperature 10 --seed 3"
     args = train.parse_args(vs.our_argv(a, str(tmp_path / "run"), 5))
     assert (args.init_temperature, args.seed) == (10.0, 3)
+
+
+def test_report_groups_runs_that_differ_only_in_seed(tmp_path, capsys):
+    vs = load_script()
+    runs = {"a": ("ours, 490 steps (--log-every 10 --seed 1)", ["--seed", "0", "--seed", "1"], 60.0),
+            "b": ("ours, 490 steps (--log-every 10)", ["--steps", "490"], 70.0),
+            "c": ("open_clip 3.3.0, 1 epoch of 60000 pairs", ["--seed", "2"], 12.0)}
+    for name, (label, argv, r1) in runs.items():
+        (tmp_path / name).mkdir()
+        vs.write_json(str(tmp_path / name / "run.json"), {"run": label, "argv": argv, "wall_s": 400.0,
+                                                         "samples_per_s": 300.0})
+        vs.write_json(str(tmp_path / name / "score.json"), {"i2t_R@1": r1, "t2i_R@1": r1 + 1})
+    vs.main(["report", *(str(tmp_path / n) for n in runs)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert "| ours, 490 steps (--log-every 10) | 1 |" in lines[2] and "| 0 |" in lines[3] and "| 2 |" in lines[4]
+    assert lines[5] == "| **ours, 490 steps (--log-every 10)**, mean ± std | 2 seeds | 400 | 300 | 65.0 ± 7.1 | 66.0 ± 7.1 |"
+    assert lines[6].startswith("| **open_clip 3.3.0, 1 epoch of 60000 pairs**, mean ± std | 1 seeds |") and "12.0 ± nan" in lines[6]
