@@ -2,26 +2,16 @@
 does not know, must be counted with the same formula as the CUDA kernels (2 matmuls of
 2*B*H*L*L*d FLOPs forward, twice that backward: model FLOPs, without the scores that a flash
 kernel recomputes) -- no more, no less. Denominator: each step against the peak around it."""
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+from conftest import load_script
 
 
 def test_cpu_attention_flops_match_the_cuda_formula():
-    bench = load_bench()
+    bench = load_script("bench")
     B, H, L, d = 2, 3, 7, 8
     q, k, v = (torch.randn(B, H, L, d, requires_grad=True) for _ in range(3))
     with FlopCounterMode(display=False, custom_mapping=bench.FLOP_FORMULAS) as fwd:
@@ -41,7 +31,7 @@ def test_each_step_is_paired_with_the_peak_around_it(monkeypatch):
     """MFU of a step = FLOPs / its time / mean(peak just before, peak just after). A fake clock and
     a fake peak that halves halfway (a neighbour starts using the machine) check the pairing: a
     step that also ran at half speed must keep the same MFU, not look twice as bad."""
-    bench = load_bench()
+    bench = load_script("bench")
     clock = [0.0]
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     peaks = iter([100.0] * 9 + [50.0] * 8)          # 1 before + 4 modes x 4 rounds after; halves at round 3
@@ -73,7 +63,7 @@ def test_each_step_is_paired_with_the_peak_around_it(monkeypatch):
 def test_data_path_figures_are_positive_rates():
     """bench_data runs what it names (renderer, tokenising loader, tar reader) and reports rates; a
     name clash with an imported module once broke it without any other test noticing."""
-    figures = load_bench().bench_data(16, count=8)
+    figures = load_script("bench").bench_data(16, count=8)
     assert set(figures) == {"shapes_render_per_s_per_core", "shapes_pairs_loader_per_s_per_core",
                             "tar_256px_jpeg_to_224_per_s_per_core"}
     assert all(v > 0 for v in figures.values())

@@ -1,22 +1,12 @@
 """scripts/vs_open_clip.py without open_clip: the one scorer both trainers are judged by, and the flags
 our side of the comparison trains with (the start temperature is open_clip's, and --extra can override it)."""
 import argparse
-import importlib.util
-import os
 
 import torch
 
 import eval as evaluation
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("vs_open_clip", os.path.join(ROOT, "scripts", "vs_open_clip.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def naive_recall1(s: torch.Tensor) -> float:
@@ -26,7 +16,7 @@ def naive_recall1(s: torch.Tensor) -> float:
 
 
 def test_scorer_matches_a_naive_loop_and_counts_ties_as_misses():
-    vs = load_script()
+    vs = load_script("vs_open_clip")
     torch.manual_seed(0)
     image, text = torch.randn(40, 8), torch.randn(40, 8)
     text[:10] = image[:10] + 0.01 * torch.randn(10, 8)     # ten clear hits
@@ -41,7 +31,7 @@ def test_scorer_matches_a_naive_loop_and_counts_ties_as_misses():
 
 
 def test_our_side_starts_at_open_clips_temperature_unless_extra_says_otherwise(tmp_path):
-    vs = load_script()
+    vs = load_script("vs_open_clip")
     a = argparse.Namespace(data=str(tmp_path), train_rows=None, extra="")
     args = train.parse_args(vs.our_argv(a, str(tmp_path / "run"), 5))
     assert abs(args.init_temperature - 1 / 0.07) < 0.01
@@ -52,7 +42,7 @@ def test_our_side_starts_at_open_clips_temperature_unless_extra_says_otherwise(t
 
 
 def test_report_groups_runs_that_differ_only_in_seed(tmp_path, capsys):
-    vs = load_script()
+    vs = load_script("vs_open_clip")
     runs = {"a": ("ours, 490 steps (--log-every 10 --seed 1)", ["--seed", "0", "--seed", "1"], 60.0),
             "b": ("ours, 490 steps (--log-every 10)", ["--steps", "490"], 70.0),
             "c": ("open_clip 3.3.0, 1 epoch of 60000 pairs", ["--seed", "2"], 12.0)}
