@@ -19,8 +19,8 @@ from torchvision.transforms import v2
 import data
 from model import build_image_tower
 from shapes import ShapesLabelled
-from runtime import (Env, MetricsLog, apply_gradients, autocast, check_finite, check_resumable, claim_folders, endless,
-                     find_checkpoint, log, next_batch, resume, save, schedule, wrap)
+from runtime import (Env, MetricsLog, NonFiniteSteps, StepBatches, apply_gradients, autocast, check_resumable,
+                     claim_folders, endless, find_checkpoint, log, resume, save, schedule, sync_step, wrap)
 
 
 
@@ -67,20 +67,24 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
     loader = data.make_loader(dataset, args.batch_size, workers=env.workers(args), rank=env.rank,
                               world_size=env.world, seed=args.seed, start_batch=position.batch,
                               pin_memory=env.device.type == "cuda")
-    metrics_log, batches, skipped = MetricsLog(args, env, total, position, scheduler), endless(loader, position), 0
+    metrics_log, batches = MetricsLog(args, env, total, position, scheduler), StepBatches(endless(loader, position), args, env)
+    nonfinite, first = NonFiniteSteps(args.max_nonfinite, env.device), position.step
     model.train()
     while position.step < total:
-        batch = next_batch(batches, args, env)
+        sync = sync_step(position.step, first, total, args)
+        batch = batches.take(1, agree=sync)[0]
         labels = batch["label"].to(env.device, non_blocking=True)
         with autocast(args, env):
             logits = forward(batch["image"].to(env.device, non_blocking=True)).float()
         loss = F.cross_entropy(logits, labels)
-        ok = apply_gradients(model, optimizer, scheduler, loss, args.grad_clip)
-        skipped = check_finite(ok, skipped, args, env, position.step)
-        if not ok:
-            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        finite = apply_gradients(model, optimizer, scheduler, args.grad_clip, defer=env.defer_syncs)
+        nonfinite.add(finite)
         position.step += 1
-        metrics_log.step({"loss": loss.detach(), "acc/train": (logits.argmax(1) == labels).float().mean()})
+        metrics_log.step({"loss": loss.detach(), "acc/train": (logits.argmax(1) == labels).float().mean()}, finite)
+        if sync:
+            nonfinite.check(env, position.step)
         if position.step % args.save_every == 0 or position.step == total:
             save(args, env, model, optimizer, scheduler, position, classifier=config)
     results = {}

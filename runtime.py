@@ -70,6 +70,7 @@ class Env:
             if "OMP_NUM_THREADS" not in os.environ:
                 torch.set_num_threads(cores)
         self.default_workers = 0 if self.device.type == "cpu" else min(8, cores)
+        self.defer_syncs = self.device.type == "cuda"       # see apply_gradients and sync_step
         self.agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None   # torchrun's agent process
         self.locks = contextlib.ExitStack()                                           # run folders held
         self.owns_group = self.world > 1 and not dist.is_initialized()
@@ -191,9 +192,11 @@ def claim_folders(args: argparse.Namespace, env: Env) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW; weight decay only on weight matrices -- not on biases, norms, embeddings (token,
-    positional, class token) or the temperatures/biases of the loss (CLIP, Sec. 2.5)."""
+    positional, class token) or the temperatures/biases of the loss (CLIP, Sec. 2.5). `fused` (CUDA):
+    one kernel for every parameter, and the only AdamW that can skip a step on the device
+    (apply_gradients)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -201,7 +204,7 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
         skip = p.ndim < 2 or "embedding" in name or "class_token" in name or name.startswith(("log_temperature", "bias."))
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=True if fused else None)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -213,42 +216,72 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def schedule(args: argparse.Namespace, env: Env, model: torch.nn.Module, dataset
              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
-    """AdamW, its warm-up + cosine schedule, and the number of steps: --steps, else --epochs
-    (default 1) over a finite dataset."""
-    per_epoch = len(dataset) // (args.batch_size * env.world) if hasattr(dataset, "__len__") else None
+    """AdamW, its warm-up + cosine schedule, and the number of steps: --steps, else --epochs over a
+    finite dataset. A step reads --accum-freq batches of --batch-size on each rank."""
+    accum = getattr(args, "accum_freq", 1)
+    step_samples = args.batch_size * env.world * accum
+    per_epoch = len(dataset) // step_samples if hasattr(dataset, "__len__") else None
     if per_epoch == 0:
         raise SystemExit(f"--train-data {args.train_data!r}: no full batch of --batch-size {args.batch_size}: "
-                         f"{len(dataset)} samples, fewer than one global batch ({args.batch_size} x {env.world} processes)")
+                         f"{len(dataset)} samples, fewer than one global batch ({args.batch_size} x {env.world} processes"
+                         + (f" x --accum-freq {accum})" if accum > 1 else ")"))
     if args.steps is None and per_epoch is None:
         raise SystemExit("--steps is required for streaming (tar-shard) data")
     total = args.steps or max(1, int(args.epochs * per_epoch))
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args, fused=env.defer_syncs)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, total)), total
 
 
-def apply_gradients(model: torch.nn.Module, optimizer, scheduler, loss: torch.Tensor, grad_clip: float) -> bool:
-    """Backward, clip the global gradient norm, AdamW step, schedule step; False (and no update)
-    when the norm is not finite. One host sync per step: a non-finite loss makes the (all-reduced,
-    so rank-identical) gradient norm non-finite, and every rank skips the same step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+def apply_gradients(model: torch.nn.Module, optimizer, scheduler, grad_clip: float, defer: bool = False) -> Tensor:
+    """After backward: clip the global gradient norm, AdamW step, schedule step. Returns whether the
+    gradient was finite, a 0-d bool tensor on the device. A non-finite gradient makes no update (the
+    step still counts, as with AMP's loss scaling); the norm is that of the all-reduced gradient, so
+    every rank skips the same step. With `defer` (CUDA, fused AdamW) the skip happens on the device
+    (AdamW's found_inf), so the host never waits for the GPU here; on a CPU, reading the flag at once
+    costs nothing."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    if not torch.isfinite(norm).item():
-        return False
-    optimizer.step()
+    finite = torch.isfinite(norm)
+    if defer:
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+    elif finite.item():
+        optimizer.step()
     scheduler.step()
-    return True
+    return finite
 
 
-def check_finite(ok: bool, streak: int, args: argparse.Namespace, env: Env, step: int) -> int:
-    """Count skipped steps in a row; stop after --max-nonfinite of them."""
-    if ok:
-        return 0
-    log(env, f"[warn] step {step}: non-finite loss/gradient, step skipped ({streak + 1} in a row)")
-    if streak + 1 >= args.max_nonfinite:
-        raise FloatingPointError(f"{streak + 1} non-finite steps in a row at step {step}: lower --lr, "
-                                 f"check the data, or use --precision fp32")
-    return streak + 1
+class NonFiniteSteps:
+    """Non-finite steps, counted on the device and read by the host only at sync steps (`sync_step`):
+    a warning with their number, and FloatingPointError after --max-nonfinite in a row. The flag is
+    rank-identical (apply_gradients), so every rank stops at the same step."""
+
+    def __init__(self, limit: int, device: torch.device):
+        self.limit = limit
+        self.streak, self.longest, self.count = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+
+    def add(self, finite: Tensor) -> None:
+        bad = (~finite).long()
+        self.streak = (self.streak + 1) * bad
+        self.longest = torch.maximum(self.longest, self.streak)
+        self.count = self.count + bad
+
+    def check(self, env: Env, step: int) -> None:
+        longest, count = torch.stack([self.longest, self.count]).tolist()
+        self.longest, self.count = self.streak.clone(), torch.zeros_like(self.count)
+        if count:
+            log(env, f"[warn] up to step {step}: {count} step(s) with a non-finite loss/gradient made no update")
+        if longest >= self.limit:
+            raise FloatingPointError(f"{longest} non-finite steps in a row by step {step}: lower --lr, "
+                                     f"check the data, or use --precision fp32")
+
+
+def sync_step(step: int, first: int, total: int, args: argparse.Namespace) -> bool:
+    """Whether the step after `step` is one at which the host reads device values and the ranks agree
+    to go on: the run's first step, and those that end with a log line, a checkpoint, an evaluation
+    or the run. Between them a CUDA step never waits for the GPU."""
+    done = step + 1
+    return (step == first or done == total or done % args.log_every == 0 or done % args.save_every == 0
+            or bool(getattr(args, "eval_every", 0)) and done % args.eval_every == 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +301,7 @@ class Position:
 
 def endless(loader, position: Position) -> Iterator[dict | None]:
     """The loader's batches, epoch after epoch, from `position` on; position follows along. None after
-    an epoch that gave no batch at all (more epochs would not help: next_batch stops the run)."""
+    an epoch that gave no batch at all (more epochs would not help: StepBatches stops the run)."""
     while True:
         data.set_epoch(loader, position.epoch)
         for batch in loader:
@@ -280,16 +313,34 @@ def endless(loader, position: Position) -> Iterator[dict | None]:
         position.epoch, position.batch = position.epoch + 1, 0
 
 
-def next_batch(batches: Iterator[dict | None], args: argparse.Namespace, env: Env) -> dict:
-    """The next batch of `endless`, agreed on by all ranks each step (Env.stop_together): a rank whose
-    epoch held no full batch (too little usable data) or whose torchrun agent died stops every rank."""
-    batch, problem = next(batches), env.orphaned()
-    if batch is None:
-        problem = (f"--train-data {args.train_data!r}: an epoch gave rank {env.rank} no full batch of --batch-size "
-                   f"{args.batch_size}; each rank (and, for tar shards, each loader worker) needs at least that "
-                   f"many usable samples per epoch")
-    env.stop_together(problem)
-    return batch
+class StepBatches:
+    """Each step's batches of `endless` (--accum-freq of them), with the ranks' agreement to go on at
+    sync steps only (Env.stop_together, one collective): a rank whose epoch held no full batch
+    (too little usable data), or whose torchrun agent died, stops every rank there. Map-style data
+    gives every rank the same batches, so only streaming shards can run out; a rank that does so
+    between sync steps repeats its last batch until the next one, which comes before any checkpoint,
+    so no checkpoint holds such a step."""
+
+    def __init__(self, batches: Iterator[dict | None], args: argparse.Namespace, env: Env):
+        self.batches, self.args, self.env = batches, args, env
+        self.problem: str | None = None
+        self.last: dict | None = None
+
+    def take(self, count: int, agree: bool) -> list[dict]:
+        out = []
+        for _ in range(count):
+            batch = next(self.batches)
+            if batch is None and self.problem is None:
+                self.problem = (f"--train-data {self.args.train_data!r}: an epoch gave rank {self.env.rank} no full "
+                                f"batch of --batch-size {self.args.batch_size}; each rank (and, for tar shards, each "
+                                f"loader worker) needs at least that many usable samples per epoch")
+            self.last = batch if batch is not None else self.last
+            out.append(self.last)
+        if agree:
+            self.env.stop_together(self.problem or self.env.orphaned())
+        elif self.last is None:
+            raise SystemExit(self.problem)
+        return out
 
 
 def rng_state() -> dict:
@@ -402,24 +453,27 @@ class MetricsLog:
         self.running: Counter = Counter()
         self.t_last, self.n_last = time.time(), position.step
 
-    def step(self, metrics: dict[str, torch.Tensor]) -> None:
+    def step(self, metrics: dict[str, torch.Tensor], finite: torch.Tensor | bool = True) -> None:
+        """Add a step's metrics (device tensors: no host sync) unless it was not finite; every --log-every
+        steps, average over steps and ranks and write a record."""
         for k, v in metrics.items():
-            self.running[k] += v
-        self.running["n"] += 1
+            self.running[k] += torch.where(finite, v, 0.0) if isinstance(finite, Tensor) else v
+        self.running["n"] += finite.float() if isinstance(finite, Tensor) else 1
         self.bar.update(1)
         step = self.position.step
         if step % self.args.log_every and step != self.total:
             return
         keys = sorted(k for k in self.running if k != "n")       # one all_reduce per log line
         values = torch.stack([torch.as_tensor(self.running[k], dtype=torch.float32, device=self.env.device)
-                              for k in keys]) / self.running["n"]
+                              for k in keys]) / torch.as_tensor(self.running["n"], device=self.env.device).clamp(min=1)
         if self.env.world > 1:
             dist.all_reduce(values)
             values /= self.env.world
         now = time.time()
         record = dict(zip(keys, values.tolist()), step=step, epoch=self.position.epoch,
                       lr=self.scheduler.get_last_lr()[0],
-                      samples_per_s=(step - self.n_last) * self.args.batch_size * self.env.world / (now - self.t_last),
+                      samples_per_s=(step - self.n_last) * self.args.batch_size * self.env.world
+                      * getattr(self.args, "accum_freq", 1) / (now - self.t_last),
                       data_errors=dict(self.position.data_errors))
         self.t_last, self.n_last, self.running = now, step, Counter()
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "lr", "samples_per_s")

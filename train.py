@@ -16,6 +16,7 @@ trains an image classifier whose checkpoint `--tower3` loads as a pretrained thi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -35,8 +36,9 @@ import tasks
 from losses import PAIRS, default_weights, tower_loss
 from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, checksum, load_tower3,
                    read_checkpoint, save_checkpoint, summary)
-from runtime import (Env, MetricsLog, RowTable, apply_gradients, autocast, check_finite, check_ranges, check_resumable,
-                     claim_folders, endless, every_rank, find_checkpoint, log, next_batch, resume, save, schedule, wrap)
+from runtime import (Env, MetricsLog, NonFiniteSteps, RowTable, StepBatches, apply_gradients, autocast, check_ranges,
+                     check_resumable, claim_folders, endless, every_rank, find_checkpoint, log, resume, save, schedule,
+                     sync_step, wrap)
 from tokenizer import Tokenizer
 
 
@@ -129,7 +131,16 @@ def optimisation_flags(a: Callable) -> None:
     a("--loss-weights", default=None,
       help="3t: weights of the terms fg,fh,gh, e.g. '0.5,0.25,0.25' (default 1/3 each, Eq. 2)")
     a("--init-temperature", type=float, default=10.0, help="initial t = exp(s) of every term (clamped at 100)")
-    a("--batch-size", type=int, default=128, help="per rank; the contrastive batch is batch-size x world size")
+    a("--batch-size", type=int, default=128,
+      help="per rank and forward pass; the contrastive batch is batch-size x accum-freq x world size")
+    a("--accum-freq", type=int, default=1,
+      help="micro-batches of --batch-size per optimiser step, one contrastive batch: every micro-batch's "
+           "embeddings are negatives of every other's, at the activation memory of one (feature cache, "
+           "accumulated_backward); ~1/3 more compute. Exact for GroupNorm/LayerNorm towers (ViTs, text); "
+           "BatchNorm towers (cnn-*, resnets) normalise per micro-batch")
+    a("--grad-checkpointing", action="store_true",
+      help="recompute the ViT and text blocks' activations in backward: less memory, ~1/3 more compute; "
+           "same gradients (conv towers have no blocks to checkpoint)")
     a("--steps", type=int, default=None, help="optimiser steps (default: --epochs over the data)")
     a("--epochs", type=float, default=3, help="passes over the data when --steps is not given")
     a("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
@@ -178,6 +189,9 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.tower3 == "auto" and args.mode in ("lit", "3t") and args.train_data != "shapes":
         p.error(f"--tower3 auto only works with --train-data shapes; for {args.train_data!r} give e.g. "
                 f"--tower3 torchvision:resnet50:IMAGENET1K_V2")
+    if args.mode == "supervised" and (args.accum_freq > 1 or args.grad_checkpointing):
+        p.error("--accum-freq and --grad-checkpointing apply to the contrastive modes clip, lit and 3t, "
+                "not --mode supervised")
     patch = VIT_PRESETS.get(args.image_arch, [1])[0]
     if args.image_size % patch:
         p.error(f"--image-size {args.image_size}: expected a multiple of {args.image_arch}'s patch size {patch}")
@@ -190,7 +204,7 @@ RANGES = {"train_samples": "[1, inf)", "caption_noise": "[0, 1]", "max_bad_fract
           "context_length": "[3, inf)", "embed_dim": "[1, inf)", "tower3_steps": "[1, inf)", "tower3_batch_size": "[1, inf)",
           "init_temperature": "(0, 100]", "batch_size": "[1, inf)", "steps": "[1, inf)", "epochs": "(0, inf)",
           "lr": "(0, inf)", "wd": "[0, inf)", "beta2": "[0, 1)", "warmup": "[0, inf)", "grad_clip": "[0, inf)",
-          "max_nonfinite": "[1, inf)", "seed": "[0, inf)", "save_every": "[1, inf)", "eval_every": "[0, inf)",
+          "max_nonfinite": "[1, inf)", "accum_freq": "[1, inf)", "seed": "[0, inf)", "save_every": "[1, inf)", "eval_every": "[0, inf)",
           "log_every": "[1, inf)", "max_image_pixels": "[1, inf)", "max_file_bytes": "[1, inf)",
           "crop_scale": "(0, 1]"}
 
@@ -377,24 +391,78 @@ class Parts:
     weights: dict[str, float]           # weight of each loss term of losses.PAIRS[mode]
 
 
-def train_step(args: argparse.Namespace, env: Env, parts: Parts, batch: dict) -> dict[str, torch.Tensor] | None:
-    """One optimiser step of CLIP, LiT or 3T: the frozen tower's embeddings (read from the cache, or
-    h under no_grad outside DDP), the trainable towers under DDP, losses.tower_loss, then
-    `apply_gradients` and the temperature clamp. Returns the step's metrics, or None when the loss
-    or gradient was not finite and the step was skipped (on every rank alike)."""
-    image = batch["image"].to(env.device, non_blocking=True)
-    text = Tokenizer.trim(batch["text"]).to(env.device, non_blocking=True)
-    with autocast(args, env):
-        h = None
-        if parts.tower3 is not None:
-            h = parts.h_cache[batch["index"]].to(env.device, non_blocking=True) if parts.h_cache is not None else \
-                parts.tower3(batch["image_h"].to(env.device, non_blocking=True))
-        out = parts.forward(image if args.mode != "lit" else None, text, h)
-        loss, metrics = tower_loss(out, args.mode, parts.weights)
-    if not apply_gradients(parts.model, parts.optimizer, parts.scheduler, loss, args.grad_clip):
-        return None
+def train_step(args: argparse.Namespace, env: Env, parts: Parts, batches: list[dict]
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimiser step of CLIP, LiT or 3T over the contrastive batch of `batches` (--accum-freq
+    micro-batches per rank): the frozen tower's embeddings (read from the cache, or h under no_grad
+    outside DDP), the trainable towers under DDP, losses.tower_loss, backward, then `apply_gradients`
+    and the temperature clamp. Returns the step's metrics and whether its gradient was finite (a 0-d
+    tensor on the device: a non-finite step made no update, on every rank alike)."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    inputs = [step_inputs(args, env, parts, batch) for batch in batches]
+    if len(inputs) == 1:
+        with autocast(args, env):
+            loss, metrics = tower_loss(parts.forward(*inputs[0]), args.mode, parts.weights)
+        loss.backward()
+    else:
+        loss, metrics = accumulated_backward(args, env, parts, inputs)
+    finite = apply_gradients(parts.model, parts.optimizer, parts.scheduler, args.grad_clip, defer=env.defer_syncs)
     parts.model.clamp_temperatures_()
-    return {"loss": loss.detach(), **metrics}
+    return {"loss": loss.detach(), **metrics}, finite
+
+
+def step_inputs(args: argparse.Namespace, env: Env, parts: Parts, batch: dict
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """ThreeTowers.forward's (image, text, h) of a batch, on the device: h from the cache, or the frozen
+    tower run on h's own view."""
+    image = batch["image"].to(env.device, non_blocking=True) if args.mode != "lit" else None
+    text = Tokenizer.trim(batch["text"]).to(env.device, non_blocking=True)
+    h = None
+    if parts.tower3 is not None:
+        if parts.h_cache is not None:
+            h = parts.h_cache[batch["index"]].to(env.device, non_blocking=True)
+        else:
+            with autocast(args, env):
+                h = parts.tower3(batch["image_h"].to(env.device, non_blocking=True))
+    return image, text, h
+
+
+def accumulated_backward(args: argparse.Namespace, env: Env, parts: Parts, inputs: list[tuple]
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradient accumulation that keeps the contrastive batch whole: the loss of K micro-batches of B
+    per rank is the loss of ONE batch of K x B (x world size), every micro-batch's embeddings the
+    negatives of every other's; the gradient is that batch's too, at the activation memory of B.
+    Splitting the loss per micro-batch instead would shrink the negatives K-fold. With the feature
+    cache of Gao et al. 2021 ("Scaling deep contrastive learning batch size under memory limited
+    setup"; also open_clip's --accum-freq):
+      1. embed every micro-batch without activations (no_grad; BatchNorm statistics kept as they were);
+      2. the loss of the whole batch on these embeddings, and its gradient w.r.t. each embedding and
+         temperature (one gather of the global batch, as without accumulation);
+      3. per micro-batch: embed again with activations and backpropagate its rows of that gradient,
+         under DDP's no_sync but for the last (one gradient all-reduce per step). The temperatures
+         take 1/K of theirs in each pass, so every parameter has a gradient in every pass."""
+    raw = getattr(parts.forward, "module", parts.forward)       # without grad nothing to synchronise
+    saved = [b.clone() for b in parts.model.buffers()]
+    with torch.no_grad(), autocast(args, env):
+        cached = [raw(*x) for x in inputs]
+    with torch.no_grad():
+        for b, s in zip(parts.model.buffers(), saved):             # the recompute updates them once
+            b.copy_(s)
+    scalar = lambda k: k.startswith(("t_", "b_"))                  # temperatures and sigmoid biases
+    leaves = {k: (torch.cat([c[k] for c in cached]) if not scalar(k) else v).detach().requires_grad_()
+              for k, v in cached[0].items()}
+    loss, metrics = tower_loss(leaves, args.mode, parts.weights)
+    loss.backward()
+    rows = [len(x[1]) for x in inputs]
+    for i, x in enumerate(inputs):
+        last = i == len(inputs) - 1
+        with parts.forward.no_sync() if hasattr(parts.forward, "no_sync") and not last else contextlib.nullcontext():
+            with autocast(args, env):
+                out = parts.forward(*x)
+            pulled = [(out[k] * (g.grad / len(inputs) if scalar(k) else g.grad.split(rows)[i])).sum()
+                      for k, g in leaves.items() if g.grad is not None and out[k].requires_grad]
+            torch.stack(pulled).sum().backward()
+    return loss.detach(), metrics
 
 
 def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
@@ -416,6 +484,8 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     optimizer, scheduler, total = schedule(args, env, model, dataset)
     position = resume(env, ckpt, model, optimizer, scheduler)
     weights = dict(zip(PAIRS[args.mode], args.loss_weights)) if args.loss_weights else default_weights(args.mode)
+    if args.grad_checkpointing:
+        log(env, f"[memory] activation checkpointing of {', '.join(model.set_grad_checkpointing()) or 'no blocks'}")
     parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3,
                   tower3_cache(args, env, tower3, dataset) if tower3 is not None else None, weights)
     if parts.h_cache is not None:
@@ -424,15 +494,17 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
                               world_size=env.world, seed=args.seed, start_batch=position.batch,
                               pin_memory=env.device.type == "cuda")
     suite = build_suite(args, tokenizer) if env.master else None
-    metrics_log, batches, skipped = MetricsLog(args, env, total, position, scheduler), endless(loader, position), 0
+    metrics_log, batches = MetricsLog(args, env, total, position, scheduler), StepBatches(endless(loader, position), args, env)
+    nonfinite, first = NonFiniteSteps(args.max_nonfinite, env.device), position.step
     model.train()
     while position.step < total:
-        metrics = train_step(args, env, parts, next_batch(batches, args, env))
-        skipped = check_finite(metrics is not None, skipped, args, env, position.step)
-        if metrics is None:
-            continue
+        sync = sync_step(position.step, first, total, args)     # the host reads device values only here
+        metrics, finite = train_step(args, env, parts, batches.take(args.accum_freq, agree=sync))
+        nonfinite.add(finite)
         position.step += 1
-        metrics_log.step(metrics)
+        metrics_log.step(metrics, finite)
+        if sync:
+            nonfinite.check(env, position.step)
         if position.step % args.save_every == 0 or position.step == total:
             save(args, env, model, optimizer, scheduler, position, model_config=config,
                  tokenizer=tokenizer.to_dict(), tower3=tower3.source if tower3 is not None else None,

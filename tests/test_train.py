@@ -117,8 +117,8 @@ def test_frozen_tower_unchanged_and_outside_optimizer(tmp_path, tower3_file, mon
         seen["before"] = {k: v.clone() for k, v in seen["tower3"].state_dict().items()}
         return seen["tower3"]
 
-    def spy_opt(model, args):
-        seen["opt"] = real_opt(model, args)
+    def spy_opt(model, args, **kwargs):
+        seen["opt"] = real_opt(model, args, **kwargs)
         return seen["opt"]
     monkeypatch.setattr(train, "load_tower3", spy_load)
     monkeypatch.setattr(runtime, "build_optimizer", spy_opt)
@@ -174,22 +174,34 @@ def test_cache_fingerprints_a_batchnorm_tower(tmp_path):
     assert len([f for f in os.listdir(tmp_path / "cache") if f.startswith("h-")]) == 1
 
 
-def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
-    real, calls = train.tower_loss, [0]
+def test_nonfinite_steps_make_no_update_then_stop(tmp_path, monkeypatch):
+    """A non-finite step makes no update but counts as a step (as with AMP's loss scaling); a streak of
+    --max-nonfinite of them stops the run at the next sync step, before its checkpoint."""
+    real, calls, states = train.tower_loss, [0], []
+    real_apply = train.apply_gradients
 
     def nan_on_second_call(out, mode, w):
         calls[0] += 1
         loss, metrics = real(out, mode, w)
         return (loss * float("nan") if calls[0] == 2 else loss), metrics
+
+    def recording_apply(model, *args, **kwargs):
+        finite = real_apply(model, *args, **kwargs)
+        states.append((bool(finite), [p.detach().clone() for p in model.parameters()]))
+        return finite
     monkeypatch.setattr(train, "tower_loss", nan_on_second_call)
+    monkeypatch.setattr(train, "apply_gradients", recording_apply)
     train.main(tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none"))
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 3 and calls[0] == 4                          # one batch skipped
+    assert ckpt["step"] == 3 and calls[0] == 3 and [ok for ok, _ in states] == [True, False, True]
+    assert all(torch.equal(a, b) for a, b in zip(states[0][1], states[1][1]))     # step 2 changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(states[1][1], states[2][1]))
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     monkeypatch.setattr(train, "tower_loss", lambda out, mode, w: (real(out, mode, w)[0] * float("inf"), {}))
-    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
-        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "5", "--max-nonfinite", "3",
+    with pytest.raises(FloatingPointError, match="4 non-finite steps in a row by step 4"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "6", "--max-nonfinite", "3", "--log-every", "4",
                         "--eval-data", "none", out="run2"))
+    assert not (tmp_path / "run2" / "ckpt.pt").exists()
 
 
 @pytest.mark.parametrize("argv,message", [
