@@ -1,0 +1,96 @@
+"""Host syncs on the scale path: on CUDA (Env.defer_syncs) a step never reads a device value; the host
+reads the non-finite streak and the ranks agree to go on only at sync steps (runtime.sync_step). Tested on
+the CPU by switching the deferred path on, with fused AdamW as on CUDA."""
+import argparse
+
+import pytest
+import torch
+
+import runtime
+import train
+from test_train import tiny, without
+
+
+def model_and_optimizer(fused: bool):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    args = argparse.Namespace(lr=1e-2, wd=0.1, beta2=0.98)
+    optimizer = runtime.build_optimizer(model, args, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return model, optimizer, scheduler
+
+
+def backward(model, poison: bool = False) -> None:
+    loss = model(torch.randn(5, 4, generator=torch.Generator().manual_seed(1))).square().sum()
+    (loss * float("nan") if poison else loss).backward()
+
+
+def test_deferred_update_reads_nothing_on_the_host_and_skips_on_the_device(monkeypatch):
+    model, optimizer, scheduler = model_and_optimizer(fused=True)
+    backward(model)
+
+    def no_host_read(*_):
+        raise AssertionError("a host read of a device value")
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__"):
+            patch.setattr(torch.Tensor, name, no_host_read)
+        finite = runtime.apply_gradients(model, optimizer, scheduler, 1.0, defer=True)
+    assert finite.dtype == torch.bool and bool(finite)
+    after_good = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in optimizer.state[next(model.parameters())].items()}
+    optimizer.zero_grad()
+    backward(model, poison=True)
+    finite = runtime.apply_gradients(model, optimizer, scheduler, 1.0, defer=True)
+    assert not bool(finite)
+    assert all(torch.equal(a, p) for a, p in zip(after_good, model.parameters()))      # no update
+    assert all(torch.equal(v, optimizer.state[next(model.parameters())][k]) for k, v in state.items())  # step too
+
+
+def test_deferred_update_equals_the_host_checked_one():
+    fused, optimizer_f, scheduler_f = model_and_optimizer(fused=True)
+    plain, optimizer_p, scheduler_p = model_and_optimizer(fused=False)
+    for _ in range(3):
+        for model, optimizer, scheduler, defer in ((fused, optimizer_f, scheduler_f, True),
+                                                   (plain, optimizer_p, scheduler_p, False)):
+            optimizer.zero_grad()
+            backward(model)
+            runtime.apply_gradients(model, optimizer, scheduler, 1.0, defer=defer)
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sync_steps_are_the_first_and_those_ending_in_a_log_save_eval_or_the_run():
+    args = argparse.Namespace(log_every=10, save_every=25, eval_every=0)
+    syncs = [s + 1 for s in range(3, 60) if runtime.sync_step(s, 3, 60, args)]
+    assert syncs == [4, 10, 20, 25, 30, 40, 50, 60]
+
+
+def test_training_agrees_and_reads_the_streak_only_at_sync_steps(tmp_path, monkeypatch):
+    """A deferred run (as on CUDA): 12 steps, a log line every 5 -> agreements and streak reads at steps
+    1, 5, 10, 12 only, and the run trains as the host-checked one does."""
+    calls = {"agree": [], "check": []}
+    real_stop, real_check = runtime.Env.stop_together, runtime.NonFiniteSteps.check
+    monkeypatch.setattr(runtime.Env, "stop_together", lambda self, p: (calls["agree"].append(1), real_stop(self, p)))
+    monkeypatch.setattr(runtime.NonFiniteSteps, "check",
+                        lambda self, env, step: (calls["check"].append(step), real_check(self, env, step)))
+    argv = without(tiny(tmp_path, "--mode", "clip", "--steps", "12", "--eval-data", "none", "--save-every", "12"),
+                   "--log-every") + ["--log-every", "5"]
+    train.main(argv)
+    plain = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    assert calls["check"] == [1, 5, 10, 12] and len(calls["agree"]) == 1 + 4        # claim_folders, then 4 steps
+    monkeypatch.setattr(runtime.Env, "defer_syncs", True, raising=False)
+    train.main(argv[:argv.index("--out")] + ["--out", str(tmp_path / "deferred")] + argv[argv.index("--out") + 2:])
+    deferred = torch.load(tmp_path / "deferred" / "ckpt.pt", weights_only=True)["model"]
+    for k in plain:
+        torch.testing.assert_close(deferred[k], plain[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--accum-freq", "0"], "--accum-freq 0: expected a value in [1, inf)"),
+    (["--mode", "supervised", "--accum-freq", "2"], "--accum-freq and --grad-checkpointing apply to the contrastive"),
+    (["--mode", "supervised", "--grad-checkpointing"], "--accum-freq and --grad-checkpointing apply to the contrastive"),
+])
+def test_bad_scale_flags_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
