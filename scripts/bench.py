@@ -1,9 +1,12 @@
-"""Benchmarks: training throughput and MFU per mode, the loss's cost versus batch size, the data path.
+"""Benchmarks: training throughput and MFU per mode, the loss's cost versus batch size, the data path,
+the step's memory with gradient accumulation and activation checkpointing.
 
     python scripts/bench.py                 # two CPU presets, ~7 minutes on 2 cores
     python scripts/bench.py --main-job-only  # the README's main command, timed end to end (~5 minutes)
     python scripts/bench.py --quick         # fewer repeats
     python scripts/bench.py --gpu-preset    # also a ViT-B/16 + base text preset when CUDA is present
+    python scripts/bench.py --scale-only --out results/scale.json   # step memory, the large recipe's model
+    python scripts/bench.py --gpu-step 128 256   # CUDA: the ViT-B/16 3t step, with and without checkpointing
 
 Prints tables and writes results/bench.json. The training step is train.py's own `train_step` on
 batches from data.py, so what is measured is what `train.py` runs.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -30,6 +34,7 @@ import tempfile
 import time
 
 import torch
+import torchvision
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -38,6 +43,7 @@ import data  # noqa: E402
 import shapes  # noqa: E402
 import runtime  # noqa: E402
 import train  # noqa: E402
+import losses  # noqa: E402
 from losses import contrastive_loss, default_weights  # noqa: E402
 from model import FrozenTower, ThreeTowers, build_image_tower  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -96,13 +102,14 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
     dataset = train.pairs_dataset(args, env, tower3_net)
     tokenizer = train.build_tokenizer(args, env, dataset, None)
     model = ThreeTowers(**train.model_config(args, tokenizer, tower3_net)).to(env.device).train()
+    model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer, scheduler, _ = runtime.schedule(args, env, model, dataset)
     h_cache = train.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
     parts = train.Parts(model, model, optimizer, scheduler, tower3_net, h_cache, default_weights(mode))
     batches = [b for b, _ in zip(data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, seed=0), range(3))]
 
     def step(batch):                                             # exactly what train.py runs per step
-        train.train_step(args, env, parts, batch)
+        train.train_step(args, env, parts, [batch])
 
     with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         step(batches[0])
@@ -110,7 +117,7 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
         step(b)                                                  # warm-up
     counts = counter.get_flop_counts()["Global"]
     attention = sum(n for op, n in counts.items() if "attention" in str(op))
-    info = {"mode": mode, "cache": cache, "batch": args.batch_size,
+    info = {"mode": mode, "cache": cache, "batch": args.batch_size, "checkpointing": args.grad_checkpointing,
             "trainable_params": sum(p.numel() for p in model.parameters()),
             "attn_share": attention / counter.get_total_flops()}
     return step, batches, counter.get_total_flops(), info, env.device
@@ -242,6 +249,161 @@ def bench_cache(rows: int = 1_000_000, dim: int = 64) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------------------------
+# Step memory: gradient accumulation (--accum-freq) and activation checkpointing (--grad-checkpointing)
+# ----------------------------------------------------------------------------------------------
+# The recipes measured: CPU-sized towers for accumulation; the paper's ViT-B/16 at 224 px with CLIP's
+# base text tower for checkpointing (fp32 on the CPU; that is the number the README's model scales).
+MEMORY_MODELS = {
+    "vit-small": dict(image_arch="vit-small", image_size=64, text_arch="mini", context_length=32),
+    "vit-b/16": dict(image_arch="vit-b/16", image_size=224, text_arch="base", context_length=77, embed_dim=512),
+}
+
+
+def step_memory_child(spec: dict) -> None:
+    """Run in a subprocess: one clip forward + backward of MEMORY_MODELS[spec['model']] on spec['batch'] x
+    spec['accum'] samples (train.accumulated_backward for accum > 1), checkpointing on or off. The
+    gradients exist already (a warm-up step at batch 2), so the figure is what the step adds: activations,
+    the loss and temporaries -- the high-water mark of resident memory (reset first) above the resident
+    memory before. The parent sets MALLOC_MMAP_THRESHOLD_ so freed tensors go back to the OS."""
+    torch.manual_seed(0)
+    model = ThreeTowers("clip", **MEMORY_MODELS[spec["model"]]).train()
+    model.set_grad_checkpointing(spec["checkpointing"])
+    size, length = model.image.image_size, MEMORY_MODELS[spec["model"]]["context_length"]
+    parts = train.Parts(model, model, None, None, None, None, default_weights("clip"))
+    args = argparse.Namespace(mode="clip", precision="fp32")
+
+    def step(n: int, accum: int) -> None:
+        text = torch.randint(3, 200, (n * accum, length))
+        text[:, -1] = 257
+        x = (torch.randn(n * accum, 3, size, size), text, None)
+        if accum == 1:
+            losses.tower_loss(model(*x), "clip")[0].backward()
+        else:
+            train.accumulated_backward(args, runtime.Env(), parts,
+                                       [tuple(t if t is None else t[i * n:(i + 1) * n] for t in x) for i in range(accum)])
+    step(2, 1)
+    model.zero_grad(set_to_none=False)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before, start = _rss_kib("VmRSS:"), time.perf_counter()
+    step(spec["batch"], spec["accum"])
+    print(json.dumps({**spec, "s": time.perf_counter() - start, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024,
+                      "params": sum(p.numel() for p in model.parameters())}))
+
+
+def bench_step_memory(cases: list[dict]) -> list[dict]:
+    """step_memory_child for each case, each in a fresh process."""
+    rows = []
+    for case in cases:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(case)], env=env,
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  {case}: {rows[-1]['peak_mib']:.0f} MiB, {rows[-1]['s']:.1f} s", flush=True)
+    return rows
+
+
+def memory_cases(quick: bool) -> list[dict]:
+    """Accumulation: B, K x B in K micro-batches, and K x B at once; checkpointing: ViT-B/16 at batch 32."""
+    b, k = (16, 4) if quick else (64, 4)
+    accum = [dict(model="vit-small", batch=b, accum=1), dict(model="vit-small", batch=b, accum=k),
+             dict(model="vit-small", batch=k * b, accum=1)]
+    big = [dict(model="vit-b/16", batch=8 if quick else 32, accum=1, checkpointing=c) for c in (False, True)]
+    return [{"checkpointing": False, **c} for c in accum] + big
+
+
+GPU_PRESET = ["--image-arch", "vit-b/16", "--image-size", "224", "--text-arch", "base", "--embed-dim", "512",
+              "--context-length", "64"]
+H200_BF16_DENSE_PEAK = 989e12        # NVIDIA's datasheet, dense (no sparsity)
+
+
+def bench_gpu_step(batches: list[int], repeats: int = 10) -> list[dict]:
+    """CUDA only: the 3t step (cached h; ViT-B/16 at 224 px as f and as h, CLIP's base text tower, bf16)
+    at each per-GPU batch size, without and with --grad-checkpointing: samples/s, MFU against the
+    matmul peak measured here and against the datasheet's dense bf16 peak, and the peak memory the
+    step allocates (torch.cuda.max_memory_allocated)."""
+    device, rows = torch.device("cuda"), []
+    peak = matmul_peak(device, torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        tower3 = random_tower3(tmp, "vit-b/16", 224)
+        for batch in batches:
+            for checkpointing in (False, True):
+                preset = GPU_PRESET + ["--batch-size", str(batch), "--train-samples", str(4 * batch)]
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                step, data_batches, flops, info, _ = setup_mode(
+                    "3t", True, preset + (["--grad-checkpointing"] if checkpointing else []), tower3)
+                sync(device)
+                start = time.perf_counter()
+                for i in range(repeats):
+                    step(data_batches[i % len(data_batches)])
+                sync(device)
+                seconds = (time.perf_counter() - start) / repeats
+                rows.append({**info, "step_ms": 1e3 * seconds, "samples_per_s": batch / seconds,
+                             "mfu_measured_peak": flops / seconds / peak,
+                             "mfu_datasheet_peak": flops / seconds / H200_BF16_DENSE_PEAK,
+                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                             "matmul_peak_tflops": peak / 1e12})
+                print(table(rows[-1:], ["batch", "checkpointing", "step_ms", "samples_per_s", "mfu_measured_peak",
+                                        "mfu_datasheet_peak", "peak_mem_gib"]), flush=True)
+    return rows
+
+
+def meta_flops(net: torch.nn.Module, *inputs: torch.Tensor) -> float:
+    """Forward FLOPs of one sample, counted on the meta device (no compute, no memory)."""
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        net(*inputs)
+    return float(counter.get_total_flops())
+
+
+def scale_model(memory: list[dict], loss_bytes_per_logit: float, vocab: int = 8192) -> list[dict]:
+    """The large recipe (3t; ViT-B/16 at 224 px as f, CLIP's base text tower at 77 tokens, embed 512; a
+    ResNet-50 or ViT-B/16 third tower; global batch 32,768) on 8 and 64 GPUs, derived from figures
+    measured here: activation bytes per sample of f + g (fp32, CPU, `memory`, without and with
+    checkpointing), the loss's bytes per logit (fp32, CPU), FLOPs and parameters counted on the meta
+    device. Collectives are ring all-gather / all-reduce, bytes sent per rank."""
+    per_sample = {r["checkpointing"]: r["peak_mib"] * 2**20 / r["batch"] for r in memory if r["model"] == "vit-b/16"}
+    rows, global_batch = [], 32768
+    for h_arch, d_h in (("resnet50", 2048), ("vit_b_16", 768)):
+        with torch.device("meta"):
+            model = ThreeTowers("3t", image_arch="vit-b/16", image_size=224, text_arch="base", vocab_size=vocab,
+                                context_length=77, embed_dim=512, tower3_dim=d_h)
+            tower = getattr(torchvision.models, h_arch)()
+        image = torch.empty(1, 3, 224, 224, device="meta")
+        f, g = meta_flops(model.image, image), meta_flops(model.text, torch.zeros(1, 77, dtype=torch.long, device="meta"))
+        h = meta_flops(tower, image)
+        params = sum(p.numel() for p in model.parameters())
+        for world in (8, 64):
+            local = global_batch // world
+            ring = 2 * (world - 1) / world
+            rows.append({
+                "tower3": h_arch, "gpus": world, "batch_per_gpu": local,
+                "activations_gib": per_sample[False] * local / 2**30,
+                "activations_ckpt_gib": per_sample[True] * local / 2**30,
+                "accum_freq_for_64gib": math.ceil(per_sample[False] * local / 2**30 / 64),
+                "loss_gib": 3 * loss_bytes_per_logit * local * global_batch / 2**30,     # three terms, fp32
+                "gather_gib": (world - 1) / world * global_batch * 6 * 512 * 4 / 2**30
+                              + ring * global_batch * 6 * 512 * 4 / 2**30,               # fwd gather + bwd all-reduce
+                "ddp_allreduce_gib": ring * params * 4 / 2**30,
+                "step_tflop_per_gpu": 3 * (f + g) * local / 1e12, "accum_extra_tflop_per_gpu": (f + g) * local / 1e12,
+                "h_tflop_per_gpu": h * local / 1e12, "h_share_of_step": h / (3 * (f + g)),
+                "h_cache_read_mib_per_gpu": local * d_h * 4 / 2**20, "trainable_params_m": params / 1e6})
+    return rows
+
+
+def loss_bytes_per_logit(n_local: int = 1024, n_global: int = 8192) -> float:
+    """The softmax loss's peak memory (one term, fwd + bwd, fp32) per logit of its (n_local, n_global) rows."""
+    out = subprocess.run([sys.executable, __file__, "--loss-child", str(n_local), str(n_global), "512"],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"] * 2**20 / (n_local * n_global)
+
+
+SCALE_KEYS = ["tower3", "gpus", "batch_per_gpu", "activations_gib", "activations_ckpt_gib", "accum_freq_for_64gib", "loss_gib", "gather_gib",
+              "ddp_allreduce_gib", "step_tflop_per_gpu", "accum_extra_tflop_per_gpu", "h_tflop_per_gpu",
+              "h_share_of_step", "h_cache_read_mib_per_gpu"]
+
+
 def write_shard(path: str, count: int, size: int = 256) -> None:
     """A tar shard of `count` JPEG + caption pairs in the img2dataset layout."""
     world = shapes.ShapesWorld(0, size)
@@ -341,6 +503,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default="results/bench.json", help="where to write the JSON figures")
     p.add_argument("--loss-child", nargs=3, type=int, help=argparse.SUPPRESS)   # internal: one loss run
     p.add_argument("--cache-child", nargs=3, help=argparse.SUPPRESS)            # internal: one h cache
+    p.add_argument("--gpu-step", type=int, nargs="+", metavar="BATCH",
+                   help="CUDA only: the ViT-B/16 + base text 3t step at these per-GPU batch sizes, without and with "
+                        "--grad-checkpointing (scripts/gpu_check.sh)")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)                    # internal: one step's memory
+    p.add_argument("--scale-only", action="store_true",
+                   help="only the step memory with --accum-freq and --grad-checkpointing, and the large recipe's "
+                        "memory and traffic model derived from it (~10 minutes on 2 CPU cores)")
     p.add_argument("--cache-only", action="store_true", help="only the h cache figures (1M rows)")
     p.add_argument("--main-job-only", action="store_true", help="only time the README's main command")
     return p.parse_args()
@@ -352,6 +521,27 @@ def main() -> None:
         return loss_memory_child(*a.loss_child)
     if a.cache_child:
         return cache_memory_child(int(a.cache_child[0]), int(a.cache_child[1]), a.cache_child[2])
+    if a.memory_child:
+        return step_memory_child(json.loads(a.memory_child))
+    if a.gpu_step:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu-step: no CUDA device present")
+        rows = bench_gpu_step(a.gpu_step)
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+        return None
+    if a.scale_only:
+        memory = bench_step_memory(memory_cases(a.quick))
+        per_logit = loss_bytes_per_logit()
+        rows = scale_model(memory, per_logit)
+        print(f"\n## step memory (fp32, CPU)\n" + table(memory, ["model", "batch", "accum", "checkpointing", "peak_mib", "s"])
+              + f"\n\nloss: {per_logit:.1f} bytes per logit (one term, fwd + bwd)\n\n## the large recipe, derived\n"
+              + table(rows, SCALE_KEYS))
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({"memory": memory, "loss_bytes_per_logit": per_logit, "scale_model": rows}, f, indent=1)
+        return None
     if a.cache_only:
         return print(json.dumps(bench_cache(), indent=1))
     if a.main_job_only:
@@ -369,8 +559,7 @@ def main() -> None:
     presets = {"cpu": ["--batch-size", "128"],
                "cpu-vit-small": ["--batch-size", "128", "--image-arch", "vit-small", "--image-size", "64"]}
     if a.gpu_preset and device.type == "cuda":
-        presets["gpu-vit-b16"] = ["--batch-size", "256", "--image-arch", "vit-b/16", "--image-size", "224",
-                                  "--text-arch", "base", "--embed-dim", "512", "--context-length", "64"]
+        presets["gpu-vit-b16"] = ["--batch-size", "256"] + GPU_PRESET
     with tempfile.TemporaryDirectory() as tmp:
         for name, preset in presets.items():
             towers = train.parse_args(preset)                  # train.py's defaults fill what the preset omits
