@@ -33,6 +33,28 @@ from model import CHECKPOINT_FORMAT, read_checkpoint, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
+# The project's own errors: one line each, no traceback (the entry points catch data.ProjectError)
+# ----------------------------------------------------------------------------------------------
+
+
+class RunError(data.ProjectError):
+    """A run that cannot go on for a reason its message names (a checkpoint's stored part that does not load)."""
+
+
+class NonFinite(RunError, FloatingPointError):
+    """--max-nonfinite non-finite steps in a row: the run stops (a FloatingPointError too)."""
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker reaches the main process
+    with the worker's traceback in its message; its last line is the message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------------------------
 # Flags: one range per numeric flag, checked at parse time
 # ----------------------------------------------------------------------------------------------
 
@@ -246,7 +268,7 @@ def check_finite(ok: bool, streak: int, args: argparse.Namespace, env: Env, step
         return 0
     log(env, f"[warn] step {step}: non-finite loss/gradient, step skipped ({streak + 1} in a row)")
     if streak + 1 >= args.max_nonfinite:
-        raise FloatingPointError(f"{streak + 1} non-finite steps in a row at step {step}: lower --lr, "
+        raise NonFinite(f"{streak + 1} non-finite steps in a row at step {step}: lower --lr, "
                                  f"check the data, or use --precision fp32")
     return streak + 1
 

@@ -35,8 +35,9 @@ import tasks
 from losses import PAIRS, default_weights, tower_loss
 from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, checksum, load_tower3,
                    read_checkpoint, save_checkpoint, summary)
-from runtime import (Env, MetricsLog, RowTable, apply_gradients, autocast, check_finite, check_ranges, check_resumable,
-                     claim_folders, endless, every_rank, find_checkpoint, log, next_batch, resume, save, schedule, wrap)
+from runtime import (Env, MetricsLog, RowTable, RunError, apply_gradients, autocast, check_finite, check_ranges, check_resumable,
+                     claim_folders, endless, every_rank, find_checkpoint, log, next_batch, one_line, resume, save, schedule,
+                     wrap)
 from tokenizer import Tokenizer
 
 
@@ -178,6 +179,9 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.tower3 == "auto" and args.mode in ("lit", "3t") and args.train_data != "shapes":
         p.error(f"--tower3 auto only works with --train-data shapes; for {args.train_data!r} give e.g. "
                 f"--tower3 torchvision:resnet50:IMAGENET1K_V2")
+    if args.train_data == "shapes" and args.image_size < shapes.MIN_IMAGE_SIZE:
+        p.error(f"--image-size {args.image_size}: expected at least {shapes.MIN_IMAGE_SIZE} with --train-data shapes "
+                f"(the shapes world renders no smaller)")
     patch = VIT_PRESETS.get(args.image_arch, [1])[0]
     if args.image_size % patch:
         p.error(f"--image-size {args.image_size}: expected a multiple of {args.image_arch}'s patch size {patch}")
@@ -229,7 +233,10 @@ def build_tokenizer(args: argparse.Namespace, env: Env, dataset, ckpt: dict | No
     the training data (deterministic, so every rank learns the same). Written to tokenizer.json and
     into every checkpoint, so evaluation and resumed runs tokenise exactly as training did."""
     if ckpt is not None:
-        tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+        try:
+            tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+        except (KeyError, ValueError) as e:
+            raise RunError(f"--resume {ckpt['path']!r}: its stored tokenizer does not load ({one_line(e)})") from None
     elif args.tokenizer == "bytes":
         tokenizer = Tokenizer(args.context_length)
     else:
@@ -475,11 +482,15 @@ def periodic_eval(args: argparse.Namespace, env: Env, model: ThreeTowers, tower3
 # The entry point
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Entry point for `python train.py`, `torchrun train.py` and tests (`main([...])`)."""
+    """Entry point for `python train.py`, `torchrun train.py` and tests (`main([...])`). The project's own
+    errors (data.ProjectError: bad data, a checkpoint that does not load, the non-finite stop) end in their
+    one line and exit code 1; any other exception is a bug and keeps its traceback."""
     args = parse_args(argv)
     env = Env()
     try:
         return pretrain.pretrain(args, env) if args.mode == "supervised" else run(args, env)
+    except data.ProjectError as e:
+        raise SystemExit(f"train.py: error: {one_line(e)}") from None
     finally:
         env.close()
 

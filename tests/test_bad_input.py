@@ -338,3 +338,87 @@ def test_unwritable_folders_fail_before_any_work(tmp_path, towers, run_3t, place
         train.main(base + ["--out", str(bad / "run")])
     with pytest.raises(SystemExit, match=r"--out .*bad.*cannot write"):
         ev.main(["--checkpoint", str(run_3t), "--out", str(bad / "r.json"), "--device", "cpu"])
+
+
+# ------------------------------------------------------------------ 10. the project's own errors: one line, exit 1
+def bad_train_data(tmp_path, kind: str) -> list[str]:
+    """--train-data (and what it needs) for one kind of broken input."""
+    from test_data import jpeg
+    for i in range(16):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(i, 40))
+    if kind == "CSV without its caption column":
+        (tmp_path / "p.csv").write_text("filepath,caption\n" + "".join(f"{i}.jpg,c {i}\n" for i in range(16)))
+    elif kind == "CSV naming missing images":
+        (tmp_path / "p.csv").write_text("filepath,title\n" + "".join(f"gone{i}.jpg,c {i}\n" for i in range(16)))
+    if "CSV" in kind:
+        return ["--train-data", str(tmp_path / "p.csv")]
+    if kind == "not a tar file":
+        (tmp_path / "s.tar").write_bytes(b"this is not a tar file" * 40)
+    elif kind.startswith("truncated tar"):
+        full = good_shard(tmp_path / "full.tar", [f"{i:03d}" for i in range(40)])
+        (tmp_path / "s.tar").write_bytes(open(full, "rb").read()[:30000])
+    pattern = str(tmp_path / ("s-{0..1.tar" if kind == "brace typo" else "s.tar"))
+    return ["--train-data", pattern] + (["--workers", "1"] if "worker" in kind else [])
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("CSV without its caption column", r"p\.csv: no column 'title'"),
+    ("CSV naming missing images", r"p\.csv: 16 image file\(s\) missing"),
+    ("not a tar file", r"not a readable tar file: .*s\.tar"),
+    ("brace typo", r"pattern '.*s-\{0\.\.1\.tar': an unmatched brace"),
+    ("truncated tar", r"shard .*s\.tar: unreadable or truncated tar"),
+    ("truncated tar read by a loader worker", r"shard .*s\.tar: unreadable or truncated tar"),
+])
+def test_data_reader_errors_end_in_one_line_and_exit_code_1(tmp_path, kind, message):
+    args = tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none", "--tokenizer", "bytes",
+                *bad_train_data(tmp_path, kind))
+    if "CSV" not in kind:
+        args = without(args, "--train-samples")             # shards are streamed whole
+    with deadline(120), pytest.raises(SystemExit, match=rf"^train\.py: error: .*{message}") as stop:
+        train.main(args)
+    assert isinstance(stop.value.code, str) and "\n" not in stop.value.code      # a message: exit code 1
+
+
+def test_the_nonfinite_stop_is_one_line(tmp_path, monkeypatch):
+    real = train.tower_loss
+    monkeypatch.setattr(train, "tower_loss", lambda out, mode, w: (real(out, mode, w)[0] * float("nan"), {}))
+    with pytest.raises(SystemExit, match=r"^train\.py: error: 2 non-finite steps in a row at step 0") as stop:
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "5", "--max-nonfinite", "2", "--eval-data", "none"))
+    assert "\n" not in stop.value.code
+
+
+def test_an_image_size_too_small_for_the_shapes_world_fails_at_parse_time(tmp_path, capsys):
+    argv = tiny(tmp_path, "--mode", "clip", "--steps", "1", "--eval-data", "none")
+    argv[argv.index("--image-size") + 1] = "8"                         # a multiple of vit-micro's patch 8
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 2
+    assert "--image-size 8: expected at least 16 with --train-data shapes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def run_clip(tmp_path_factory):
+    """A finished 2-step clip run (BPE tokenizer, --save-every 1); tests copy what they change."""
+    tmp = tmp_path_factory.mktemp("runclip")
+    train.main(tiny(tmp, "--mode", "clip", "--steps", "2", "--eval-data", "none", "--save-every", "1"))
+    return tmp / "run" / "ckpt.pt"
+
+
+def test_a_stored_tokenizer_that_does_not_load_is_one_line_on_resume(tmp_path, run_clip):
+    from model import read_checkpoint, save_checkpoint
+    ckpt = read_checkpoint(str(run_clip))
+    ckpt["tokenizer"] = {"context_length": 77, "merges": [[1]]}          # a merge is a pair
+    save_checkpoint(ckpt, str(tmp_path / "bad-tokenizer.pt"))
+    with pytest.raises(SystemExit, match=r"^train\.py: error: --resume .*bad-tokenizer\.pt.*: its stored "
+                                         r"tokenizer does not load \(not a stored tokenizer"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none",
+                        "--resume", str(tmp_path / "bad-tokenizer.pt")))
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    def broken(*_):
+        raise ZeroDivisionError("a bug in the step")
+    monkeypatch.setattr(train, "train_step", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug in the step"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "2", "--eval-data", "none"))
