@@ -99,6 +99,9 @@ MAX_IMAGE_PIXELS = 2**26      # 67M pixels, e.g. 8192 x 8192
 MAX_FILE_BYTES = 2**28        # 256 MiB per image file or tar member
 
 
+CSV_FIELD_LIMIT = 2**31 - 1   # characters per CSV field (the csv module's default is 131072)
+
+
 class ProjectError(Exception):
     """An error that its one-line message fully explains (bad input data, a flag at odds with a file, a run
     that cannot go on): the entry points (train.main, eval.main) print that line and exit with code 1, no
@@ -198,6 +201,9 @@ class CsvPairs(Dataset):
         if not os.path.isfile(path):
             raise MissingData(f"caption file not found: {path}")
         sep = separator or ("\t" if path.lower().endswith(".tsv") else ",")
+        # The csv module refuses fields over 131072 characters by default; a caption that long is cut by the
+        # tokenizer like any other, never a reason to refuse the whole file.
+        csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
         folder = os.path.dirname(os.path.abspath(path))
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:    # -sig: drop a BOM
             reader = csv.DictReader(f, delimiter=sep)

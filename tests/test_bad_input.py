@@ -422,3 +422,15 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_step", broken)
     with pytest.raises(ZeroDivisionError, match="a bug in the step"):
         train.main(tiny(tmp_path, "--mode", "clip", "--steps", "2", "--eval-data", "none"))
+
+
+def test_a_caption_over_the_csv_modules_field_limit_is_read(tmp_path):
+    import data
+    from test_data import jpeg
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(i, 20))
+    long = "a long caption " * 20_000                                     # 300,000 characters
+    assert len(long) > 131072                                             # the csv module's default field limit
+    (tmp_path / "p.csv").write_text(f"filepath,title\n0.jpg,short\n1.jpg,\"{long}\"\n2.jpg,last\n")
+    pairs = data.CsvPairs(str(tmp_path / "p.csv"), image_size=16)
+    assert [pairs[i]["caption"] for i in range(3)] == ["short", long.strip(), "last"]
