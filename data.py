@@ -294,6 +294,7 @@ def _read_bytes(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
 # ----------------------------------------------------------------------------- tar shards
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_DUPLICATE = "/duplicate"  # marks a sample whose key repeats (no member extension contains '/')
 _BAD_CHECK_MIN = 100  # a shard is judged by its bad fraction only once it has shown this many samples
 
 
@@ -503,11 +504,13 @@ class TarShards(IterableDataset):
             yield held
 
     def _raw(self, shards: list[str], log: _SkipLog) -> Iterator[tuple[str, str, bytes, str]]:
-        """(shard, key, image bytes, caption) per complete sample; incomplete ones are counted."""
+        """(shard, key, image bytes, caption) per complete sample; incomplete ones are counted. A sample whose
+        key repeats (a second caption or image, or the key again later in the shard) is ambiguous: which
+        caption belongs to which image is unknown, so it is skipped whole ('duplicate_key'), never merged."""
         for shard in shards:
             try:
                 with tarfile.open(shard, mode="r|*") as tar:  # streaming: one pass, no index
-                    key, group = None, {}
+                    key, group, seen = None, {}, set()
                     for member in tar:
                         name = os.path.basename(member.name)
                         if not member.isfile() or name.startswith("."):
@@ -515,7 +518,10 @@ class TarShards(IterableDataset):
                         k, ext = _split_member(member.name)
                         if k != key:
                             yield from self._complete(shard, key, group, log)
-                            key, group = k, {}
+                            key, group = k, {_DUPLICATE: True} if k in seen else {}
+                            seen.add(k)
+                        if ext in group or (ext in _IMAGE_EXTS and any(e in group for e in _IMAGE_EXTS)):
+                            group[_DUPLICATE] = True
                         # a member over the limit is never read (a sparse one can claim gigabytes): None marks it
                         group[ext] = tar.extractfile(member).read() if member.size <= self.max_file_bytes else None
                     yield from self._complete(shard, key, group, log)
@@ -530,7 +536,9 @@ class TarShards(IterableDataset):
             return
         log.see(shard)
         ext = next((e for e in _IMAGE_EXTS if e in group), None)
-        if any(v is None for v in group.values()):
+        if group.get(_DUPLICATE):
+            log.skip(shard, key, "duplicate_key")
+        elif any(v is None for v in group.values()):
             log.skip(shard, key, "too_large")
         elif ext is None:
             log.skip(shard, key, "missing_image")

@@ -434,3 +434,22 @@ def test_a_caption_over_the_csv_modules_field_limit_is_read(tmp_path):
     (tmp_path / "p.csv").write_text(f"filepath,title\n0.jpg,short\n1.jpg,\"{long}\"\n2.jpg,last\n")
     pairs = data.CsvPairs(str(tmp_path / "p.csv"), image_size=16)
     assert [pairs[i]["caption"] for i in range(3)] == ["short", long.strip(), "last"]
+
+
+# ------------------------------------------------------------------ 11. tar shards: a repeated key is never merged
+@pytest.mark.parametrize("middle,kept", [
+    ([("7.jpg", 7), ("7.txt", "caption 7"), ("7.txt", "caption of another 7")], []),     # two captions
+    ([("7.jpg", 7), ("7.png", 70), ("7.txt", "caption 7")], []),                         # two images
+    ([("7.jpg", 7), ("7.txt", "caption 7"), ("8.jpg", 8), ("8.txt", "caption 8"),
+      ("7.jpg", 77), ("7.txt", "caption of another 7")], ["caption 7", "caption 8"]),  # the key again, later
+])
+def test_a_duplicated_tar_key_is_skipped_and_counted_never_merged(tmp_path, middle, kept):
+    import data
+    from test_data import jpeg
+    def sample(key: int) -> list:
+        return [(f"{key}.jpg", key), (f"{key}.txt", f"caption {key}")]
+    members = [(name, jpeg(v) if isinstance(v, int) else v.encode())
+               for name, v in sample(1) + middle + sample(9)]
+    items = list(data.TarShards(write_tar(tmp_path / "dup.tar", members), image_size=8, train=False))
+    assert [i["caption"] for i in items] == ["caption 1", *kept, "caption 9"]
+    assert data.collate(items)["data_errors"] == {"duplicate_key": 1}
