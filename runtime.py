@@ -347,10 +347,46 @@ def save(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, 
                                   os.path.join(args.out, "ckpt.pt"))
 
 
+# What a resumed run may set otherwise than the run that wrote its checkpoint: how long it runs (--steps, --epochs:
+# the schedule follows the new total), where and how often it saves, logs and evaluates, how many loader workers
+# read map-style data (each sample's crop is seeded by the sample, so the order and the pixels stay the same), and
+# where the third tower's cache lives. Everything else decides which samples come in which order, or how a step
+# computes, and must match, or the resumed run would not continue the one it resumes.
+RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "eval_every", "log_every", "quiet", "workers", "out",
+                     "eval_data", "eval_images", "max_nonfinite", "compile", "cache_dir", "cache_tower3")
+# Flags judged by the model they build instead (check_resumable: the model's configuration and the frozen tower's
+# weights, so a third tower moved to another path still resumes); the learned temperature replaces the initial one.
+RESUME_BY_MODEL = ("mode", "image_arch", "image_size", "text_arch", "embed_dim", "no_tower3_heads", "loss",
+                   "init_temperature", "tower3", "tower3_label", "tower3_steps", "tower3_batch_size")
+
+
+def changed_settings(ckpt: dict, args: argparse.Namespace, path: str) -> list[str]:
+    """The flags in RESUME_MAY_CHANGE that differ from the checkpoint's ("--steps 4 -> 8"), for the log; SystemExit
+    naming every other flag that differs. --workers may not change for tar shards: the number of readers decides
+    which reader streams which shard. Flags the checkpoint does not record (an older train.py's) pass."""
+    recorded = ckpt.get("args") or {}
+    streamed = args.mode != "supervised" and args.train_data != "shapes" and \
+        not args.train_data.lower().endswith((".csv", ".tsv"))
+    free = set(RESUME_MAY_CHANGE) - ({"workers"} if streamed else set())
+    changed, refused = [], []
+    for name, now in sorted(vars(args).items()):
+        if name in RESUME_BY_MODEL or name == "resume" or name not in recorded or recorded[name] == now:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        (changed if name in free else refused).append((flag, recorded[name], now))
+    if refused:
+        raise SystemExit(f"--resume {path!r} was written with other settings: "
+                         + "; ".join(f"{flag} {was!r} there, {now!r} now" for flag, was, now in refused)
+                         + f". Resume with the checkpoint's values (only "
+                           f"{', '.join('--' + n.replace('_', '-') for n in sorted(free))} may change), "
+                           f"or start a new run with another --out")
+    return [f"{flag} {was!r} -> {now!r}" for flag, was, now in changed]
+
+
 def find_checkpoint(args: argparse.Namespace) -> dict | None:
     """The checkpoint to resume from: --resume PATH, or with --resume latest the run folder's ckpt.pt
     if there is one; also after an elastic restart by torchrun (--max-restarts), so a restarted worker
-    continues instead of starting over."""
+    continues instead of starting over. Its settings must match these flags (changed_settings)."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     path = args.resume
     if args.resume == "latest" or (args.resume is None and restarted):
@@ -370,7 +406,7 @@ def find_checkpoint(args: argparse.Namespace) -> dict | None:
     missing = [k for k in ("model", "optimizer", "scheduler", "step", "ranks") if k not in ckpt]
     if missing:
         raise SystemExit(f"--resume {path!r}: an incomplete checkpoint, without {', '.join(missing)}")
-    return {**ckpt, "path": path}
+    return {**ckpt, "path": path, "changed": changed_settings(ckpt, args, path)}
 
 
 def check_resumable(ckpt: dict | None, config: dict, tower3_digest: str | None = None) -> None:
@@ -403,7 +439,8 @@ def resume(env: Env, ckpt: dict | None, model: torch.nn.Module, optimizer, sched
                          f"with the same number (now {env.world}) to continue exactly")
     mine = ckpt["ranks"][env.rank]
     set_rng_state(mine["rng"])
-    log(env, f"[resume] {ckpt['path']}: step {ckpt['step']}, epoch {mine['epoch']}, batch {mine['batch_in_epoch']}")
+    log(env, f"[resume] {ckpt['path']}: step {ckpt['step']}, epoch {mine['epoch']}, batch {mine['batch_in_epoch']}"
+             + (f"; changed: {', '.join(ckpt['changed'])}" if ckpt.get("changed") else ""))
     return Position(ckpt["step"], mine["epoch"], mine["batch_in_epoch"], Counter(ckpt.get("data_errors", {})))
 
 

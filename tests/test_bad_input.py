@@ -453,3 +453,30 @@ def test_a_duplicated_tar_key_is_skipped_and_counted_never_merged(tmp_path, midd
     items = list(data.TarShards(write_tar(tmp_path / "dup.tar", members), image_size=8, train=False))
     assert [i["caption"] for i in items] == ["caption 1", *kept, "caption 9"]
     assert data.collate(items)["data_errors"] == {"duplicate_key": 1}
+
+
+# ------------------------------------------------------------------ 12. resume: other settings are refused or logged
+@pytest.mark.parametrize("change,message", [
+    (["--batch-size", "4"], r"--batch-size 8 there, 4 now"),
+    (["--seed", "1"], r"--seed 0 there, 1 now"),
+    (["--tokenizer", "bytes"], r"--context-length 77 there, 128 now; .*--tokenizer 'bpe' there, 'bytes' now"),
+    (["--context-length", "20"], r"--context-length 77 there, 20 now"),
+    (["--vocab-size", "300"], r"--vocab-size 8192 there, 300 now"),
+    (["--train-samples", "48"], r"--train-samples 64 there, 48 now"),
+    (["--lr", "0.01"], r"--lr 0.002 there, 0.01 now"),
+    (["--caption-noise", "0.5"], r"--caption-noise 0.0 there, 0.5 now"),
+])
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path, run_clip, change, message):
+    with pytest.raises(SystemExit, match=rf"^--resume .*ckpt\.pt.* was written with other settings: {message}\. "
+                                         r"Resume with the checkpoint's values \(only .*--steps") as stop:
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none", "--save-every", "1",
+                        "--resume", str(run_clip), *change))
+    assert "\n" not in stop.value.code
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_resume_with_a_changed_step_count_continues_and_says_so(tmp_path, run_clip, capsys):
+    train.main(tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none", "--save-every", "1",
+                    "--log-every", "2", "--resume", str(run_clip)))
+    assert "[resume]" in capsys.readouterr().out.split("changed: --log-every 1 -> 2, --steps 2 -> 3")[0]
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
