@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import math
 import os
 import random
+import shutil
 import socket
 import tempfile
 import time
@@ -43,6 +45,73 @@ class RunError(data.ProjectError):
 
 class NonFinite(RunError, FloatingPointError):
     """--max-nonfinite non-finite steps in a row: the run stops (a FloatingPointError too)."""
+
+
+class DiskFull(RunError):
+    """A write under --out or --cache-dir found its disk (or quota) full; nothing half-written is left."""
+
+
+def raise_if_disk_full(error: OSError, flag: str, folder: str, what: str, needed: int) -> None:
+    """DiskFull naming the folder, what was written and about how many bytes it needs, when `error` says the disk
+    or quota is full (ENOSPC, EDQUOT); otherwise return, and the caller re-raises `error`."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return
+    try:
+        free = f", {shutil.disk_usage(folder).free:,} bytes free"
+    except OSError:
+        free = ""
+    raise DiskFull(f"{flag} {folder!r}: no space left on the device for {what}: it needs about {needed:,} bytes"
+                   f"{free}; free some space there or give another {flag}") from None
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a (nested) checkpoint: about the size its file needs."""
+    if isinstance(obj, Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def append_whole(f, line: bytes) -> None:
+    """Append `line` to the unbuffered binary file `f` whole or not at all: a write that fails part-way is cut
+    back off, so the file never ends in half a record. Re-raises the error."""
+    start = f.seek(0, os.SEEK_END)
+    try:
+        done = 0
+        while done < len(line):
+            done += os.write(f.fileno(), line[done:])
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(f.fileno(), start)
+        raise
+
+
+def checkpoint_to(path: str, ckpt: dict, flag: str) -> None:
+    """save_checkpoint (atomic: a failed save leaves the previous file intact and no temporary file), with a
+    full disk said in one line (DiskFull) naming the folder `flag` gave."""
+    try:
+        save_checkpoint(ckpt, path)
+    except OSError as e:
+        raise_if_disk_full(e, flag, os.path.dirname(path) or ".", os.path.basename(path), tensor_bytes(ckpt))
+        raise
+
+
+def write_file(path: str, content: bytes, flag: str) -> None:
+    """Write a small file whole or not at all (a temporary file beside it, then a rename), with a full disk said
+    in one line (DiskFull) naming the folder `flag` gave."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    try:
+        with open(tmp, "wb", buffering=0) as f:
+            append_whole(f, content)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise_if_disk_full(e, flag, os.path.dirname(path) or ".", os.path.basename(path), len(content))
+        raise
 
 
 def one_line(error: BaseException) -> str:
@@ -340,11 +409,11 @@ def save(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, 
         ranks = [None] * env.world
         dist.all_gather_object(ranks, mine)
     if env.master:
-        save_checkpoint({"format": CHECKPOINT_FORMAT, "mode": args.mode, "args": vars(args),
-                                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "step": position.step, "ranks": ranks,
-                                   "data_errors": dict(position.data_errors), **extra},
-                                  os.path.join(args.out, "ckpt.pt"))
+        checkpoint_to(os.path.join(args.out, "ckpt.pt"),
+                      {"format": CHECKPOINT_FORMAT, "mode": args.mode, "args": vars(args),
+                       "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "step": position.step, "ranks": ranks,
+                       "data_errors": dict(position.data_errors), **extra}, "--out")
 
 
 # What a resumed run may set otherwise than the run that wrote its checkpoint: how long it runs (--steps, --epochs:
@@ -455,7 +524,7 @@ class MetricsLog:
 
     def __init__(self, args: argparse.Namespace, env: Env, total: int, position: Position, scheduler):
         self.args, self.env, self.position, self.total, self.scheduler = args, env, position, total, scheduler
-        self.file = open(os.path.join(args.out, "metrics.jsonl"), "a") if env.master else None
+        self.file = open(os.path.join(args.out, "metrics.jsonl"), "ab", buffering=0) if env.master else None
         self.bar = tqdm(total=total, initial=position.step, desc=args.mode, disable=not env.master or args.quiet,
                         dynamic_ncols=True)
         self.running: Counter = Counter()
@@ -487,8 +556,12 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            line = (json.dumps(record) + "\n").encode()
+            try:
+                append_whole(self.file, line)
+            except OSError as e:
+                raise_if_disk_full(e, "--out", self.args.out, "metrics.jsonl", len(line))
+                raise
 
     def close(self) -> None:
         self.bar.close()

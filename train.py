@@ -34,10 +34,10 @@ import shapes
 import tasks
 from losses import PAIRS, default_weights, tower_loss
 from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, checksum, load_tower3,
-                   read_checkpoint, save_checkpoint, summary)
+                   read_checkpoint, summary)
 from runtime import (Env, MetricsLog, RowTable, RunError, apply_gradients, autocast, check_finite, check_ranges, check_resumable,
-                     claim_folders, endless, every_rank, find_checkpoint, log, next_batch, one_line, resume, save, schedule,
-                     wrap)
+                     checkpoint_to, claim_folders, endless, every_rank, find_checkpoint, log, next_batch, one_line,
+                     raise_if_disk_full, resume, save, schedule, wrap, write_file)
 from tokenizer import Tokenizer
 
 
@@ -242,8 +242,7 @@ def build_tokenizer(args: argparse.Namespace, env: Env, dataset, ckpt: dict | No
     else:
         tokenizer = Tokenizer.learn(dataset.sample_captions(VOCAB_CAPTIONS), args.vocab_size, args.context_length)
     if env.master:
-        with open(os.path.join(args.out, "tokenizer.json"), "w") as f:
-            json.dump(tokenizer.to_dict(), f)
+        write_file(os.path.join(args.out, "tokenizer.json"), json.dumps(tokenizer.to_dict()).encode(), "--out")
     log(env, f"[tokenizer] {args.tokenizer if ckpt is None else 'from the checkpoint'}: {tokenizer.vocab_size} "
              f"tokens, context {tokenizer.context_length}")
     return tokenizer
@@ -293,7 +292,7 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
                             + (["--quiet"] if args.quiet else [])), env)
         if env.master:   # a slim copy, written only once pretraining has finished
             ckpt = read_checkpoint(os.path.join(folder, "ckpt.pt"))
-            save_checkpoint({k: ckpt[k] for k in ("format", "mode", "classifier", "model", "args")}, path)
+            checkpoint_to(path, {k: ckpt[k] for k in ("format", "mode", "classifier", "model", "args")}, "--cache-dir")
         env.barrier()
     return path
 
@@ -347,6 +346,10 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
         if env.master:
             os.replace(tmp, path)
         env.barrier()
+    except OSError as e:
+        raise_if_disk_full(e, "--cache-dir", args.cache_dir, f"the third tower's cache {os.path.basename(path)}",
+                           RowTable.HEADER + key["rows"] * key["dim"] * 4)
+        raise
     finally:
         if env.master and os.path.exists(tmp):
             os.remove(tmp)

@@ -4,6 +4,7 @@ in a one-line error (SystemExit) or a counted skip -- never a hang, a traceback 
 exit code 0 with a wrong result."""
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -480,3 +481,54 @@ def test_resume_with_a_changed_step_count_continues_and_says_so(tmp_path, run_cl
                     "--log-every", "2", "--resume", str(run_clip)))
     assert "[resume]" in capsys.readouterr().out.split("changed: --log-every 1 -> 2, --steps 2 -> 3")[0]
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+# ------------------------------------------------------------------ 13. a full disk: one line, the last checkpoint kept
+def enospc(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
+    real, saves = torch.save, []
+
+    def full_on_second_save(obj, f, *args, **kwargs):
+        saves.append(f)
+        if len(saves) == 2:
+            open(f, "wb").write(b"half a checkpoint")
+            enospc()
+        real(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_on_second_save)
+    with pytest.raises(SystemExit, match=r"^train\.py: error: --out '.*run': no space left on the device for ckpt\.pt: "
+                                         r"it needs about [\d,]+ bytes, [\d,]+ bytes free; .*another --out$"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "4", "--save-every", "2", "--eval-data", "none"))
+    from model import read_checkpoint
+    assert read_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 2             # the last good one
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "ckpt.pt", "metrics.jsonl", "tokenizer.json"]
+
+
+def test_a_full_disk_while_building_the_h_cache_leaves_no_file(tmp_path, towers, monkeypatch):
+    monkeypatch.setattr(os, "pwrite", enospc)
+    with pytest.raises(SystemExit, match=r"^train\.py: error: --cache-dir '.*cache': no space left on the device for "
+                                         r"the third tower's cache h-\w+\.bin: it needs about [\d,]+ bytes"):
+        train.main(tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "2", "--eval-data", "none"))
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_a_full_disk_while_logging_metrics_leaves_whole_records(tmp_path, monkeypatch):
+    real, lines = os.write, []
+
+    def full_on_third_record(fd, payload):
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            return real(fd, payload)
+        lines.append(payload)
+        if len(lines) < 3:
+            return real(fd, payload)
+        if len(lines) == 3:
+            return real(fd, bytes(payload)[:10])                        # a short write, then the disk is full
+        enospc()
+    monkeypatch.setattr(os, "write", full_on_third_record)
+    with pytest.raises(SystemExit, match=r"^train\.py: error: --out '.*run': no space left on the device for "
+                                         r"metrics\.jsonl: it needs about \d+ bytes"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "5", "--eval-data", "none"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]                           # whole records, no half one
