@@ -11,6 +11,8 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import glob
+import hashlib
 import json
 import math
 import os
@@ -577,21 +579,31 @@ class MetricsLog:
 
 
 class RowTable:
-    """A float32 table (rows x dim) in one file: a JSON header padded to 4 KiB, then the rows. Rows are written
-    and read by offset (os.pwrite / os.pread), so a process holds only the rows it touches, and the OS page
-    cache (one per node, shared by its processes) keeps the hot part. Holds the third tower's cache (train.tower3_cache)."""
+    """A float32 table (rows x dim) in one file: a JSON header padded to 4 KiB, the rows, then a sha256 digest of
+    every block of BLOCK rows. Rows are written and read by offset (os.pwrite / os.pread), so a process holds only
+    the rows it touches, and the OS page cache (one per node, shared by its processes) keeps the hot part. Holds the
+    third tower's cache (train.tower3_cache), which `seal`s it once written and checks it (`damaged`) before reuse:
+    a damaged file is recomputed, never read."""
 
     HEADER = 4096
+    BLOCK = 1024          # rows per digest
+    DIGEST = 32           # bytes of a sha256 digest
 
     def __init__(self, path: str, fd: int, rows: int, dim: int):
         self.path, self.fd, self.rows, self.dim = path, fd, rows, dim
+        self.blocks = -(-rows // self.BLOCK)
+
+    @classmethod
+    def size(cls, rows: int, dim: int) -> int:
+        """Bytes of the file: header, rows, one digest per block."""
+        return cls.HEADER + rows * dim * 4 + -(-rows // cls.BLOCK) * cls.DIGEST
 
     @classmethod
     def create(cls, path: str, rows: int, dim: int, **meta: Any) -> None:
-        header = json.dumps({"rows": rows, "dim": dim, **meta}).encode()
+        header = json.dumps({"rows": rows, "dim": dim, "block": cls.BLOCK, **meta}).encode()
         with open(path, "wb") as f:
             f.write(header.ljust(cls.HEADER))
-            f.truncate(cls.HEADER + rows * dim * 4)                # sparse until written
+            f.truncate(cls.size(rows, dim))                        # sparse until written
 
     @classmethod
     def open(cls, path: str, rows: int, dim: int, writable: bool = False, **meta: Any) -> RowTable | None:
@@ -605,7 +617,7 @@ class RowTable:
             header = json.loads(os.pread(fd, cls.HEADER, 0))
         except ValueError:
             header = None
-        if header != {"rows": rows, "dim": dim, **meta} or os.fstat(fd).st_size != cls.HEADER + rows * dim * 4:
+        if header != {"rows": rows, "dim": dim, "block": cls.BLOCK, **meta} or os.fstat(fd).st_size != cls.size(rows, dim):
             os.close(fd)
             return None
         return cls(path, fd, rows, dim)
@@ -625,6 +637,25 @@ class RowTable:
     def write(self, start: int, rows: Tensor) -> None:
         """Write rows (B, dim) at rows start..start+B-1."""
         os.pwrite(self.fd, rows.float().contiguous().numpy().tobytes(), self.HEADER + start * 4 * self.dim)
+
+    def _digest(self, block: int) -> bytes:
+        width, lo = 4 * self.dim, block * self.BLOCK
+        count = min(self.BLOCK, self.rows - lo)
+        return hashlib.sha256(os.pread(self.fd, count * width, self.HEADER + lo * width)).digest()
+
+    def _digest_at(self, block: int) -> int:
+        return self.HEADER + self.rows * self.dim * 4 + block * self.DIGEST
+
+    def seal(self, rank: int = 0, world: int = 1) -> None:
+        """Store the digests of blocks rank, rank + world, ... (every rank its share, once all rows are written)."""
+        for block in range(rank, self.blocks, world):
+            os.pwrite(self.fd, self._digest(block), self._digest_at(block))
+
+    def damaged(self, rank: int = 0, world: int = 1) -> list[int]:
+        """The blocks among rank, rank + world, ... whose rows no longer match their digest (each rank checks
+        its share, so together the ranks read the file once)."""
+        return [block for block in range(rank, self.blocks, world)
+                if os.pread(self.fd, self.DIGEST, self._digest_at(block)) != self._digest(block)]
 
     def __del__(self) -> None:
         os.close(self.fd)

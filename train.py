@@ -16,10 +16,14 @@ trains an image classifier whose checkpoint `--tower3` loads as a pretrained thi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import hashlib
 import json
 import math
 import os
+import re
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
@@ -301,10 +305,14 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
     """h(x_i) of every sample i of a finite dataset (h's own view, data.tower3_view), computed once and then
     read by row (LiT Sec. 5.6). The table is a file under --cache-dir named by a fingerprint of the tower's
     weights, h's view and the data (for files: every image's size and modification time); a file whose
-    header does not match is recomputed, never used. Rank r of W computes only rows [r N/W, (r+1) N/W) into
-    a temporary file that every rank writes, and rank 0 renames it into place once each rank sees the
-    others' rows -- so --cache-dir must be on a filesystem that all nodes share. Training reads the rows of
-    its batch: memory O(batch) per rank; the OS page cache holds what is read often."""
+    header does not match, or whose rows no longer match the digests stored when it was built (a damaged
+    file; each rank checks its share of the blocks), is recomputed, never used. Training reads the rows of
+    its batch: memory O(batch) per rank; the OS page cache holds what is read often.
+
+    Stale files: a file of another tower, view or data is not deleted by a run (another run may still use
+    it); it is just never opened again. Remove h-*.bin files (or the whole --cache-dir) to reclaim the
+    space: a run reading one keeps its open file. A recomputed file replaces the old one by a rename, and
+    the temporary files of builds on this host whose process died are removed by the next build."""
     if not args.cache_tower3:
         return None
     if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
@@ -318,18 +326,38 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
     key = dict(rows=len(dataset), dim=tower3.dim, fingerprint=digest.hexdigest()[:16])
     path = os.path.join(args.cache_dir, f"h-{key['fingerprint']}.bin")
     table = RowTable.open(path, **key)
-    if every_rank(env, table is not None):
+    damaged = table.damaged(env.rank, env.world) if table is not None else []
+    if every_rank(env, table is not None and not damaged):
         log(env, f"[tower3] reusing cached embeddings {path}")
         return table
-    if os.path.exists(path):
+    if damaged:
+        log(env, f"[tower3] cache {path}: rows of block(s) {damaged[:5]} (of {RowTable.BLOCK} rows each) do not match "
+                 f"the checksum stored when it was built, a damaged file: recomputing")
+    elif os.path.exists(path):
         log(env, f"[tower3] cache {path} is stale: recomputing")
-    token = [f"{os.getpid()}-{os.urandom(4).hex()}"]               # rank 0's, so every rank names one file
+    del table
+    try:
+        build_cache(args, env, tower3, dataset, path, key)
+    except OSError as e:
+        raise_if_disk_full(e, "--cache-dir", args.cache_dir, f"the third tower's cache {os.path.basename(path)}",
+                           RowTable.size(key["rows"], key["dim"]))
+        raise
+    return RowTable.open(path, **key)
+
+
+def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, path: str, key: dict) -> None:
+    """Compute the table at `path`. Rank r of W computes only rows [r N/W, (r+1) N/W) into a temporary file
+    that every rank writes, each rank seals (checksums) its share of the blocks, and rank 0 renames the file
+    into place once each rank sees the others' rows -- so --cache-dir must be on a filesystem that all nodes
+    share. A failed build leaves no file behind."""
+    token = [f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"]     # rank 0's: every rank names one file
     if env.world > 1:
         dist.broadcast_object_list(token, src=0)
     tmp = f"{path}.{token[0]}.tmp"
     try:
         if env.master:
             os.makedirs(args.cache_dir, exist_ok=True)
+            remove_dead_builds(args.cache_dir)
             RowTable.create(tmp, **key)
         env.barrier()
         table = RowTable.open(tmp, writable=True, **key)     # None where rank 0's file is not visible
@@ -343,17 +371,34 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
         if not every_rank(env, seen):
             raise SystemExit(f"--cache-dir {args.cache_dir}: the ranks do not see each other's rows of {tmp}; use a "
                              f"folder on a filesystem that every node shares, or --no-cache-tower3")
+        table.seal(env.rank, env.world)
+        env.barrier()
         if env.master:
             os.replace(tmp, path)
         env.barrier()
-    except OSError as e:
-        raise_if_disk_full(e, "--cache-dir", args.cache_dir, f"the third tower's cache {os.path.basename(path)}",
-                           RowTable.HEADER + key["rows"] * key["dim"] * 4)
-        raise
     finally:
         if env.master and os.path.exists(tmp):
             os.remove(tmp)
-    return RowTable.open(path, **key)
+
+
+def remove_dead_builds(folder: str) -> None:
+    """Remove the temporary cache files (h-*.bin.HOST-PID-*.tmp) of builds on this host whose process is gone."""
+    for stale in glob.glob(os.path.join(glob.escape(folder), "h-*.bin.*.tmp")):
+        owner = re.fullmatch(r"h-\w+\.bin\.(.+)-(\d+)-[0-9a-f]{8}\.tmp", os.path.basename(stale))
+        if owner and owner[1] == socket.gethostname() and not alive(int(owner[2])):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def cache_share(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, table: RowTable

@@ -532,3 +532,46 @@ def test_a_full_disk_while_logging_metrics_leaves_whole_records(tmp_path, monkey
         train.main(tiny(tmp_path, "--mode", "clip", "--steps", "5", "--eval-data", "none"))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]                           # whole records, no half one
+
+
+# ------------------------------------------------------------------ 14. the h cache: damaged rows are recomputed
+def test_h_cache_blocks_that_no_longer_match_their_checksum_are_found(tmp_path):
+    from runtime import RowTable
+    path = str(tmp_path / "t.bin")
+    RowTable.create(path, rows=2500, dim=3, fingerprint="x")              # 3 blocks of 1024 rows
+    table = RowTable.open(path, rows=2500, dim=3, writable=True, fingerprint="x")
+    table.write(0, torch.arange(7500.0).view(2500, 3))
+    table.seal(rank=0, world=2)
+    table.seal(rank=1, world=2)
+    assert table.damaged(rank=0, world=2) == [] and table.damaged(rank=1, world=2) == []
+    table.write(1500, torch.tensor([[1.0, 2.0, 3.0]]))                    # a row of block 1 changes
+    assert table.damaged(rank=0, world=2) == [] and table.damaged(rank=1, world=2) == [1]
+    assert table.damaged() == [1]
+
+
+def test_a_damaged_h_cache_is_recomputed_not_reused(tmp_path, towers, capsys):
+    args = tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "1", "--eval-data", "none")
+    train.main(args)
+    [cache] = [tmp_path / "cache" / f for f in os.listdir(tmp_path / "cache")]
+    built = cache.read_bytes()
+    flip_bytes(cache, at=0.7)                                           # inside the rows (after the 4 KiB header)
+    assert cache.read_bytes() != built
+    capsys.readouterr()
+    train.main(tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "1", "--eval-data", "none",
+                    out="again"))
+    out = capsys.readouterr().out
+    assert "do not match the checksum stored when it was built" in out and "reusing" not in out
+    assert cache.read_bytes() == built                                  # h's rows again, as first computed
+    assert os.listdir(tmp_path / "cache") == [cache.name]
+
+
+def test_temporary_cache_files_of_dead_builds_are_removed(tmp_path, towers):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "cache").mkdir()
+    stale = tmp_path / "cache" / f"h-0123456789abcdef.bin.{socket.gethostname()}-{dead.pid}-0badcafe.tmp"
+    stale.write_bytes(b"rows of a build that died")
+    other = tmp_path / "cache" / f"h-0123456789abcdef.bin.another-host-{dead.pid}-0badcafe.tmp"
+    other.write_bytes(b"rows of a build on another node")
+    train.main(tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "1", "--eval-data", "none"))
+    assert not stale.exists() and other.exists()
