@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -25,7 +26,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -278,7 +279,10 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
     """The default run's third tower: a classifier pretrained by `pretrain` on the shapes world's
     --tower3-label labels, once, then reused from --cache-dir -- a genuinely pretrained tower,
     never a random one. The file name holds everything the tower depends on, including a digest
-    of the preset's shape and of a rendered image, so a changed preset or world is never reused."""
+    of the preset's shape and of a rendered image, so a changed preset or world is never reused. Runs that
+    start together with the same --cache-dir pretrain it once: the first holds a lock on the file beside the
+    tower (PATH.lock, left in place: a lock file is never removed while another run may wait on it), the
+    others wait for it and reuse the tower it wrote."""
     recipe = ["--label", args.tower3_label, "--image-arch", args.image_arch, "--image-size", str(args.image_size),
               "--steps", str(args.tower3_steps), "--batch-size", str(args.tower3_batch_size), "--lr", "4e-3",
               "--warmup", "20", "--seed", str(args.seed)]
@@ -287,7 +291,12 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
                                        ).encode()).hexdigest()[:8]
     path = os.path.abspath(os.path.join(args.cache_dir, f"tower3-shapes-{args.tower3_label}-{args.image_arch}-"
                                                         f"{args.image_size}px-s{args.seed}-{digest}.pt"))
-    if not os.path.exists(path):
+    if every_rank(env, os.path.exists(path)):
+        return path
+    with exclusive(f"{path}.lock", env, f"[tower3] another run is pretraining the third tower {path}"):
+        if every_rank(env, os.path.exists(path)):
+            log(env, f"[tower3] reusing the third tower that another run pretrained meanwhile: {path}")
+            return path
         log(env, f"[tower3] no pretrained third tower yet: pretraining one on the shapes world's "
                  f"'{args.tower3_label}' labels ({' '.join(recipe)}); it is saved to {path} and reused by later runs")
         folder = path[:-3]
@@ -299,6 +308,30 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
             checkpoint_to(path, {k: ckpt[k] for k in ("format", "mode", "classifier", "model", "args")}, "--cache-dir")
         env.barrier()
     return path
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str, env: Env, holder_busy: str) -> Iterator[None]:
+    """Rank 0 holds an exclusive flock on `lock_path` for the block; while another run holds it, rank 0 says so
+    (`holder_busy` and who) and waits, and the other ranks wait at a barrier. The kernel drops the lock when its
+    holder dies, so a crashed run never blocks the next one."""
+    f = open(lock_path, "a+") if env.master else None
+    try:
+        if f is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                log(env, f"{holder_busy} ({f.read().strip() or 'holder unknown'}): waiting for it")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+        env.barrier()
+        yield
+    finally:
+        if f is not None:
+            f.close()
 
 
 def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset) -> RowTable | None:

@@ -575,3 +575,42 @@ def test_temporary_cache_files_of_dead_builds_are_removed(tmp_path, towers):
     other.write_bytes(b"rows of a build on another node")
     train.main(tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "1", "--eval-data", "none"))
     assert not stale.exists() and other.exists()
+
+
+# ------------------------------------------------------------------ 15. two default runs share one --cache-dir
+def test_two_runs_pretraining_the_same_auto_tower_wait_and_share_it(tmp_path):
+    """Run A pretrains the --tower3 auto tower and is paused (SIGSTOP) half-way; run B, with its own --out and the
+    same fresh --cache-dir, must wait for A's tower instead of stopping, then reuse it."""
+    def start(out: str, log) -> subprocess.Popen:
+        argv = tiny(tmp_path, "--mode", "3t", "--tower3", "auto", "--tower3-steps", "300", "--tower3-batch-size", "8",
+                    "--steps", "1", "--eval-data", "none", out=out)
+        return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+    def wait_until(condition, process: subprocess.Popen, what: str) -> None:
+        for _ in range(1200):
+            if condition():
+                return
+            assert process.poll() is None, f"ended before {what}"
+            time.sleep(0.1)
+        raise AssertionError(f"no {what} in 2 minutes")
+    a_log, b_log = open(tmp_path / "a.log", "w+"), open(tmp_path / "b.log", "w+")
+    a = start("a", a_log)
+    b = None
+    try:
+        wait_until(lambda: any(p.read_text() for p in (tmp_path / "cache").glob("tower3-*/metrics.jsonl")), a,
+                   "a pretraining step of run A")
+        a.send_signal(signal.SIGSTOP)
+        b = start("b", b_log)
+        wait_until(lambda: "waiting for it" in (tmp_path / "b.log").read_text(), b, "run B waiting for A's tower")
+        a.send_signal(signal.SIGCONT)
+        assert a.wait(timeout=300) == 0, (tmp_path / "a.log").read_text()[-3000:]
+        assert b.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    finally:
+        for p in filter(None, (a, b)):
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait()
+    assert "reusing the third tower that another run pretrained meanwhile" in (tmp_path / "b.log").read_text()
+    assert len(list((tmp_path / "cache").glob("tower3-*.pt"))) == 1
+    assert (tmp_path / "a" / "ckpt.pt").exists() and (tmp_path / "b" / "ckpt.pt").exists()
