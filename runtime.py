@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import errno
 import fcntl
-import glob
 import hashlib
 import json
 import math
@@ -23,7 +22,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +36,8 @@ from model import CHECKPOINT_FORMAT, read_checkpoint, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
-# The project's own errors: one line each, no traceback (the entry points catch data.ProjectError)
+# The project's own errors: one line each, no traceback (the entry points catch data.ProjectError); writes that
+# leave nothing half-written and say a full disk in one line
 # ----------------------------------------------------------------------------------------------
 
 
@@ -77,7 +77,7 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def append_whole(f, line: bytes) -> None:
+def append_whole(f: BinaryIO, line: bytes) -> None:
     """Append `line` to the unbuffered binary file `f` whole or not at all: a write that fails part-way is cut
     back off, so the file never ends in half a record. Re-raises the error."""
     start = f.seek(0, os.SEEK_END)
@@ -340,7 +340,7 @@ def check_finite(ok: bool, streak: int, args: argparse.Namespace, env: Env, step
     log(env, f"[warn] step {step}: non-finite loss/gradient, step skipped ({streak + 1} in a row)")
     if streak + 1 >= args.max_nonfinite:
         raise NonFinite(f"{streak + 1} non-finite steps in a row at step {step}: lower --lr, "
-                                 f"check the data, or use --precision fp32")
+                        f"check the data, or use --precision fp32")
     return streak + 1
 
 
