@@ -479,7 +479,9 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, run_clip, c
 def test_resume_with_a_changed_step_count_continues_and_says_so(tmp_path, run_clip, capsys):
     train.main(tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none", "--save-every", "1",
                     "--log-every", "2", "--resume", str(run_clip)))
-    assert "[resume]" in capsys.readouterr().out.split("changed: --log-every 1 -> 2, --steps 2 -> 3")[0]
+    resumed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[resume]")]
+    assert len(resumed) == 1 and "step 2, epoch 0, batch 2; changed: " in resumed[0]
+    assert "--log-every 1 -> 2" in resumed[0] and "--steps 2 -> 3" in resumed[0]
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
 
 
