@@ -99,8 +99,25 @@ MAX_IMAGE_PIXELS = 2**26      # 67M pixels, e.g. 8192 x 8192
 MAX_FILE_BYTES = 2**28        # 256 MiB per image file or tar member
 
 
-class DataError(ValueError):
+CSV_FIELD_LIMIT = 2**31 - 1   # characters per CSV field (the csv module's default is 131072)
+
+
+class ProjectError(Exception):
+    """An error that its one-line message fully explains (bad input data, a flag at odds with a file, a run
+    that cannot go on): the entry points (train.main, eval.main) print that line and exit with code 1, no
+    traceback. Anything else is a bug and keeps its traceback."""
+
+
+class DataError(ProjectError, ValueError):
     """Bad input data; the message names the file or shard and what was expected."""
+
+
+class MissingData(DataError, FileNotFoundError):
+    """A data file, image or shard that is not there; still a FileNotFoundError for callers that test for it."""
+
+
+class UnusableData(DataError, RuntimeError):
+    """A reader met more bad data than it may skip (a mostly bad or truncated shard, a run of unusable images)."""
 
 
 class TooLarge(DataError):
@@ -182,8 +199,11 @@ class CsvPairs(Dataset):
                  tower3_image_size: int | None = None, num_samples: int | None = None, caption_noise: float = 0.0,
                  seed: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS, max_file_bytes: int = MAX_FILE_BYTES):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"caption file not found: {path}")
+            raise MissingData(f"caption file not found: {path}")
         sep = separator or ("\t" if path.lower().endswith(".tsv") else ",")
+        # The csv module refuses fields over 131072 characters by default; a caption that long is cut by the
+        # tokenizer like any other, never a reason to refuse the whole file.
+        csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
         folder = os.path.dirname(os.path.abspath(path))
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:    # -sig: drop a BOM
             reader = csv.DictReader(f, delimiter=sep)
@@ -191,7 +211,7 @@ class CsvPairs(Dataset):
                 columns = reader.fieldnames or []
                 for key in (img_key, caption_key):
                     if key not in columns:
-                        raise ValueError(f"{path}: no column {key!r} (separator {sep!r}); its columns are {columns}")
+                        raise DataError(f"{path}: no column {key!r} (separator {sep!r}); its columns are {columns}")
                 rows = [(os.path.join(folder, r[img_key] or ""), (r[caption_key] or "").strip()) for r in reader]
             except csv.Error as e:  # e.g. a field over csv.field_size_limit()
                 raise DataError(f"{path}: not a {sep!r}-separated file after line {reader.line_num} ({e})") from None
@@ -203,9 +223,9 @@ class CsvPairs(Dataset):
         stats = {p: _file_stat(p) for p in dict.fromkeys(p for p, _ in rows)}      # each image once, in row order
         missing = [p for p, st in stats.items() if st is None]
         if missing:
-            raise FileNotFoundError(f"{path}: {len(missing)} image file(s) missing, first: {missing[:5]}")
+            raise MissingData(f"{path}: {len(missing)} image file(s) missing, first: {missing[:5]}")
         if not rows:
-            raise ValueError(f"{path}: no usable rows")
+            raise DataError(f"{path}: no usable rows")
         stamps = [(os.path.relpath(p, folder), stats[p]) for p, _ in rows]        # h depends on the image of each row
         self.stamp = hashlib.sha256(repr(stamps).encode()).hexdigest()[:16]
         cut = ("" if num_samples is None else f"; the first {num_samples:,} kept" if num_samples < len(usable)
@@ -245,7 +265,7 @@ class CsvPairs(Dataset):
                     self.logged += 1
                     logger.warning("%s row %d: cannot use %s (%s)", self.path, row, self.rows[row][0], e)
         else:
-            raise RuntimeError(f"{self.path}: 16 consecutive unusable images from row {index}")
+            raise UnusableData(f"{self.path}: 16 consecutive unusable images from row {index}")
         caption = self.rows[noisy_source(self.seed, row, len(self.rows), self.caption_noise)][1]
         view = seeded(self.transform, image, self.seed, self.epoch, index) if self.train else self.transform(image)
         item = {"image": view, "caption": caption, "index": index, "data_errors": dict(errors)}
@@ -274,6 +294,7 @@ def _read_bytes(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
 # ----------------------------------------------------------------------------- tar shards
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_DUPLICATE = "/duplicate"  # marks a sample whose key repeats (no member extension contains '/')
 _BAD_CHECK_MIN = 100  # a shard is judged by its bad fraction only once it has shown this many samples
 
 
@@ -287,10 +308,14 @@ def expand_pattern(pattern: str) -> list[str]:
             paths.add(p)
         else:
             missing.append(p)
+    unmatched = next((p for p in missing if "{" in p or "}" in p), None)
+    if unmatched is not None:
+        raise DataError(f"pattern {pattern!r}: an unmatched brace (it names {unmatched!r}); expected "
+                        f"{{A..B}} with numbers A <= B or {{x,y,...}}, e.g. 'data/{{00000..00099}}.tar'")
     if missing:
-        raise FileNotFoundError(f"pattern {pattern!r}: {len(missing)} file(s) missing, first: {missing[:3]}")
+        raise MissingData(f"pattern {pattern!r}: {len(missing)} file(s) missing, first: {missing[:3]}")
     if not paths:
-        raise FileNotFoundError(f"pattern {pattern!r} matched no files")
+        raise MissingData(f"pattern {pattern!r} matched no files")
     return sorted(paths)
 
 
@@ -303,7 +328,7 @@ def _expand_braces(pattern: str) -> list[str]:
     if r:
         a, b = r.groups()
         if int(a) > int(b):
-            raise ValueError(f"pattern {pattern!r}: descending range {{{body}}}")
+            raise DataError(f"pattern {pattern!r}: descending range {{{body}}}")
         width = len(a) if (len(a) == len(b) or a.startswith("0")) else 0  # {00000..00099} keeps the padding
         items = [str(i).zfill(width) for i in range(int(a), int(b) + 1)]
     elif "," in body:
@@ -361,7 +386,7 @@ class _SkipLog:
     def _check(self, shard: str) -> None:
         seen, bad = self.seen[shard], self.bad[shard]
         if seen >= _BAD_CHECK_MIN and bad > self.max_bad_fraction * seen:
-            raise RuntimeError(f"shard {shard}: {bad} of {seen} samples bad, more than max_bad_fraction="
+            raise UnusableData(f"shard {shard}: {bad} of {seen} samples bad, more than max_bad_fraction="
                                f"{self.max_bad_fraction}; skips in this reader so far: {dict(self.pending)}")
 
     def take(self) -> dict[str, int]:
@@ -392,9 +417,9 @@ class TarShards(IterableDataset):
                 with tarfile.open(shard):
                     pass
             except (tarfile.TarError, OSError) as e:
-                raise ValueError(f"not a readable tar file: {shard} ({e})") from e
+                raise DataError(f"not a readable tar file: {shard} ({e})") from e
         if len(self.shards) < world_size:
-            raise ValueError(f"{len(self.shards)} shards for {world_size} ranks: every rank needs a shard")
+            raise DataError(f"{len(self.shards)} shards for {world_size} ranks: every rank needs a shard")
         self.pattern, self.rank, self.world_size, self.seed = pattern, rank, world_size, seed
         self.shuffle_buffer, self.train, self.max_bad_fraction = shuffle_buffer, train, max_bad_fraction
         self.tower3_image_size, self.max_image_pixels = tower3_image_size, max_image_pixels
@@ -418,7 +443,7 @@ class TarShards(IterableDataset):
         """Number of readers (ranks x workers); raises unless each one gets at least one shard."""
         readers = self.world_size * workers
         if len(self.shards) < readers:
-            raise ValueError(f"{len(self.shards)} shards ({self.pattern!r}) cannot feed {self.world_size} ranks x "
+            raise DataError(f"{len(self.shards)} shards ({self.pattern!r}) cannot feed {self.world_size} ranks x "
                              f"{workers} workers = {readers} readers; use more shards or fewer workers")
         return readers
 
@@ -479,11 +504,13 @@ class TarShards(IterableDataset):
             yield held
 
     def _raw(self, shards: list[str], log: _SkipLog) -> Iterator[tuple[str, str, bytes, str]]:
-        """(shard, key, image bytes, caption) per complete sample; incomplete ones are counted."""
+        """(shard, key, image bytes, caption) per complete sample; incomplete ones are counted. A sample whose
+        key repeats (a second caption or image, or the key again later in the shard) is ambiguous: which
+        caption belongs to which image is unknown, so it is skipped whole ('duplicate_key'), never merged."""
         for shard in shards:
             try:
                 with tarfile.open(shard, mode="r|*") as tar:  # streaming: one pass, no index
-                    key, group = None, {}
+                    key, group, seen = None, {}, set()
                     for member in tar:
                         name = os.path.basename(member.name)
                         if not member.isfile() or name.startswith("."):
@@ -491,13 +518,16 @@ class TarShards(IterableDataset):
                         k, ext = _split_member(member.name)
                         if k != key:
                             yield from self._complete(shard, key, group, log)
-                            key, group = k, {}
+                            key, group = k, {_DUPLICATE: True} if k in seen else {}
+                            seen.add(k)
+                        if ext in group or (ext in _IMAGE_EXTS and any(e in group for e in _IMAGE_EXTS)):
+                            group[_DUPLICATE] = True
                         # a member over the limit is never read (a sparse one can claim gigabytes): None marks it
                         group[ext] = tar.extractfile(member).read() if member.size <= self.max_file_bytes else None
                     yield from self._complete(shard, key, group, log)
                     _check_tar_end(shard, tar.offset)
             except (tarfile.TarError, OSError, EOFError) as e:
-                raise RuntimeError(f"shard {shard}: unreadable or truncated tar ({e})") from e
+                raise UnusableData(f"shard {shard}: unreadable or truncated tar ({e})") from e
 
     @staticmethod
     def _complete(shard: str, key: str | None, group: dict[str, bytes | None],
@@ -506,7 +536,9 @@ class TarShards(IterableDataset):
             return
         log.see(shard)
         ext = next((e for e in _IMAGE_EXTS if e in group), None)
-        if any(v is None for v in group.values()):
+        if group.get(_DUPLICATE):
+            log.skip(shard, key, "duplicate_key")
+        elif any(v is None for v in group.values()):
             log.skip(shard, key, "too_large")
         elif ext is None:
             log.skip(shard, key, "missing_image")
@@ -562,8 +594,11 @@ def image_folder(root: str, transform: Callable[[Tensor], Tensor], **kwargs: Any
     from torchvision.datasets import ImageFolder
 
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root}")
-    folder = ImageFolder(root)  # only scans: classes = sorted sub-folder names
+        raise MissingData(f"image folder not found: {root}")
+    try:
+        folder = ImageFolder(root)  # only scans: classes = sorted sub-folder names
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        raise MissingData(f"image folder {root}: {e}") from None
     return LabelledImages(transform, folder.classes, folder.targets, paths=[p for p, _ in folder.samples], **kwargs)
 
 

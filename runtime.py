@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import socket
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +33,96 @@ from tqdm import tqdm
 
 import data
 from model import CHECKPOINT_FORMAT, read_checkpoint, save_checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# The project's own errors: one line each, no traceback (the entry points catch data.ProjectError); writes that
+# leave nothing half-written and say a full disk in one line
+# ----------------------------------------------------------------------------------------------
+
+
+class RunError(data.ProjectError):
+    """A run that cannot go on for a reason its message names (a checkpoint's stored part that does not load)."""
+
+
+class NonFinite(RunError, FloatingPointError):
+    """--max-nonfinite non-finite steps in a row: the run stops (a FloatingPointError too)."""
+
+
+class DiskFull(RunError):
+    """A write under --out or --cache-dir found its disk (or quota) full; nothing half-written is left."""
+
+
+def raise_if_disk_full(error: OSError, flag: str, folder: str, what: str, needed: int) -> None:
+    """DiskFull naming the folder, what was written and about how many bytes it needs, when `error` says the disk
+    or quota is full (ENOSPC, EDQUOT); otherwise return, and the caller re-raises `error`."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return
+    try:
+        free = f", {shutil.disk_usage(folder).free:,} bytes free"
+    except OSError:
+        free = ""
+    raise DiskFull(f"{flag} {folder!r}: no space left on the device for {what}: it needs about {needed:,} bytes"
+                   f"{free}; free some space there or give another {flag}") from None
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a (nested) checkpoint: about the size its file needs."""
+    if isinstance(obj, Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def append_whole(f: BinaryIO, line: bytes) -> None:
+    """Append `line` to the unbuffered binary file `f` whole or not at all: a write that fails part-way is cut
+    back off, so the file never ends in half a record. Re-raises the error."""
+    start = f.seek(0, os.SEEK_END)
+    try:
+        done = 0
+        while done < len(line):
+            done += os.write(f.fileno(), line[done:])
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(f.fileno(), start)
+        raise
+
+
+def checkpoint_to(path: str, ckpt: dict, flag: str) -> None:
+    """save_checkpoint (atomic: a failed save leaves the previous file intact and no temporary file), with a
+    full disk said in one line (DiskFull) naming the folder `flag` gave."""
+    try:
+        save_checkpoint(ckpt, path)
+    except OSError as e:
+        raise_if_disk_full(e, flag, os.path.dirname(path) or ".", os.path.basename(path), tensor_bytes(ckpt))
+        raise
+
+
+def write_file(path: str, content: bytes, flag: str) -> None:
+    """Write a small file whole or not at all (a temporary file beside it, then a rename), with a full disk said
+    in one line (DiskFull) naming the folder `flag` gave."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    try:
+        with open(tmp, "wb", buffering=0) as f:
+            append_whole(f, content)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise_if_disk_full(e, flag, os.path.dirname(path) or ".", os.path.basename(path), len(content))
+        raise
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker reaches the main process
+    with the worker's traceback in its message; its last line is the message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +345,7 @@ def apply_gradients(model: torch.nn.Module, optimizer, scheduler, grad_clip: flo
 
 class NonFiniteSteps:
     """Non-finite steps, counted on the device and read by the host only at sync steps (`sync_step`):
-    a warning with their number, and FloatingPointError after --max-nonfinite in a row. The flag is
+    a warning with their number, and NonFinite after --max-nonfinite in a row. The flag is
     rank-identical (apply_gradients), so every rank stops at the same step."""
 
     def __init__(self, limit: int, device: torch.device):
@@ -271,8 +364,8 @@ class NonFiniteSteps:
         if count:
             log(env, f"[warn] up to step {step}: {count} step(s) with a non-finite loss/gradient made no update")
         if longest >= self.limit:
-            raise FloatingPointError(f"{longest} non-finite steps in a row by step {step}: lower --lr, "
-                                     f"check the data, or use --precision fp32")
+            raise NonFinite(f"{longest} non-finite steps in a row by step {step}: lower --lr, "
+                            f"check the data, or use --precision fp32")
 
 
 def sync_step(step: int, first: int, total: int, args: argparse.Namespace) -> bool:
@@ -369,17 +462,54 @@ def save(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, 
         ranks = [None] * env.world
         dist.all_gather_object(ranks, mine)
     if env.master:
-        save_checkpoint({"format": CHECKPOINT_FORMAT, "mode": args.mode, "args": vars(args),
-                                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "step": position.step, "ranks": ranks,
-                                   "data_errors": dict(position.data_errors), **extra},
-                                  os.path.join(args.out, "ckpt.pt"))
+        checkpoint_to(os.path.join(args.out, "ckpt.pt"),
+                      {"format": CHECKPOINT_FORMAT, "mode": args.mode, "args": vars(args),
+                       "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "step": position.step, "ranks": ranks,
+                       "data_errors": dict(position.data_errors), **extra}, "--out")
+
+
+# What a resumed run may set otherwise than the run that wrote its checkpoint: how long it runs (--steps, --epochs:
+# the schedule follows the new total), where and how often it saves, logs and evaluates, how many loader workers
+# read map-style data (each sample's crop is seeded by the sample, so the order and the pixels stay the same), and
+# where the third tower's cache lives. Everything else decides which samples come in which order, or how a step
+# computes, and must match, or the resumed run would not continue the one it resumes.
+RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "eval_every", "log_every", "quiet", "workers", "out",
+                     "eval_data", "eval_images", "max_nonfinite", "compile", "cache_dir", "cache_tower3",
+                     "grad_checkpointing")
+# Flags judged by the model they build instead (check_resumable: the model's configuration and the frozen tower's
+# weights, so a third tower moved to another path still resumes); the learned temperature replaces the initial one.
+RESUME_BY_MODEL = ("mode", "image_arch", "image_size", "text_arch", "embed_dim", "no_tower3_heads", "loss",
+                   "init_temperature", "tower3", "tower3_label", "tower3_steps", "tower3_batch_size")
+
+
+def changed_settings(ckpt: dict, args: argparse.Namespace, path: str) -> list[str]:
+    """The flags in RESUME_MAY_CHANGE that differ from the checkpoint's ("--steps 4 -> 8"), for the log; SystemExit
+    naming every other flag that differs. --workers may not change for tar shards: the number of readers decides
+    which reader streams which shard. Flags the checkpoint does not record (an older train.py's) pass."""
+    recorded = ckpt.get("args") or {}
+    streamed = args.mode != "supervised" and args.train_data != "shapes" and \
+        not args.train_data.lower().endswith((".csv", ".tsv"))
+    free = set(RESUME_MAY_CHANGE) - ({"workers"} if streamed else set())
+    changed, refused = [], []
+    for name, now in sorted(vars(args).items()):
+        if name in RESUME_BY_MODEL or name == "resume" or name not in recorded or recorded[name] == now:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        (changed if name in free else refused).append((flag, recorded[name], now))
+    if refused:
+        raise SystemExit(f"--resume {path!r} was written with other settings: "
+                         + "; ".join(f"{flag} {was!r} there, {now!r} now" for flag, was, now in refused)
+                         + f". Resume with the checkpoint's values (only "
+                           f"{', '.join('--' + n.replace('_', '-') for n in sorted(free))} may change), "
+                           f"or start a new run with another --out")
+    return [f"{flag} {was!r} -> {now!r}" for flag, was, now in changed]
 
 
 def find_checkpoint(args: argparse.Namespace) -> dict | None:
     """The checkpoint to resume from: --resume PATH, or with --resume latest the run folder's ckpt.pt
     if there is one; also after an elastic restart by torchrun (--max-restarts), so a restarted worker
-    continues instead of starting over."""
+    continues instead of starting over. Its settings must match these flags (changed_settings)."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     path = args.resume
     if args.resume == "latest" or (args.resume is None and restarted):
@@ -399,7 +529,7 @@ def find_checkpoint(args: argparse.Namespace) -> dict | None:
     missing = [k for k in ("model", "optimizer", "scheduler", "step", "ranks") if k not in ckpt]
     if missing:
         raise SystemExit(f"--resume {path!r}: an incomplete checkpoint, without {', '.join(missing)}")
-    return {**ckpt, "path": path}
+    return {**ckpt, "path": path, "changed": changed_settings(ckpt, args, path)}
 
 
 def check_resumable(ckpt: dict | None, config: dict, tower3_digest: str | None = None) -> None:
@@ -432,7 +562,8 @@ def resume(env: Env, ckpt: dict | None, model: torch.nn.Module, optimizer, sched
                          f"with the same number (now {env.world}) to continue exactly")
     mine = ckpt["ranks"][env.rank]
     set_rng_state(mine["rng"])
-    log(env, f"[resume] {ckpt['path']}: step {ckpt['step']}, epoch {mine['epoch']}, batch {mine['batch_in_epoch']}")
+    log(env, f"[resume] {ckpt['path']}: step {ckpt['step']}, epoch {mine['epoch']}, batch {mine['batch_in_epoch']}"
+             + (f"; changed: {', '.join(ckpt['changed'])}" if ckpt.get("changed") else ""))
     return Position(ckpt["step"], mine["epoch"], mine["batch_in_epoch"], Counter(ckpt.get("data_errors", {})))
 
 
@@ -447,7 +578,7 @@ class MetricsLog:
 
     def __init__(self, args: argparse.Namespace, env: Env, total: int, position: Position, scheduler):
         self.args, self.env, self.position, self.total, self.scheduler = args, env, position, total, scheduler
-        self.file = open(os.path.join(args.out, "metrics.jsonl"), "a") if env.master else None
+        self.file = open(os.path.join(args.out, "metrics.jsonl"), "ab", buffering=0) if env.master else None
         self.bar = tqdm(total=total, initial=position.step, desc=args.mode, disable=not env.master or args.quiet,
                         dynamic_ncols=True)
         self.running: Counter = Counter()
@@ -482,8 +613,12 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            line = (json.dumps(record) + "\n").encode()
+            try:
+                append_whole(self.file, line)
+            except OSError as e:
+                raise_if_disk_full(e, "--out", self.args.out, "metrics.jsonl", len(line))
+                raise
 
     def close(self) -> None:
         self.bar.close()
@@ -499,21 +634,31 @@ class MetricsLog:
 
 
 class RowTable:
-    """A float32 table (rows x dim) in one file: a JSON header padded to 4 KiB, then the rows. Rows are written
-    and read by offset (os.pwrite / os.pread), so a process holds only the rows it touches, and the OS page
-    cache (one per node, shared by its processes) keeps the hot part. Holds the third tower's cache (train.tower3_cache)."""
+    """A float32 table (rows x dim) in one file: a JSON header padded to 4 KiB, the rows, then a sha256 digest of
+    every block of BLOCK rows. Rows are written and read by offset (os.pwrite / os.pread), so a process holds only
+    the rows it touches, and the OS page cache (one per node, shared by its processes) keeps the hot part. Holds the
+    third tower's cache (train.tower3_cache), which `seal`s it once written and checks it (`damaged`) before reuse:
+    a damaged file is recomputed, never read."""
 
     HEADER = 4096
+    BLOCK = 1024          # rows per digest
+    DIGEST = 32           # bytes of a sha256 digest
 
     def __init__(self, path: str, fd: int, rows: int, dim: int):
         self.path, self.fd, self.rows, self.dim = path, fd, rows, dim
+        self.blocks = -(-rows // self.BLOCK)
+
+    @classmethod
+    def size(cls, rows: int, dim: int) -> int:
+        """Bytes of the file: header, rows, one digest per block."""
+        return cls.HEADER + rows * dim * 4 + -(-rows // cls.BLOCK) * cls.DIGEST
 
     @classmethod
     def create(cls, path: str, rows: int, dim: int, **meta: Any) -> None:
-        header = json.dumps({"rows": rows, "dim": dim, **meta}).encode()
+        header = json.dumps({"rows": rows, "dim": dim, "block": cls.BLOCK, **meta}).encode()
         with open(path, "wb") as f:
             f.write(header.ljust(cls.HEADER))
-            f.truncate(cls.HEADER + rows * dim * 4)                # sparse until written
+            f.truncate(cls.size(rows, dim))                        # sparse until written
 
     @classmethod
     def open(cls, path: str, rows: int, dim: int, writable: bool = False, **meta: Any) -> RowTable | None:
@@ -527,7 +672,7 @@ class RowTable:
             header = json.loads(os.pread(fd, cls.HEADER, 0))
         except ValueError:
             header = None
-        if header != {"rows": rows, "dim": dim, **meta} or os.fstat(fd).st_size != cls.HEADER + rows * dim * 4:
+        if header != {"rows": rows, "dim": dim, "block": cls.BLOCK, **meta} or os.fstat(fd).st_size != cls.size(rows, dim):
             os.close(fd)
             return None
         return cls(path, fd, rows, dim)
@@ -547,6 +692,25 @@ class RowTable:
     def write(self, start: int, rows: Tensor) -> None:
         """Write rows (B, dim) at rows start..start+B-1."""
         os.pwrite(self.fd, rows.float().contiguous().numpy().tobytes(), self.HEADER + start * 4 * self.dim)
+
+    def _digest(self, block: int) -> bytes:
+        width, lo = 4 * self.dim, block * self.BLOCK
+        count = min(self.BLOCK, self.rows - lo)
+        return hashlib.sha256(os.pread(self.fd, count * width, self.HEADER + lo * width)).digest()
+
+    def _digest_at(self, block: int) -> int:
+        return self.HEADER + self.rows * self.dim * 4 + block * self.DIGEST
+
+    def seal(self, rank: int = 0, world: int = 1) -> None:
+        """Store the digests of blocks rank, rank + world, ... (every rank its share, once all rows are written)."""
+        for block in range(rank, self.blocks, world):
+            os.pwrite(self.fd, self._digest(block), self._digest_at(block))
+
+    def damaged(self, rank: int = 0, world: int = 1) -> list[int]:
+        """The blocks among rank, rank + world, ... whose rows no longer match their digest (each rank checks
+        its share, so together the ranks read the file once)."""
+        return [block for block in range(rank, self.blocks, world)
+                if os.pread(self.fd, self.DIGEST, self._digest_at(block)) != self._digest(block)]
 
     def __del__(self) -> None:
         os.close(self.fd)

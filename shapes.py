@@ -128,6 +128,9 @@ def _describe(d: dict[str, Any], rng: np.random.Generator, templates: Sequence[i
 # ----------------------------------------------------------------------------------------------
 # The generator: attributes -> captions and painted images
 # ----------------------------------------------------------------------------------------------
+MIN_IMAGE_SIZE = 16   # the smallest images the world renders (its shapes and positions need the pixels)
+
+
 class ShapesWorld:
     """Deterministic procedural world. Splits are disjoint index ranges.
 
@@ -140,8 +143,8 @@ class ShapesWorld:
     SPLITS: dict[str, int] = {"train": 0, "pretrain": 10**8, "test": 2 * 10**8, "val": 3 * 10**8}
 
     def __init__(self, seed: int = 0, image_size: int = 64):
-        if image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {image_size}")
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
         self.seed, self.image_size = seed, image_size
         s = image_size
         grid = np.arange(s, dtype=np.float32) + 0.5  # pixel centres

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import math
 import os
+import re
+import socket
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -35,10 +39,10 @@ import shapes
 import tasks
 from losses import PAIRS, default_weights, tower_loss
 from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, checksum, load_tower3,
-                   read_checkpoint, save_checkpoint, summary)
-from runtime import (Env, MetricsLog, NonFiniteSteps, RowTable, StepBatches, apply_gradients, autocast, check_ranges,
-                     check_resumable, claim_folders, endless, every_rank, find_checkpoint, log, resume, save, schedule,
-                     sync_step, wrap)
+                   read_checkpoint, summary)
+from runtime import (Env, MetricsLog, NonFiniteSteps, RowTable, RunError, StepBatches, apply_gradients, autocast,
+                     check_ranges, check_resumable, checkpoint_to, claim_folders, endless, every_rank, find_checkpoint,
+                     log, one_line, raise_if_disk_full, resume, save, schedule, sync_step, wrap, write_file)
 from tokenizer import Tokenizer
 
 
@@ -192,6 +196,9 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.mode == "supervised" and (args.accum_freq > 1 or args.grad_checkpointing):
         p.error("--accum-freq and --grad-checkpointing apply to the contrastive modes clip, lit and 3t, "
                 "not --mode supervised")
+    if args.train_data == "shapes" and args.image_size < shapes.MIN_IMAGE_SIZE:
+        p.error(f"--image-size {args.image_size}: expected at least {shapes.MIN_IMAGE_SIZE} with --train-data shapes "
+                f"(the shapes world renders no smaller)")
     patch = VIT_PRESETS.get(args.image_arch, [1])[0]
     if args.image_size % patch:
         p.error(f"--image-size {args.image_size}: expected a multiple of {args.image_arch}'s patch size {patch}")
@@ -243,14 +250,16 @@ def build_tokenizer(args: argparse.Namespace, env: Env, dataset, ckpt: dict | No
     the training data (deterministic, so every rank learns the same). Written to tokenizer.json and
     into every checkpoint, so evaluation and resumed runs tokenise exactly as training did."""
     if ckpt is not None:
-        tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+        try:
+            tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+        except (KeyError, ValueError) as e:
+            raise RunError(f"--resume {ckpt['path']!r}: its stored tokenizer does not load ({one_line(e)})") from None
     elif args.tokenizer == "bytes":
         tokenizer = Tokenizer(args.context_length)
     else:
         tokenizer = Tokenizer.learn(dataset.sample_captions(VOCAB_CAPTIONS), args.vocab_size, args.context_length)
     if env.master:
-        with open(os.path.join(args.out, "tokenizer.json"), "w") as f:
-            json.dump(tokenizer.to_dict(), f)
+        write_file(os.path.join(args.out, "tokenizer.json"), json.dumps(tokenizer.to_dict()).encode(), "--out")
     log(env, f"[tokenizer] {args.tokenizer if ckpt is None else 'from the checkpoint'}: {tokenizer.vocab_size} "
              f"tokens, context {tokenizer.context_length}")
     return tokenizer
@@ -282,7 +291,10 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
     """The default run's third tower: a classifier pretrained by `pretrain` on the shapes world's
     --tower3-label labels, once, then reused from --cache-dir -- a genuinely pretrained tower,
     never a random one. The file name holds everything the tower depends on, including a digest
-    of the preset's shape and of a rendered image, so a changed preset or world is never reused."""
+    of the preset's shape and of a rendered image, so a changed preset or world is never reused. Runs that
+    start together with the same --cache-dir pretrain it once: the first holds a lock on the file beside the
+    tower (PATH.lock, left in place: a lock file is never removed while another run may wait on it), the
+    others wait for it and reuse the tower it wrote."""
     recipe = ["--label", args.tower3_label, "--image-arch", args.image_arch, "--image-size", str(args.image_size),
               "--steps", str(args.tower3_steps), "--batch-size", str(args.tower3_batch_size), "--lr", "4e-3",
               "--warmup", "20", "--seed", str(args.seed)]
@@ -291,7 +303,12 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
                                        ).encode()).hexdigest()[:8]
     path = os.path.abspath(os.path.join(args.cache_dir, f"tower3-shapes-{args.tower3_label}-{args.image_arch}-"
                                                         f"{args.image_size}px-s{args.seed}-{digest}.pt"))
-    if not os.path.exists(path):
+    if every_rank(env, os.path.exists(path)):
+        return path
+    with exclusive(f"{path}.lock", env, f"[tower3] another run is pretraining the third tower {path}"):
+        if every_rank(env, os.path.exists(path)):
+            log(env, f"[tower3] reusing the third tower that another run pretrained meanwhile: {path}")
+            return path
         log(env, f"[tower3] no pretrained third tower yet: pretraining one on the shapes world's "
                  f"'{args.tower3_label}' labels ({' '.join(recipe)}); it is saved to {path} and reused by later runs")
         folder = path[:-3]
@@ -300,19 +317,47 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
                             + (["--quiet"] if args.quiet else [])), env)
         if env.master:   # a slim copy, written only once pretraining has finished
             ckpt = read_checkpoint(os.path.join(folder, "ckpt.pt"))
-            save_checkpoint({k: ckpt[k] for k in ("format", "mode", "classifier", "model", "args")}, path)
+            checkpoint_to(path, {k: ckpt[k] for k in ("format", "mode", "classifier", "model", "args")}, "--cache-dir")
         env.barrier()
     return path
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str, env: Env, holder_busy: str) -> Iterator[None]:
+    """Rank 0 holds an exclusive flock on `lock_path` for the block; while another run holds it, rank 0 says so
+    (`holder_busy` and who) and waits, and the other ranks wait at a barrier. The kernel drops the lock when its
+    holder dies, so a crashed run never blocks the next one."""
+    f = open(lock_path, "a+") if env.master else None
+    try:
+        if f is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                log(env, f"{holder_busy} ({f.read().strip() or 'holder unknown'}): waiting for it")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+        env.barrier()
+        yield
+    finally:
+        if f is not None:
+            f.close()
 
 
 def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset) -> RowTable | None:
     """h(x_i) of every sample i of a finite dataset (h's own view, data.tower3_view), computed once and then
     read by row (LiT Sec. 5.6). The table is a file under --cache-dir named by a fingerprint of the tower's
     weights, h's view and the data (for files: every image's size and modification time); a file whose
-    header does not match is recomputed, never used. Rank r of W computes only rows [r N/W, (r+1) N/W) into
-    a temporary file that every rank writes, and rank 0 renames it into place once each rank sees the
-    others' rows -- so --cache-dir must be on a filesystem that all nodes share. Training reads the rows of
-    its batch: memory O(batch) per rank; the OS page cache holds what is read often."""
+    header does not match, or whose rows no longer match the digests stored when it was built (a damaged
+    file; each rank checks its share of the blocks), is recomputed, never used. Training reads the rows of
+    its batch: memory O(batch) per rank; the OS page cache holds what is read often.
+
+    Stale files: a file of another tower, view or data is not deleted by a run (another run may still use
+    it); it is just never opened again. Remove h-*.bin files (or the whole --cache-dir) to reclaim the
+    space: a run reading one keeps its open file. A recomputed file replaces the old one by a rename, and
+    the temporary files of builds on this host whose process died are removed by the next build."""
     if not args.cache_tower3:
         return None
     if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
@@ -326,18 +371,38 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
     key = dict(rows=len(dataset), dim=tower3.dim, fingerprint=digest.hexdigest()[:16])
     path = os.path.join(args.cache_dir, f"h-{key['fingerprint']}.bin")
     table = RowTable.open(path, **key)
-    if every_rank(env, table is not None):
+    damaged = table.damaged(env.rank, env.world) if table is not None else []
+    if every_rank(env, table is not None and not damaged):
         log(env, f"[tower3] reusing cached embeddings {path}")
         return table
-    if os.path.exists(path):
+    if damaged:
+        log(env, f"[tower3] cache {path}: rows of block(s) {damaged[:5]} (of {RowTable.BLOCK} rows each) do not match "
+                 f"the checksum stored when it was built, a damaged file: recomputing")
+    elif os.path.exists(path):
         log(env, f"[tower3] cache {path} is stale: recomputing")
-    token = [f"{os.getpid()}-{os.urandom(4).hex()}"]               # rank 0's, so every rank names one file
+    del table
+    try:
+        build_cache(args, env, tower3, dataset, path, key)
+    except OSError as e:
+        raise_if_disk_full(e, "--cache-dir", args.cache_dir, f"the third tower's cache {os.path.basename(path)}",
+                           RowTable.size(key["rows"], key["dim"]))
+        raise
+    return RowTable.open(path, **key)
+
+
+def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, path: str, key: dict) -> None:
+    """Compute the table at `path`. Rank r of W computes only rows [r N/W, (r+1) N/W) into a temporary file
+    that every rank writes, each rank seals (checksums) its share of the blocks, and rank 0 renames the file
+    into place once each rank sees the others' rows -- so --cache-dir must be on a filesystem that all nodes
+    share. A failed build leaves no file behind."""
+    token = [f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"]     # rank 0's: every rank names one file
     if env.world > 1:
         dist.broadcast_object_list(token, src=0)
     tmp = f"{path}.{token[0]}.tmp"
     try:
         if env.master:
             os.makedirs(args.cache_dir, exist_ok=True)
+            remove_dead_builds(args.cache_dir)
             RowTable.create(tmp, **key)
         env.barrier()
         table = RowTable.open(tmp, writable=True, **key)     # None where rank 0's file is not visible
@@ -351,13 +416,34 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
         if not every_rank(env, seen):
             raise SystemExit(f"--cache-dir {args.cache_dir}: the ranks do not see each other's rows of {tmp}; use a "
                              f"folder on a filesystem that every node shares, or --no-cache-tower3")
+        table.seal(env.rank, env.world)
+        env.barrier()
         if env.master:
             os.replace(tmp, path)
         env.barrier()
     finally:
         if env.master and os.path.exists(tmp):
             os.remove(tmp)
-    return RowTable.open(path, **key)
+
+
+def remove_dead_builds(folder: str) -> None:
+    """Remove the temporary cache files (h-*.bin.HOST-PID-*.tmp) of builds on this host whose process is gone."""
+    for stale in glob.glob(os.path.join(glob.escape(folder), "h-*.bin.*.tmp")):
+        owner = re.fullmatch(r"h-\w+\.bin\.(.+)-(\d+)-[0-9a-f]{8}\.tmp", os.path.basename(stale))
+        if owner and owner[1] == socket.gethostname() and not alive(int(owner[2])):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def cache_share(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, table: RowTable
@@ -547,11 +633,15 @@ def periodic_eval(args: argparse.Namespace, env: Env, model: ThreeTowers, tower3
 # The entry point
 # ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Entry point for `python train.py`, `torchrun train.py` and tests (`main([...])`)."""
+    """Entry point for `python train.py`, `torchrun train.py` and tests (`main([...])`). The project's own
+    errors (data.ProjectError: bad data, a checkpoint that does not load, the non-finite stop) end in their
+    one line and exit code 1; any other exception is a bug and keeps its traceback."""
     args = parse_args(argv)
     env = Env()
     try:
         return pretrain.pretrain(args, env) if args.mode == "supervised" else run(args, env)
+    except data.ProjectError as e:
+        raise SystemExit(f"train.py: error: {one_line(e)}") from None
     finally:
         env.close()
 

@@ -4,6 +4,7 @@ in a one-line error (SystemExit) or a counted skip -- never a hang, a traceback 
 exit code 0 with a wrong result."""
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -338,3 +339,280 @@ def test_unwritable_folders_fail_before_any_work(tmp_path, towers, run_3t, place
         train.main(base + ["--out", str(bad / "run")])
     with pytest.raises(SystemExit, match=r"--out .*bad.*cannot write"):
         ev.main(["--checkpoint", str(run_3t), "--out", str(bad / "r.json"), "--device", "cpu"])
+
+
+# ------------------------------------------------------------------ 10. the project's own errors: one line, exit 1
+def bad_train_data(tmp_path, kind: str) -> list[str]:
+    """--train-data (and what it needs) for one kind of broken input."""
+    from test_data import jpeg
+    for i in range(16):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(i, 40))
+    if kind == "CSV without its caption column":
+        (tmp_path / "p.csv").write_text("filepath,caption\n" + "".join(f"{i}.jpg,c {i}\n" for i in range(16)))
+    elif kind == "CSV naming missing images":
+        (tmp_path / "p.csv").write_text("filepath,title\n" + "".join(f"gone{i}.jpg,c {i}\n" for i in range(16)))
+    if "CSV" in kind:
+        return ["--train-data", str(tmp_path / "p.csv")]
+    if kind == "not a tar file":
+        (tmp_path / "s.tar").write_bytes(b"this is not a tar file" * 40)
+    elif kind.startswith("truncated tar"):
+        full = good_shard(tmp_path / "full.tar", [f"{i:03d}" for i in range(40)])
+        (tmp_path / "s.tar").write_bytes(open(full, "rb").read()[:30000])
+    pattern = str(tmp_path / ("s-{0..1.tar" if kind == "brace typo" else "s.tar"))
+    return ["--train-data", pattern] + (["--workers", "1"] if "worker" in kind else [])
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("CSV without its caption column", r"p\.csv: no column 'title'"),
+    ("CSV naming missing images", r"p\.csv: 16 image file\(s\) missing"),
+    ("not a tar file", r"not a readable tar file: .*s\.tar"),
+    ("brace typo", r"pattern '.*s-\{0\.\.1\.tar': an unmatched brace"),
+    ("truncated tar", r"shard .*s\.tar: unreadable or truncated tar"),
+    ("truncated tar read by a loader worker", r"shard .*s\.tar: unreadable or truncated tar"),
+])
+def test_data_reader_errors_end_in_one_line_and_exit_code_1(tmp_path, kind, message):
+    args = tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none", "--tokenizer", "bytes",
+                *bad_train_data(tmp_path, kind))
+    if "CSV" not in kind:
+        args = without(args, "--train-samples")             # shards are streamed whole
+    with deadline(120), pytest.raises(SystemExit, match=rf"^train\.py: error: .*{message}") as stop:
+        train.main(args)
+    assert isinstance(stop.value.code, str) and "\n" not in stop.value.code      # a message: exit code 1
+
+
+def test_the_nonfinite_stop_is_one_line(tmp_path, monkeypatch):
+    real = train.tower_loss
+    monkeypatch.setattr(train, "tower_loss", lambda out, mode, w: (real(out, mode, w)[0] * float("nan"), {}))
+    with pytest.raises(SystemExit, match=r"^train\.py: error: 2 non-finite steps in a row by step 2: lower --lr") as stop:
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "5", "--max-nonfinite", "2", "--eval-data", "none"))
+    assert "\n" not in stop.value.code
+
+
+def test_an_image_size_too_small_for_the_shapes_world_fails_at_parse_time(tmp_path, capsys):
+    argv = tiny(tmp_path, "--mode", "clip", "--steps", "1", "--eval-data", "none")
+    argv[argv.index("--image-size") + 1] = "8"                         # a multiple of vit-micro's patch 8
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    assert stop.value.code == 2
+    assert "--image-size 8: expected at least 16 with --train-data shapes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def run_clip(tmp_path_factory):
+    """A finished 2-step clip run (BPE tokenizer, --save-every 1); tests copy what they change."""
+    tmp = tmp_path_factory.mktemp("runclip")
+    train.main(tiny(tmp, "--mode", "clip", "--steps", "2", "--eval-data", "none", "--save-every", "1"))
+    return tmp / "run" / "ckpt.pt"
+
+
+def test_a_stored_tokenizer_that_does_not_load_is_one_line_on_resume(tmp_path, run_clip):
+    from model import read_checkpoint, save_checkpoint
+    ckpt = read_checkpoint(str(run_clip))
+    ckpt["tokenizer"] = {"context_length": 77, "merges": [[1]]}          # a merge is a pair
+    save_checkpoint(ckpt, str(tmp_path / "bad-tokenizer.pt"))
+    with pytest.raises(SystemExit, match=r"^train\.py: error: --resume .*bad-tokenizer\.pt.*: its stored "
+                                         r"tokenizer does not load \(not a stored tokenizer"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none",
+                        "--resume", str(tmp_path / "bad-tokenizer.pt")))
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    def broken(*_):
+        raise ZeroDivisionError("a bug in the step")
+    monkeypatch.setattr(train, "train_step", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug in the step"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "2", "--eval-data", "none"))
+
+
+def test_a_caption_over_the_csv_modules_field_limit_is_read(tmp_path):
+    import data
+    from test_data import jpeg
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(i, 20))
+    long = "a long caption " * 20_000                                     # 300,000 characters
+    assert len(long) > 131072                                             # the csv module's default field limit
+    (tmp_path / "p.csv").write_text(f"filepath,title\n0.jpg,short\n1.jpg,\"{long}\"\n2.jpg,last\n")
+    pairs = data.CsvPairs(str(tmp_path / "p.csv"), image_size=16)
+    assert [pairs[i]["caption"] for i in range(3)] == ["short", long.strip(), "last"]
+
+
+# ------------------------------------------------------------------ 11. tar shards: a repeated key is never merged
+@pytest.mark.parametrize("middle,kept", [
+    ([("7.jpg", 7), ("7.txt", "caption 7"), ("7.txt", "caption of another 7")], []),     # two captions
+    ([("7.jpg", 7), ("7.png", 70), ("7.txt", "caption 7")], []),                         # two images
+    ([("7.jpg", 7), ("7.txt", "caption 7"), ("8.jpg", 8), ("8.txt", "caption 8"),
+      ("7.jpg", 77), ("7.txt", "caption of another 7")], ["caption 7", "caption 8"]),  # the key again, later
+])
+def test_a_duplicated_tar_key_is_skipped_and_counted_never_merged(tmp_path, middle, kept):
+    import data
+    from test_data import jpeg
+    def sample(key: int) -> list:
+        return [(f"{key}.jpg", key), (f"{key}.txt", f"caption {key}")]
+    members = [(name, jpeg(v) if isinstance(v, int) else v.encode())
+               for name, v in sample(1) + middle + sample(9)]
+    items = list(data.TarShards(write_tar(tmp_path / "dup.tar", members), image_size=8, train=False))
+    assert [i["caption"] for i in items] == ["caption 1", *kept, "caption 9"]
+    assert data.collate(items)["data_errors"] == {"duplicate_key": 1}
+
+
+# ------------------------------------------------------------------ 12. resume: other settings are refused or logged
+@pytest.mark.parametrize("change,message", [
+    (["--batch-size", "4"], r"--batch-size 8 there, 4 now"),
+    (["--seed", "1"], r"--seed 0 there, 1 now"),
+    (["--tokenizer", "bytes"], r"--context-length 77 there, 128 now; .*--tokenizer 'bpe' there, 'bytes' now"),
+    (["--context-length", "20"], r"--context-length 77 there, 20 now"),
+    (["--vocab-size", "300"], r"--vocab-size 8192 there, 300 now"),
+    (["--train-samples", "48"], r"--train-samples 64 there, 48 now"),
+    (["--lr", "0.01"], r"--lr 0.002 there, 0.01 now"),
+    (["--caption-noise", "0.5"], r"--caption-noise 0.0 there, 0.5 now"),
+])
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path, run_clip, change, message):
+    with pytest.raises(SystemExit, match=rf"^--resume .*ckpt\.pt.* was written with other settings: {message}\. "
+                                         r"Resume with the checkpoint's values \(only .*--steps") as stop:
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none", "--save-every", "1",
+                        "--resume", str(run_clip), *change))
+    assert "\n" not in stop.value.code
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_resume_with_a_changed_step_count_continues_and_says_so(tmp_path, run_clip, capsys):
+    train.main(tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none", "--save-every", "1",
+                    "--log-every", "2", "--resume", str(run_clip)))
+    resumed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[resume]")]
+    assert len(resumed) == 1 and "step 2, epoch 0, batch 2; changed: " in resumed[0]
+    assert "--log-every 1 -> 2" in resumed[0] and "--steps 2 -> 3" in resumed[0]
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+# ------------------------------------------------------------------ 13. a full disk: one line, the last checkpoint kept
+def enospc(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
+    real, saves = torch.save, []
+
+    def full_on_second_save(obj, f, *args, **kwargs):
+        saves.append(f)
+        if len(saves) == 2:
+            open(f, "wb").write(b"half a checkpoint")
+            enospc()
+        real(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_on_second_save)
+    with pytest.raises(SystemExit, match=r"^train\.py: error: --out '.*run': no space left on the device for ckpt\.pt: "
+                                         r"it needs about [\d,]+ bytes, [\d,]+ bytes free; .*another --out$"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "4", "--save-every", "2", "--eval-data", "none"))
+    from model import read_checkpoint
+    assert read_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 2             # the last good one
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "ckpt.pt", "metrics.jsonl", "tokenizer.json"]
+
+
+def test_a_full_disk_while_building_the_h_cache_leaves_no_file(tmp_path, towers, monkeypatch):
+    monkeypatch.setattr(os, "pwrite", enospc)
+    with pytest.raises(SystemExit, match=r"^train\.py: error: --cache-dir '.*cache': no space left on the device for "
+                                         r"the third tower's cache h-\w+\.bin: it needs about [\d,]+ bytes"):
+        train.main(tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "2", "--eval-data", "none"))
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_a_full_disk_while_logging_metrics_leaves_whole_records(tmp_path, monkeypatch):
+    real, lines = os.write, []
+
+    def full_on_third_record(fd, payload):
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            return real(fd, payload)
+        lines.append(payload)
+        if len(lines) < 3:
+            return real(fd, payload)
+        if len(lines) == 3:
+            return real(fd, bytes(payload)[:10])                        # a short write, then the disk is full
+        enospc()
+    monkeypatch.setattr(os, "write", full_on_third_record)
+    with pytest.raises(SystemExit, match=r"^train\.py: error: --out '.*run': no space left on the device for "
+                                         r"metrics\.jsonl: it needs about \d+ bytes"):
+        train.main(tiny(tmp_path, "--mode", "clip", "--steps", "5", "--eval-data", "none"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]                           # whole records, no half one
+
+
+# ------------------------------------------------------------------ 14. the h cache: damaged rows are recomputed
+def test_h_cache_blocks_that_no_longer_match_their_checksum_are_found(tmp_path):
+    from runtime import RowTable
+    path = str(tmp_path / "t.bin")
+    RowTable.create(path, rows=2500, dim=3, fingerprint="x")              # 3 blocks of 1024 rows
+    table = RowTable.open(path, rows=2500, dim=3, writable=True, fingerprint="x")
+    table.write(0, torch.arange(7500.0).view(2500, 3))
+    table.seal(rank=0, world=2)
+    table.seal(rank=1, world=2)
+    assert table.damaged(rank=0, world=2) == [] and table.damaged(rank=1, world=2) == []
+    table.write(1500, torch.tensor([[1.0, 2.0, 3.0]]))                    # a row of block 1 changes
+    assert table.damaged(rank=0, world=2) == [] and table.damaged(rank=1, world=2) == [1]
+    assert table.damaged() == [1]
+
+
+def test_a_damaged_h_cache_is_recomputed_not_reused(tmp_path, towers, capsys):
+    args = tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "1", "--eval-data", "none")
+    train.main(args)
+    [cache] = [tmp_path / "cache" / f for f in os.listdir(tmp_path / "cache")]
+    built = cache.read_bytes()
+    flip_bytes(cache, at=0.7)                                           # inside the rows (after the 4 KiB header)
+    assert cache.read_bytes() != built
+    capsys.readouterr()
+    train.main(tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "1", "--eval-data", "none",
+                    out="again"))
+    out = capsys.readouterr().out
+    assert "do not match the checksum stored when it was built" in out and "reusing" not in out
+    assert cache.read_bytes() == built                                  # h's rows again, as first computed
+    assert os.listdir(tmp_path / "cache") == [cache.name]
+
+
+def test_temporary_cache_files_of_dead_builds_are_removed(tmp_path, towers):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "cache").mkdir()
+    stale = tmp_path / "cache" / f"h-0123456789abcdef.bin.{socket.gethostname()}-{dead.pid}-0badcafe.tmp"
+    stale.write_bytes(b"rows of a build that died")
+    other = tmp_path / "cache" / f"h-0123456789abcdef.bin.another-host-{dead.pid}-0badcafe.tmp"
+    other.write_bytes(b"rows of a build on another node")
+    train.main(tiny(tmp_path, "--mode", "3t", "--tower3", towers[0], "--steps", "1", "--eval-data", "none"))
+    assert not stale.exists() and other.exists()
+
+
+# ------------------------------------------------------------------ 15. two default runs share one --cache-dir
+def test_two_runs_pretraining_the_same_auto_tower_wait_and_share_it(tmp_path):
+    """Run A pretrains the --tower3 auto tower and is paused (SIGSTOP) half-way; run B, with its own --out and the
+    same fresh --cache-dir, must wait for A's tower instead of stopping, then reuse it."""
+    def start(out: str, log) -> subprocess.Popen:
+        argv = tiny(tmp_path, "--mode", "3t", "--tower3", "auto", "--tower3-steps", "300", "--tower3-batch-size", "8",
+                    "--steps", "1", "--eval-data", "none", out=out)
+        return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+    def wait_until(condition, process: subprocess.Popen, what: str) -> None:
+        for _ in range(1200):
+            if condition():
+                return
+            assert process.poll() is None, f"ended before {what}"
+            time.sleep(0.1)
+        raise AssertionError(f"no {what} in 2 minutes")
+    a_log, b_log = open(tmp_path / "a.log", "w+"), open(tmp_path / "b.log", "w+")
+    a = start("a", a_log)
+    b = None
+    try:
+        wait_until(lambda: any(p.read_text() for p in (tmp_path / "cache").glob("tower3-*/metrics.jsonl")), a,
+                   "a pretraining step of run A")
+        a.send_signal(signal.SIGSTOP)
+        b = start("b", b_log)
+        wait_until(lambda: "waiting for it" in (tmp_path / "b.log").read_text(), b, "run B waiting for A's tower")
+        a.send_signal(signal.SIGCONT)
+        assert a.wait(timeout=300) == 0, (tmp_path / "a.log").read_text()[-3000:]
+        assert b.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    finally:
+        for p in filter(None, (a, b)):
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait()
+    assert "reusing the third tower that another run pretrained meanwhile" in (tmp_path / "b.log").read_text()
+    assert len(list((tmp_path / "cache").glob("tower3-*.pt"))) == 1
+    assert (tmp_path / "a" / "ckpt.pt").exists() and (tmp_path / "b" / "ckpt.pt").exists()

@@ -386,9 +386,6 @@ def test_bad_inputs_give_one_line_errors(files, tmp_path):
     few.write_text("filepath,title\n" + "".join(f"{files.root}/img/00{i}.jpg,caption {i}\n" for i in (0, 2)))
     with pytest.raises(SystemExit, match=r"2 samples, fewer than one global batch \(8 x 1"):
         train.main(run(tmp_path, "--mode", "clip", "--train-data", str(few), "--steps", "2"))
-    (tmp_path / "long.csv").write_text("filepath,title\nimg/0.png," + "a" * 200_000 + "\n")
-    with pytest.raises(data.DataError, match=r"long\.csv: not a ','-separated file after line 1 \(field larger"):
-        data.CsvPairs(str(tmp_path / "long.csv"))
     (files.root / "bom.csv").write_bytes(b"\xef\xbb\xbf" + open(files.csv, "rb").read())
     assert len(data.CsvPairs(str(files.root / "bom.csv"))) == N               # a BOM is not part of 'filepath'
     train.main(run(tmp_path, "--mode", "clip", "--train-data", files.csv, "--steps", "1"))
