@@ -47,7 +47,8 @@ from tqdm import tqdm
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError, collate, with_tower3_view
 from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, load_trained
 from runtime import check_ranges, unwritable
-from tasks import FEWSHOT_LAMBDA, FEWSHOT_POOL_PER_CLASS, TASKS, EvalSuite, build_eval_suite
+from tasks import (FEWSHOT_LAMBDA, FEWSHOT_POOL_PER_CLASS, RETRIEVAL_SPECS, TASKS, ZEROSHOT_SPECS, EvalSuite,
+                   build_eval_suite)
 from tokenizer import Tokenizer
 
 VIEWS = ("main", "tower3", "mix")
@@ -406,13 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--checkpoint", required=True, help=f"a ckpt.pt written by train.py (format '{CHECKPOINT_FORMAT}')")
     add("--tasks", default="zeroshot,retrieval,fewshot", help=f"comma list of {TASKS}")
-    add("--zeroshot-data", default="shapes", help="shapes | imagefolder:ROOT:CLASSNAMES_FILE | "
-        "cifar10:ROOT | cifar100:ROOT (CIFAR in torchvision's format). CLASSNAMES_FILE: one name per "
-        "line, the k-th naming ROOT's k-th class folder in sorted (alphabetical) order")
+    add("--zeroshot-data", default="shapes", help=f"{ZEROSHOT_SPECS} (CIFAR in torchvision's format). "
+        "CLASSNAMES_FILE: one name per line, the k-th naming ROOT's k-th class folder in sorted "
+        "(alphabetical) order")
     add("--fewshot-data", default="shapes", help="shapes | imagefolder:ROOT (probe trained on ROOT/train, "
         "scored on ROOT/test or ROOT/val) | cifar10:ROOT | cifar100:ROOT (train / test split)")
-    add("--retrieval-data", default="shapes", help="shapes | a .csv/.tsv of image paths and "
-        "captions (rows with the same image path are one image with several captions)")
+    add("--retrieval-data", default="shapes", help=f"{RETRIEVAL_SPECS} (rows with the same image "
+        "path are one image with several captions)")
     add("--num-images", type=int, default=500, help="shapes test images (files are used whole)")
     add("--seed", type=int, default=0, help="shapes world seed of the evaluation images")
     add("--embeddings", default="main,tower3,mix", help="views to score with; clip and lit have "
