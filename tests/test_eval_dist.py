@@ -1,7 +1,11 @@
 """Evaluation sharded over ranks: 2 gloo processes (torch.multiprocessing on CPU), each embedding its share
 of an ImageFolder (zero-shot with a class-name file, few-shot), a CSV of captions (retrieval) and the
-prompts, score what one process scores; an unusable image in one rank's share stops both ranks."""
+prompts, score what one process scores; an unusable image in one rank's share stops both ranks; train.py
+evaluates files every --eval-every steps and at the end under torchrun, as eval.py scores its checkpoint;
+and the new flags' bad values stop at parse time, naming the flag."""
+import json
 import os
+import re
 from datetime import timedelta
 
 import pytest
@@ -13,8 +17,10 @@ from torch.utils.data import Subset
 import data
 import eval as ev
 import tasks
+import train
 from model import ThreeTowers, build_image_tower, load_tower3
 from test_files import image_bytes
+from test_train import TINY, torchrun
 from tokenizer import Tokenizer
 
 WORLD = 2
@@ -135,3 +141,72 @@ def test_an_unusable_image_in_one_share_stops_every_rank(sharded, single):
     own, relayed = sharded[1]["error"], sharded[0]["error"]
     assert own == single["error"]
     assert relayed.startswith("rank 1 could not embed its share: DataError: ") and own in relayed
+
+
+# ----------------------------------------------------------------------------- train.py
+def test_train_evaluates_files_every_n_steps_on_two_ranks_as_eval_py_scores_its_checkpoint(sets, tmp_path):
+    """torchrun, 2 ranks: --zeroshot-data (ImageFolder + names) and --retrieval-data (CSV) are scored at
+    steps 1 and 2 (--eval-every 1, and the end), logged once by rank 0; the last record equals eval.py's
+    one-process scores of the final checkpoint."""
+    zeroshot = f"imagefolder:{sets['folder']}/val:{sets['names']}"
+    args = TINY + ["--mode", "clip", "--steps", "2", "--eval-every", "1", "--zeroshot-data", zeroshot,
+                   "--retrieval-data", sets["csv"], "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]
+    r = torchrun("--standalone", "--nproc_per_node=2", "train.py", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("[eval] step 1:") == 1 and r.stdout.count("[eval] step 2:") == 1
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    evals = [rec for rec in records if "eval" in rec]
+    assert [rec["step"] for rec in evals] == [1, 2]
+    assert {"zeroshot/imagefolder/top1", "retrieval/i2t/R@1", "retrieval/t2i/R@10"} <= set(evals[-1]["eval"])
+    assert not any("object" in k for k in evals[-1]["eval"])                   # the files replaced the shapes tasks
+    expected = ev.main(["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--device", "cpu", "--no-progress",
+                        "--tasks", "zeroshot,retrieval", "--zeroshot-data", zeroshot, "--retrieval-data", sets["csv"],
+                        "--out", str(tmp_path / "eval.json")])
+    assert evals[-1]["eval"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--zeroshot-data", "imagefolder:{folder}/nope:{names}", "image folder not found: .*nope"),
+    ("--zeroshot-data", "imagefolder:{folder}/val:{folder}/none.txt", "class-name file not found: .*none.txt"),
+    ("--zeroshot-data", "imagefolder:{folder}/val:{few}", "has 2 names but .* has 3 class folders"),
+    ("--zeroshot-data", "imagefolder:{folder}/val:{swapped}", "name 1 is 'green', the name of class folder 2"),
+    ("--zeroshot-data", "{folder}/val", "use shapes, imagefolder:ROOT:CLASSNAMES_FILE"),
+    ("--retrieval-data", "{folder}/missing.csv", "caption file not found: .*missing.csv"),
+    ("--retrieval-data", "imagefolder:{folder}/val:{names}", "use shapes or a .csv/.tsv"),
+])
+def test_bad_eval_flags_stop_at_parse_time_naming_the_flag(sets, tmp_path, capsys, flag, value, message):
+    (tmp_path / "few.txt").write_text("blue\ngreen\n")
+    (tmp_path / "swapped.txt").write_text("green\nblue\nred\n")
+    value = value.format(few=tmp_path / "few.txt", swapped=tmp_path / "swapped.txt", **sets)
+    with pytest.raises(SystemExit):
+        train.main(TINY + [flag, value, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: {flag} {value}: " in err, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_flags_do_not_apply_to_supervised_mode(sets, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--mode", "supervised", "--retrieval-data", sets["csv"]])
+    assert "--retrieval-data" in capsys.readouterr().err
+
+
+def test_eval_sources_default_to_the_shapes_tasks_only_on_the_shapes_world(sets):
+    assert train.eval_sources(train.parse_args([])) == ("shapes", "shapes")
+    assert train.eval_sources(train.parse_args(["--eval-data", "none", "--retrieval-data", sets["csv"]])) == \
+        ("none", sets["csv"])
+    args = train.parse_args(["--mode", "clip", "--train-data", sets["csv"], "--zeroshot-data", "shapes"])
+    assert train.eval_sources(args) == ("shapes", "none")
+
+
+def test_an_unreadable_eval_folder_stops_at_the_start_naming_the_flag(sets, tmp_path):
+    """A class folder without images passes the parse-time check (the folders match the names) but not the
+    suite's build, before the first step: one line naming the flag, and no checkpoint."""
+    for name in ("blue", "green", "red"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+    (tmp_path / "folder" / "blue" / "0.png").write_bytes(image_bytes(0, 20, 20))
+    spec = f"imagefolder:{tmp_path / 'folder'}:{sets['names']}"
+    with pytest.raises(SystemExit, match=rf"^--zeroshot-data {re.escape(spec)}: .*no valid file"):
+        train.main(TINY + ["--mode", "clip", "--steps", "1", "--zeroshot-data", spec, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
