@@ -23,7 +23,7 @@ score counts against it too, so a broken model gets 0. Non-finite embeddings add
     python eval.py --checkpoint runs/NAME/ckpt.pt --tasks zeroshot,retrieval,fewshot
 
 The tasks' data come from tasks.py (`build_eval_suite`, built once); train.py calls `evaluate(...)`
-periodically (rank 0 only).
+periodically on every rank, each embedding its share of the images and texts.
 """
 from __future__ import annotations
 
@@ -33,13 +33,14 @@ import os
 import textwrap
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 from tqdm import tqdm
@@ -47,7 +48,8 @@ from tqdm import tqdm
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError, collate, with_tower3_view
 from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, load_trained
 from runtime import check_ranges, unwritable
-from tasks import FEWSHOT_LAMBDA, FEWSHOT_POOL_PER_CLASS, TASKS, EvalSuite, build_eval_suite
+from tasks import (FEWSHOT_LAMBDA, FEWSHOT_POOL_PER_CLASS, RETRIEVAL_SPECS, TASKS, ZEROSHOT_SPECS, EvalSuite,
+                   build_eval_suite)
 from tokenizer import Tokenizer
 
 VIEWS = ("main", "tower3", "mix")
@@ -169,13 +171,21 @@ def kshot_indices(labels: Tensor, k: int, seed: int, num_classes: int | None = N
 @dataclass
 class Embedder:
     """Embeds datasets and token batches with one model; an image set is embedded once per
-    evaluate() call (the shapes tasks and retrieval share their images)."""
+    evaluate() call (the shapes tasks and retrieval share their images).
+
+    The evaluation sets of Sec. 5 are large (ImageNet's 50k validation images). With world > 1 (torch.distributed initialised, one Embedder per rank) every rank embeds a
+    contiguous share of each set, rows [r N/W, (r+1) N/W), and the shares are all-gathered, so
+    every rank holds the whole set in the original order: W ranks embed an evaluation set in
+    about 1/W of the time, and none waits in a collective while another embeds everything."""
     model: ThreeTowers
     tower3: FrozenTower | None
     device: torch.device | str
     batch_size: int = 256
     progress: bool = False
     cache: dict = field(default_factory=dict)
+    rank: int = 0
+    world: int = 1
+    workers: int = 0
 
     def images(self, dataset: Dataset) -> tuple[dict[str, Tensor], Tensor | None]:
         """Every image-side embedding of model.encode_image, plus 'h' = normalised h(I) when a
@@ -183,30 +193,71 @@ class Embedder:
         image (data.tower3_view), the pixels it saw in training, never f's view resized."""
         if id(dataset) not in self.cache:
             source = dataset if self.tower3 is None else with_tower3_view(dataset, self.tower3.image_size)
-            loader = DataLoader(source, self.batch_size, shuffle=False, collate_fn=collate)
-            parts, labels = [], []
-            for batch in tqdm(loader, desc="images", disable=not self.progress, leave=False):
-                image, h = batch["image"].to(self.device), None
-                if self.tower3 is not None:
-                    h = self.tower3(batch["image_h"].to(self.device))
-                out = self.model.encode_image(image, h)
-                if h is not None:
-                    out.setdefault("h", F.normalize(h.float(), dim=-1))
-                parts.append(out)
-                labels += [batch["label"]] if "label" in batch else []
-            labels = torch.cat(labels).to(self.device) if labels else None
-            self.cache[id(dataset)] = (_cat(parts), labels)
-        return self.cache[id(dataset)]
+            embedded = self._sharded(len(source), lambda rows: self._embed_images(
+                source if len(rows) == len(source) else Subset(source, rows)))
+            # The entry holds the dataset: a freed one's id could be reused by another set, a wrong hit.
+            self.cache[id(dataset)] = (dataset, embedded, embedded.pop("label", None))
+        return self.cache[id(dataset)][1:]
+
+    def _embed_images(self, source: Dataset) -> dict[str, Tensor]:
+        loader = DataLoader(source, self.batch_size, shuffle=False, collate_fn=collate, num_workers=self.workers)
+        parts = []
+        for batch in tqdm(loader, desc="images", disable=not self.progress, leave=False):
+            image, h = batch["image"].to(self.device), None
+            if self.tower3 is not None:
+                h = self.tower3(batch["image_h"].to(self.device))
+            out = self.model.encode_image(image, h)
+            if h is not None:
+                out.setdefault("h", F.normalize(h.float(), dim=-1))
+            if "label" in batch:
+                out["label"] = batch["label"].to(self.device)
+            parts.append(out)
+        return _cat(parts)
 
     def texts(self, ids: Tensor) -> dict[str, Tensor]:
         """model.encode_text of token ids (N, L), each batch cut after its last EOS (the text
         tower pools at EOS under a causal mask, so later PAD tokens cannot matter)."""
-        parts = []
-        for lo in tqdm(range(0, len(ids), self.batch_size), desc="texts", disable=not self.progress,
-                       leave=False):
-            batch = Tokenizer.trim(ids[lo:lo + self.batch_size])
-            parts.append(self.model.encode_text(batch.to(self.device)))
-        return _cat(parts)
+        def embed(rows: range) -> dict[str, Tensor]:
+            parts = []
+            for lo in tqdm(range(rows.start, rows.stop, self.batch_size), desc="texts", disable=not self.progress,
+                           leave=False):
+                batch = Tokenizer.trim(ids[lo:min(lo + self.batch_size, rows.stop)])
+                parts.append(self.model.encode_text(batch.to(self.device)))
+            return _cat(parts)
+        return self._sharded(len(ids), embed)
+
+    def _sharded(self, n: int, embed: Callable[[range], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """embed(range(n)) in one process; with world > 1, embed(this rank's rows) on every rank, then
+        the shares gathered in rank order. A rank that fails says so to the others in the same exchange
+        that sizes the gather, so every rank raises (DataError for an unusable image) and none hangs."""
+        if self.world == 1:
+            return embed(range(n))
+        rows = range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+        part, problem = {}, None
+        try:
+            part = embed(rows) if len(rows) else {}
+        except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks before they gather
+            problem = e
+        meta = (len(rows), {k: (tuple(v.shape[1:]), v.dtype) for k, v in part.items()},
+                None if problem is None else (isinstance(problem, DataError), f"{type(problem).__name__}: {problem}"))
+        metas = [None] * self.world
+        dist.all_gather_object(metas, meta)
+        failed = [(r, m[2]) for r, m in enumerate(metas) if m[2] is not None]
+        if problem is not None:
+            raise problem
+        if failed:
+            r, (is_data, message) = failed[0]
+            raise (DataError if is_data else RuntimeError)(f"rank {r} could not embed its share: {message}")
+        counts, layout = [m[0] for m in metas], next((m[1] for m in metas if m[1]), {})
+        out = {}
+        for key, (shape, dtype) in layout.items():
+            padded = torch.zeros(max(counts), *shape, dtype=dtype, device=self.device)
+            if key in part:
+                padded[:len(rows)] = part[key]
+            gathered = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.all_gather(gathered, padded)
+            out[key] = torch.cat([g[:c] for g, c in zip(gathered, counts)])
+        return out
 
 
 def _cat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -214,13 +265,15 @@ def _cat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 def class_embeddings(model: ThreeTowers, tokenizer: Tokenizer, prompts: Sequence[Sequence[str]], *,
-                     device: torch.device | str | None = None, batch_size: int = 256) -> dict[str, Tensor]:
+                     device: torch.device | str | None = None, batch_size: int = 256,
+                     embedder: Embedder | None = None) -> dict[str, Tensor]:
     """Zero-shot classifier from prompts[c], the T prompts of class c (the same T for every class):
-    each text-side embedding ('g', and 'g_h' for 3t) of every prompt, ensembled to (C, D)."""
+    each text-side embedding ('g', and 'g_h' for 3t) of every prompt, ensembled to (C, D). Given an
+    embedder, its ranks share the prompts (1000 ImageNet classes x the templates are many texts)."""
     device = device or next(model.parameters()).device
     ids = tokenizer.encode([p for per_class in prompts for p in per_class])         # class-major
     with torch.inference_mode():
-        emb = Embedder(model, None, device, batch_size).texts(ids)
+        emb = (embedder or Embedder(model, None, device, batch_size)).texts(ids)
     return {k: ensemble(v.view(len(prompts), -1, v.shape[-1])) for k, v in emb.items()}
 
 
@@ -229,13 +282,16 @@ def class_embeddings(model: ThreeTowers, tokenizer: Tokenizer, prompts: Sequence
 # ----------------------------------------------------------------------------------------------
 def evaluate(model: ThreeTowers, tower3: FrozenTower | None, suite: EvalSuite, *,
              device: torch.device | str, batch_size: int = 256, alphas: Sequence[float] = (1.0,),
-             progress: bool = False, embeddings: Sequence[str] = VIEWS) -> dict[str, float]:
+             progress: bool = False, embeddings: Sequence[str] = VIEWS, rank: int = 0, world: int = 1,
+             workers: int = 0) -> dict[str, float]:
     """Flat results, e.g. 'zeroshot/object/top1', 'retrieval/i2t/R@5', 'fewshot/object/5shot',
     for the main embeddings; for 3t also 'tower3/...' and 'mix@a/...' per alpha != 1.
 
-    Call it on the raw model (never the DDP wrapper) and, under torchrun, on rank 0 only: it runs
-    no collectives, so the other ranks simply wait at their next one. It switches the model to
-    eval mode and restores the previous mode; the inputs go to `device`, the model stays put."""
+    Call it on the raw model (never the DDP wrapper). With world > 1, call it on every rank of the
+    default process group with the same suite: each rank embeds its share of every image and text
+    set (Embedder), every rank scores the gathered whole and returns the same results, equal to one
+    process's up to float rounding. It switches the model to eval mode and restores the previous
+    mode; the inputs go to `device` (DataLoader `workers` per rank), the model stays put."""
     if model.mode != "clip" and tower3 is None:
         raise ValueError(f"a {model.mode} model needs its third tower h to embed images")
     was_training = model.training
@@ -243,7 +299,7 @@ def evaluate(model: ThreeTowers, tower3: FrozenTower | None, suite: EvalSuite, *
     try:
         with torch.inference_mode():
             embedder = Embedder(model, tower3 if model.mode != "clip" else None, device,
-                                batch_size, progress)
+                                batch_size, progress, rank=rank, world=world, workers=workers)
             view_list, found = views(model.mode, alphas, embeddings), []
             results = {**_zeroshot(embedder, suite, view_list, found), **_retrieval(embedder, suite, view_list, found),
                        **_fewshot(embedder, suite, view_list, found)}
@@ -266,8 +322,7 @@ def _zeroshot(embedder: Embedder, suite: EvalSuite, view_list: list, found: list
     out, mode = {}, embedder.model.mode
     for name, (data, classnames, prompts) in suite.zeroshot.items():
         image, labels = embedder.images(data)
-        classes = class_embeddings(embedder.model, suite.tokenizer, prompts, device=embedder.device,
-                                   batch_size=embedder.batch_size)
+        classes = class_embeddings(embedder.model, suite.tokenizer, prompts, embedder=embedder)
         _tally(found, image, classes)
         class_ids = torch.arange(len(classnames), device=labels.device)
         for prefix, view, alpha in view_list:
@@ -406,13 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--checkpoint", required=True, help=f"a ckpt.pt written by train.py (format '{CHECKPOINT_FORMAT}')")
     add("--tasks", default="zeroshot,retrieval,fewshot", help=f"comma list of {TASKS}")
-    add("--zeroshot-data", default="shapes", help="shapes | imagefolder:ROOT:CLASSNAMES_FILE | "
-        "cifar10:ROOT | cifar100:ROOT (CIFAR in torchvision's format). CLASSNAMES_FILE: one name per "
-        "line, the k-th naming ROOT's k-th class folder in sorted (alphabetical) order")
+    add("--zeroshot-data", default="shapes", help=f"{ZEROSHOT_SPECS} (CIFAR in torchvision's format). "
+        "CLASSNAMES_FILE: one name per line, the k-th naming ROOT's k-th class folder in sorted "
+        "(alphabetical) order")
     add("--fewshot-data", default="shapes", help="shapes | imagefolder:ROOT (probe trained on ROOT/train, "
         "scored on ROOT/test or ROOT/val) | cifar10:ROOT | cifar100:ROOT (train / test split)")
-    add("--retrieval-data", default="shapes", help="shapes | a .csv/.tsv of image paths and "
-        "captions (rows with the same image path are one image with several captions)")
+    add("--retrieval-data", default="shapes", help=f"{RETRIEVAL_SPECS} (rows with the same image "
+        "path are one image with several captions)")
     add("--num-images", type=int, default=500, help="shapes test images (files are used whole)")
     add("--seed", type=int, default=0, help="shapes world seed of the evaluation images")
     add("--embeddings", default="main,tower3,mix", help="views to score with; clip and lit have "

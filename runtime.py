@@ -470,13 +470,13 @@ def save(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, 
 
 
 # What a resumed run may set otherwise than the run that wrote its checkpoint: how long it runs (--steps, --epochs:
-# the schedule follows the new total), where and how often it saves, logs and evaluates, how many loader workers
-# read map-style data (each sample's crop is seeded by the sample, so the order and the pixels stay the same), and
+# the schedule follows the new total), where and how often it saves, logs and evaluates (and on what data), how
+# many loader workers read map-style data (each sample's crop is seeded by the sample, so the order and the pixels stay the same), and
 # where the third tower's cache lives. Everything else decides which samples come in which order, or how a step
 # computes, and must match, or the resumed run would not continue the one it resumes.
 RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "eval_every", "log_every", "quiet", "workers", "out",
                      "eval_data", "eval_images", "max_nonfinite", "compile", "cache_dir", "cache_tower3",
-                     "grad_checkpointing")
+                     "grad_checkpointing", "zeroshot_data", "retrieval_data")
 # Flags judged by the model they build instead (check_resumable: the model's configuration and the frozen tower's
 # weights, so a third tower moved to another path still resumes); the learned temperature replaces the initial one.
 RESUME_BY_MODEL = ("mode", "image_arch", "image_size", "text_arch", "embed_dim", "no_tower3_heads", "loss",

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets.folder import find_classes
 
 from data import CsvPairs, LabelledImages, RetrievalSet, image_folder, image_transform
 from shapes import ShapesLabelled, shapes_retrieval, zeroshot_tasks
@@ -57,21 +58,28 @@ class EvalSuite:
 def imagefolder_zeroshot(root: str, classnames_file: str, image_size: int = 224) -> tuple[Dataset, list[str]]:
     """ImageNet-val-style folder + a class-name file: its k-th name names the k-th class folder in sorted
     (alphabetical) order. A file that lists folder names in another order would permute every label
-    silently, so that raises."""
+    silently, so that raises (check_classnames)."""
     data = image_folder(root, image_transform(image_size, train=False))
+    names = check_classnames(root, classnames_file, data.classnames)
+    data.classnames = names
+    return data, names
+
+
+def check_classnames(root: str, classnames_file: str, folders: Sequence[str]) -> list[str]:
+    """The names in classnames_file (one per non-empty line), if they can name the sorted class `folders` of
+    root: as many names as folders, and no name that is another folder's name (a permuted list)."""
     with open(classnames_file, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
-    if len(names) != data.num_classes:
-        raise ValueError(f"{classnames_file} has {len(names)} names but {root} has {data.num_classes} class folders")
-    folder = {name: k for k, name in enumerate(data.classnames)}
+    if len(names) != len(folders):
+        raise ValueError(f"{classnames_file} has {len(names)} names but {root} has {len(folders)} class folders")
+    folder = {name: k for k, name in enumerate(folders)}
     moved = [(k, name) for k, name in enumerate(names) if folder.get(name, k) != k]
     if moved:
         k, name = moved[0]
         raise ValueError(f"{classnames_file}: name {k + 1} is {name!r}, the name of class folder {folder[name] + 1} "
                          f"in sorted order ({len(moved)} such names); the k-th name must name the k-th folder of "
                          f"{root} in sorted order")
-    data.classnames = names
-    return data, names
+    return names
 
 
 def cifar_zeroshot(name: str, root: str, image_size: int = 224, download: bool = False,
@@ -90,23 +98,56 @@ def cifar_zeroshot(name: str, root: str, image_size: int = 224, download: bool =
     return LabelledImages(image_transform(image_size, train=False), names, base.targets, array=base.data), names
 
 
-def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int
-                  ) -> dict[str, tuple[Dataset, list[str], list[list[str]]]]:
-    """shapes | imagefolder:ROOT:CLASSNAMES_FILE | cifar10:ROOT | cifar100:ROOT (files: whole).
-    Returns task -> (labelled images, class names, prompts per class)."""
+ZEROSHOT_SPECS = "shapes | imagefolder:ROOT:CLASSNAMES_FILE | cifar10:ROOT | cifar100:ROOT"
+RETRIEVAL_SPECS = "shapes | a .csv/.tsv of image paths and captions"
+
+
+def parse_zeroshot(spec: str) -> tuple[str, str, str | None]:
+    """(kind, root, class-name file or None) of a zero-shot spec in ZEROSHOT_SPECS' syntax; ValueError if
+    it is none of them. The one parser of that syntax, for eval.py's and train.py's --zeroshot-data."""
     if spec == "shapes":
-        return {name: (ShapesLabelled("test", num_images, label=name, seed=seed,
-                                      image_size=image_size), classes, prompts)
-                for name, (classes, prompts) in zeroshot_tasks().items()}
+        return "shapes", "", None
     kind, _, rest = spec.partition(":")
     if kind == "imagefolder" and ":" in rest:
         root, _, names_file = rest.rpartition(":")
+        return kind, root, names_file
+    if kind in ("cifar10", "cifar100") and rest:
+        return kind, rest, None
+    raise ValueError(f"zero-shot data {spec!r}: use shapes, imagefolder:ROOT:CLASSNAMES_FILE, "
+                     f"cifar10:ROOT or cifar100:ROOT")
+
+
+def check_source(task: str, spec: str) -> None:
+    """Fail fast (FileNotFoundError, ValueError) on a zero-shot or retrieval spec that cannot work: its
+    syntax, that its folders and files exist, and that an ImageFolder's class-name file names its class
+    folders -- without reading an image, so a trainer can check its flags before any work."""
+    if task == "retrieval":
+        if spec != "shapes" and not spec.lower().endswith((".csv", ".tsv")):
+            raise ValueError(f"retrieval data {spec!r}: use shapes or a .csv/.tsv of image paths and captions")
+        if spec != "shapes" and not os.path.isfile(spec):
+            raise FileNotFoundError(f"caption file not found: {spec}")
+        return
+    kind, root, names_file = parse_zeroshot(spec)
+    if kind != "shapes" and not os.path.isdir(root):
+        raise FileNotFoundError(f"{'image folder' if names_file else kind + ' folder'} not found: {root}")
+    if names_file is not None:
+        if not os.path.isfile(names_file):
+            raise FileNotFoundError(f"class-name file not found: {names_file}")
+        check_classnames(root, names_file, find_classes(root)[0])
+
+
+def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int
+                  ) -> dict[str, tuple[Dataset, list[str], list[list[str]]]]:
+    """ZEROSHOT_SPECS (files: used whole). Returns task -> (labelled images, class names, prompts per class)."""
+    kind, root, names_file = parse_zeroshot(spec)
+    if kind == "shapes":
+        return {name: (ShapesLabelled("test", num_images, label=name, seed=seed,
+                                      image_size=image_size), classes, prompts)
+                for name, (classes, prompts) in zeroshot_tasks().items()}
+    if kind == "imagefolder":
         data, classes = imagefolder_zeroshot(root, names_file, image_size)
-    elif kind in ("cifar10", "cifar100") and rest:
-        data, classes = cifar_zeroshot(kind, rest, image_size)
     else:
-        raise ValueError(f"zero-shot data {spec!r}: use shapes, imagefolder:ROOT:CLASSNAMES_FILE, "
-                         f"cifar10:ROOT or cifar100:ROOT")
+        data, classes = cifar_zeroshot(kind, root, image_size)
     return {kind: (data, classes, prompts_of(classes))}
 
 

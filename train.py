@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optimisation_flags(p.add_argument_group("loss, optimisation and output").add_argument)
     args = p.parse_args(argv)
     finish_args(p, args)
+    check_eval_flags(p, args)
     return args
 
 
@@ -96,8 +97,18 @@ def data_flags(a: Callable) -> None:
     a("--workers", type=int, default=None,
       help="DataLoader worker processes per rank (default: 0 on CPU, where extra processes compete for the "
            "same cores; 8 per GPU, capped by the CPU count)")
-    a("--eval-data", default="shapes", help="periodic evaluation: 'shapes' or 'none'")
-    a("--eval-images", type=int, default=500, help="images per periodic zero-shot / retrieval evaluation")
+    a("--eval-data", default="shapes",
+      help="periodic evaluation: 'shapes' (the shapes world's held-out tasks, when training on it) or 'none'; "
+           "--zeroshot-data / --retrieval-data replace a task's data")
+    a("--zeroshot-data", default=None,
+      help=f"periodic zero-shot data, as eval.py's: {tasks.ZEROSHOT_SPECS} or none; CLASSNAMES_FILE has one name per "
+           f"line, the k-th naming ROOT's k-th class folder in sorted order (default: --eval-data's)")
+    a("--retrieval-data", default=None,
+      help=f"periodic retrieval data, as eval.py's: {tasks.RETRIEVAL_SPECS} (read with --csv-img-key, "
+           f"--csv-caption-key, --csv-separator; rows with the same image are one image) or none "
+           f"(default: --eval-data's)")
+    a("--eval-images", type=int, default=500,
+      help="shapes world: images per periodic zero-shot / retrieval evaluation (files are used whole)")
 
 
 def tower_flags(a: Callable) -> None:
@@ -202,6 +213,22 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     patch = VIT_PRESETS.get(args.image_arch, [1])[0]
     if args.image_size % patch:
         p.error(f"--image-size {args.image_size}: expected a multiple of {args.image_arch}'s patch size {patch}")
+
+
+def check_eval_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """p.error naming --zeroshot-data or --retrieval-data when its data cannot work (tasks.check_source: the
+    syntax, missing folders or files, a class-name file that does not name the class folders), before any work."""
+    for flag, task in (("zeroshot_data", "zeroshot"), ("retrieval_data", "retrieval")):
+        spec = getattr(args, flag)
+        if spec is None or spec == "none":
+            continue
+        name = "--" + flag.replace("_", "-")
+        if args.mode == "supervised":
+            p.error(f"{name} {spec}: only for clip, lit and 3t runs (--mode supervised scores held-out labels)")
+        try:
+            tasks.check_source(task, spec)
+        except (OSError, ValueError) as e:
+            p.error(f"{name} {spec}: {' '.join(str(e).split())}")
 
 
 # The range of every numeric flag, checked once at parse time: [a, b] closed, (a, b) open. NaN and
@@ -579,7 +606,7 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, workers=env.workers(args), rank=env.rank,
                               world_size=env.world, seed=args.seed, start_batch=position.batch,
                               pin_memory=env.device.type == "cuda")
-    suite = build_suite(args, tokenizer) if env.master else None
+    suite = build_suite(args, env, tokenizer)
     metrics_log, batches = MetricsLog(args, env, total, position, scheduler), StepBatches(endless(loader, position), args, env)
     nonfinite, first = NonFiniteSteps(args.max_nonfinite, env.device), position.step
     model.train()
@@ -604,28 +631,54 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation during and after training (tasks.py builds the tasks, eval.py scores; rank 0, the raw model)
+# Evaluation during and after training (tasks.py builds the tasks, eval.py scores; every rank, the raw model)
 # ----------------------------------------------------------------------------------------------
-def build_suite(args: argparse.Namespace, tokenizer: Tokenizer):
-    """The held-out zero-shot and retrieval tasks, built once (shapes world only)."""
-    if args.eval_data == "none" or args.train_data != "shapes":
-        return None
-    return tasks.build_eval_suite("shapes", tokenizer=tokenizer, image_size=args.image_size,
-                                  num_images=args.eval_images, seed=args.seed)
+def eval_sources(args: argparse.Namespace) -> tuple[str, str]:
+    """The zero-shot and retrieval data of periodic evaluation: --zeroshot-data / --retrieval-data, else
+    --eval-data's shapes tasks when training on the shapes world (its held-out split), else none."""
+    default = args.eval_data if args.train_data == "shapes" else "none"
+    return args.zeroshot_data or default, args.retrieval_data or default
+
+
+def build_suite(args: argparse.Namespace, env: Env, tokenizer: Tokenizer) -> tasks.EvalSuite | None:
+    """The held-out zero-shot and retrieval tasks (Sec. 5), built once on every rank, since every rank
+    embeds a share of them; files are used whole, the shapes world's split 'test' at --eval-images images.
+    A source that cannot be read stops every rank with one line naming its flag."""
+    suite, problem = tasks.EvalSuite(tokenizer), None
+    for flag, task, spec in zip(("--zeroshot-data", "--retrieval-data"), ("zeroshot", "retrieval"), eval_sources(args)):
+        if spec == "none":
+            continue
+        try:
+            part = tasks.build_eval_suite(spec, tokenizer=tokenizer, image_size=args.image_size, tasks=[task],
+                                          num_images=args.eval_images, seed=args.seed,
+                                          csv_keys=(args.csv_img_key, args.csv_caption_key, args.csv_separator))
+        except (OSError, ValueError) as e:
+            problem = problem or f"{flag} {spec}: {' '.join(str(e).split())}"
+            continue
+        suite.zeroshot.update(part.zeroshot)
+        if part.retrieval is not None:
+            suite.retrieval, suite.retrieval_tokens = part.retrieval, part.retrieval_tokens
+    env.stop_together(problem)
+    return suite if suite.zeroshot or suite.retrieval is not None else None
 
 
 def periodic_eval(args: argparse.Namespace, env: Env, model: ThreeTowers, tower3: FrozenTower | None, suite,
                   metrics_log: MetricsLog) -> dict[str, float]:
-    """Evaluate on rank 0 while the other ranks wait; log a line and a JSONL record."""
+    """Evaluate on every rank, each embedding its share of the images and texts (eval.Embedder), so no
+    rank idles in a collective while one embeds a large set; rank 0 logs a line and a JSONL record."""
     results: dict[str, float] = {}
-    if env.master and suite is not None:
+    if suite is not None:
         alphas = (1.0, 0.5, 0.0) if args.mode == "3t" else (1.0,)
-        with autocast(args, env):
-            results = evaluation.evaluate(model, tower3, suite, device=env.device, alphas=alphas)
+        try:
+            with autocast(args, env):
+                results = evaluation.evaluate(model, tower3, suite, device=env.device, alphas=alphas, rank=env.rank,
+                                              world=env.world, workers=env.workers(args))
+        except data.DataError as e:      # every rank raises it (Embedder): an unusable evaluation image
+            raise SystemExit(f"evaluation at step {metrics_log.position.step} (--zeroshot-data / --retrieval-data): "
+                             f"{e}") from None
         shown = {k: v for k, v in results.items() if k.endswith(("top1", "R@1")) and "@" not in k.split("/")[0]}
         log(env, f"[eval] step {metrics_log.position.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
         metrics_log.write({"step": metrics_log.position.step, "eval": results})
-    env.barrier()
     return results
 
 

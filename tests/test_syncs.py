@@ -69,15 +69,17 @@ def test_training_agrees_and_reads_the_streak_only_at_sync_steps(tmp_path, monke
     """A deferred run (as on CUDA): 12 steps, a log line every 5 -> agreements and streak reads at steps
     1, 5, 10, 12 only, and the run trains as the host-checked one does."""
     calls = {"agree": [], "check": []}
-    real_stop, real_check = runtime.Env.stop_together, runtime.NonFiniteSteps.check
-    monkeypatch.setattr(runtime.Env, "stop_together", lambda self, p: (calls["agree"].append(1), real_stop(self, p)))
+    real_take, real_check = runtime.StepBatches.take, runtime.NonFiniteSteps.check
+    monkeypatch.setattr(runtime.StepBatches, "take",
+                        lambda self, count, agree: (calls["agree"].append(agree), real_take(self, count, agree))[1])
     monkeypatch.setattr(runtime.NonFiniteSteps, "check",
                         lambda self, env, step: (calls["check"].append(step), real_check(self, env, step)))
     argv = without(tiny(tmp_path, "--mode", "clip", "--steps", "12", "--eval-data", "none", "--save-every", "12"),
                    "--log-every") + ["--log-every", "5"]
     train.main(argv)
     plain = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
-    assert calls["check"] == [1, 5, 10, 12] and len(calls["agree"]) == 1 + 4        # claim_folders, then 4 steps
+    assert calls["check"] == [1, 5, 10, 12]
+    assert [i + 1 for i, agree in enumerate(calls["agree"]) if agree] == [1, 5, 10, 12] and len(calls["agree"]) == 12
     monkeypatch.setattr(runtime.Env, "defer_syncs", True, raising=False)
     train.main(argv[:argv.index("--out")] + ["--out", str(tmp_path / "deferred")] + argv[argv.index("--out") + 2:])
     deferred = torch.load(tmp_path / "deferred" / "ckpt.pt", weights_only=True)["model"]
