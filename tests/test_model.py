@@ -223,3 +223,25 @@ def test_unknown_names_fail_clearly():
         build_image_tower("vit-huge-9", 64, 8)
     with pytest.raises(ValueError, match="not a multiple"):
         build_image_tower("vit-tiny", 60, 8)
+
+
+def test_conv_towers_run_channels_last_and_equal_the_plain_layout():
+    """model.ConvTower hands its convolutions NHWC input (the faster oneDNN path on a CPU): same
+    weights, same outputs and gradients as the plain NCHW run, to float rounding."""
+    from model import ConvTower, build_image_tower
+    torch.manual_seed(0)
+    net = build_image_tower("cnn-tiny", 32, 16)                    # float32: the oneDNN kernels run
+    assert isinstance(net, ConvTower)
+    seen = []
+    net[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(6, 3, 32, 32)
+    out = net(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    plain = torch.nn.Sequential.forward(net, x)
+    plain.square().sum().backward()
+    assert seen == [True, False]
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, net.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
