@@ -14,7 +14,7 @@ sys.path (the script adds it); `prepare`, `ours` and `report` run in either envi
     /work/venv-oc/bin/python scripts/vs_open_clip.py openclip   # 1 epoch (open_clip trains whole epochs)
     python scripts/vs_open_clip.py ours --steps 490 [--extra "--seed 1"]    # or --seconds S
     /work/venv-oc/bin/python scripts/vs_open_clip.py score CHECKPOINT             # either kind
-    /work/venv-oc/bin/python scripts/vs_open_clip.py steps      # step time at equal towers
+    /work/venv-oc/bin/python scripts/vs_open_clip.py steps [--equal-tokens]   # step time at equal towers
     python scripts/vs_open_clip.py report RUN_FOLDER ...        # markdown table, mean ± std over seeds
 
 Both trainers run in-process with 2 threads, fp32, workers 0, batch 256, lr 2e-3, warmup 30, AdamW
@@ -264,15 +264,18 @@ def steps(a: argparse.Namespace) -> None:
     register_oc_configs()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    VIT_PRESETS["vit-6x192"] = (8, 192, 6, 3, (16, 32, 64), "mean")   # as the other patch-8 presets
+    # Equal work (--equal-tokens): open_clip's own tower shapes -- a patchify ViT with a class token, its
+    # 49,408-row embedding table -- and every caption padded to 64 tokens, none trimmed.
+    equal = a.equal_tokens
+    VIT_PRESETS["vit-6x192"] = (8, 192, 6, 3, (), "token") if equal else (8, 192, 6, 3, (16, 32, 64), "mean")
     TEXT_PRESETS["4x192"] = (192, 4, 3)
     tok, oc_tok = our_tokenizer(context_length=64), open_clip.get_tokenizer(OC_STEPS_MODEL)
-    ours = ThreeTowers("clip", image_arch="vit-6x192", image_size=64, text_arch="4x192", vocab_size=tok.vocab_size,
-                       context_length=64, eos_id=tok.EOS, embed_dim=128)
+    ours = ThreeTowers("clip", image_arch="vit-6x192", image_size=64, text_arch="4x192",
+                       vocab_size=49408 if equal else tok.vocab_size, context_length=64, eos_id=tok.EOS, embed_dim=128)
     theirs = open_clip.create_model(OC_STEPS_MODEL, precision="fp32", output_dict=True)   # as its trainer
     world, B, oc_loss = shapes.ShapesWorld(seed=0, image_size=64), a.batch, open_clip.ClipLoss()
     captions = [[world.captions(i, "train", 1)[0] for i in range(k * B, (k + 1) * B)] for k in range(4)]
-    batches = [(tok.trim(tok.encode(c)), oc_tok(c)) for c in captions]   # ours trimmed as train.py does
+    batches = [(tok.encode(c) if equal else tok.trim(tok.encode(c)), oc_tok(c)) for c in captions]  # train.py trims
     images = torch.randn(B, 3, 64, 64)
     losses = {"ours": lambda k: tower_loss(ours(images, batches[k][0]), "clip", default_weights("clip"))[0],
               "open_clip": lambda k: oc_loss(**{n: v for n, v in theirs(images, batches[k][1]).items()
@@ -299,7 +302,7 @@ def steps(a: argparse.Namespace) -> None:
     for who in t:
         print(f"{who:<12}{1000 * t[who]:>10.0f}{B / t[who]:>11.0f}{params[who]:>12,}")
     print(f"median of {a.pairs} paired ratios, ours samples/s / open_clip samples/s: {ratio:.2f}")
-    write_json(a.out, {"batch": B, "threads": a.threads, "pairs": a.pairs, "warmup": a.warmup,
+    write_json(a.out, {"batch": B, "threads": a.threads, "equal_tokens": equal, "pairs": a.pairs, "warmup": a.warmup,
                        "ms_per_step": {w: 1000 * x for w, x in t.items()}, "ratio_ours_over_open_clip": ratio,
                        "params": params, "ours_text_len": [b[0].shape[1] for b in batches],
                        "open_clip_text_len": batches[0][1].shape[1], "pairs_s": pairs})
@@ -364,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--pairs", type=int, default=20)
     c.add_argument("--warmup", type=int, default=3)
     c.add_argument("--out", default="runs/vs-open-clip/steps.json")
+    c.add_argument("--equal-tokens", action="store_true",
+                   help="equal work: open_clip's tower shapes (patchify ViT, class token, 49,408-token table) and "
+                        "64-token captions on both sides, none trimmed")
     c = sub.add_parser("report", help="markdown table of run folders (run.json, score.json), mean ± std over seeds")
     c.add_argument("runs", nargs="+")
     a = p.parse_args(argv)
