@@ -100,7 +100,7 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
     if arch in CNN_PRESETS:
         layers, width = [], 3
         for channels, stride in zip(*CNN_PRESETS[arch]):
-            layers += [nn.Conv2d(width, channels, 3, stride, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+            layers += [nn.Conv2d(width, channels, 3, stride, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
             width = channels
         return ConvTower(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, out_dim, bias=bias))
     if arch in RESNETS:
@@ -111,8 +111,9 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
 class ConvTower(nn.Sequential):
     """The CNN presets: conv-BN-ReLU layers, global average pooling, a linear head; (B,3,S,S) -> (B, out_dim).
     The input is laid out channels-last (NHWC), for which the CPU's oneDNN convolutions run ~1.25x
-    faster forward and backward at these widths (scripts/bench.py); the same model and weights, equal
-    to float rounding (not bitwise: another kernel sums in another order; tests/test_model.py)."""
+    faster forward and backward at these widths (results/README.md); the same model and weights, equal
+    to float rounding (not bitwise: another kernel sums in another order; tests/test_model.py). ReLU
+    runs in place on BatchNorm's output, which BatchNorm's backward does not read."""
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.contiguous(memory_format=torch.channels_last))
