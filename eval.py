@@ -1,5 +1,5 @@
 """Evaluation of CLIP / LiT / 3T checkpoints on the paper's three task families (Kossen et al. 2023,
-Sec. 5; ../shared/DESIGN.md "Evaluation"), and 3T's choice of embeddings at test time.
+Sec. 5; README "Evaluation"), and 3T's choice of embeddings at test time.
 
     zero-shot classification   class names x prompt templates, text embeddings averaged over the
                                templates (normalise, mean, normalise); top-1 / top-5 accuracy
@@ -11,8 +11,9 @@ Sec. 5; ../shared/DESIGN.md "Evaluation"), and 3T's choice of embeddings at test
 Which embeddings score an image-text pair (a "view"):
     main     cos(f(I), g(T)) for clip and 3t;  cos(h(I), g(T)) for lit
     tower3   cos(h_g(h(I)), g_h(g(T)))         3t only: the LiT-like pairing 3T trains for free
-    mix@a    a * main + (1 - a) * tower3       3t only: DESIGN.md's s_alpha, an analysis option,
-                                               not the paper's protocol (a=1: main, a=0: tower3)
+    mix@a    a * main + (1 - a) * tower3       3t only: s_alpha, an analysis option (README,
+                                               "Where this project chooses"), not the paper's
+                                               protocol (a=1: main, a=0: tower3)
 Few-shot probes read f ('main' of clip and 3t) or h ('main' of lit, 'tower3' of 3t).
 
 Conventions: every metric is a percentage. A tie counts against the positive (a negative scoring

@@ -13,7 +13,7 @@ separate `FrozenTower`: the trainer runs it under no_grad (or reads its cached o
 its embedding to `ThreeTowers.forward`. Keeping it outside makes "never in DDP, never in the
 optimiser, never in a checkpoint" true by construction.
 
-Modes (../shared/DESIGN.md):
+Modes (README, "The method in one paragraph"):
     clip: f, g                   -> L(f, g)
     lit : h, g (g maps into D_h) -> L(h, g); no trainable image side at all (LiT, App. C)
     3t  : f, g, f_h, g_h, h_f, h_g -> (L(f,g) + L(f_h,h_f) + L(g_h,h_g)) / 3
@@ -48,7 +48,7 @@ from losses import PAIRS
 # From tiny up, heads are 64 wide, as in ViT-Base and CLIP's text tower.
 # Conv stem: the patchify layer becomes stride-2 3x3 convolutions (norm, ReLU) with these channels,
 # then a 1x1 projection to the width (Xiao et al. 2021, "Early convolutions help transformers see
-# better"): small ViTs learn shape, not only colour, within a CPU budget (README, design notes).
+# better"): small ViTs learn shape, not only colour, within a CPU budget (README, "Where this project chooses").
 # GroupNorm, not the paper's BatchNorm: per-sample statistics keep N processes x batch B exactly
 # equal to one process x batch N*B.
 # Pooling: "token" is torchvision's class token; "mean" averages the patch tokens (MeanPooledViT).
@@ -111,11 +111,9 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
 class MeanPooledViT(VisionTransformer):
     """torchvision's ViT pooled by the mean of its patch tokens (global average pooling) instead of
     a class token, as in "Better plain ViT baselines" (Beyer et al. 2022), which trains small ViTs
-    from scratch on short budgets. Why here: with the class token, vit-tiny at 32 px stayed on the
-    contrastive loss plateau (~ln B) for hundreds of steps in one seed of three and ended at 4.9 %
-    I->T R@1 where the others reached 57-75 % (README, "Against open_clip's trainer"); the mean
-    sees every patch's gradient from the first step. No class token, and no position for it, so
-    DDP finds no unused parameter. The position embeddings are torchvision's own draw without the
+    from scratch on short budgets: the mean sees every patch's gradient from the first step, where a
+    class token can leave a small ViT on the contrastive loss plateau (~ln B) for long (README, "Where
+    this project chooses"). No class token, and no position for it, so DDP finds no unused parameter. The position embeddings are torchvision's own draw without the
     class token's row. (B,3,S,S) -> (B, out_dim)."""
 
     def __init__(self, **kwargs):
@@ -316,7 +314,7 @@ def load_tower3(spec: str) -> FrozenTower:
         net.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise ValueError(f"--tower3 {spec!r}: its weights do not fit {c['arch']} as model.VIT_PRESETS defines "
-                         f"it now (written by an older version?); pretrain the tower again") from e
+                         f"it; pretrain the tower again") from e
     return FrozenTower(net, strip_classifier(net), c["image_size"], spec)
 
 
@@ -369,7 +367,7 @@ class ThreeTowers(nn.Module):
             if tower3_heads:
                 self.h_f = nn.Linear(tower3_dim, embed_dim, bias=False)
                 self.h_g = nn.Linear(tower3_dim, embed_dim, bias=False)
-        # t = exp(s), s learnable, init t = 10 (our choice, DESIGN.md); one per term.
+        # t = exp(s), s learnable, init t = 10 (README, "Where this project chooses"); one per term.
         self.log_temperature = nn.ParameterDict(
             {term: nn.Parameter(torch.tensor(math.log(init_temperature))) for term in PAIRS[mode]})
         self.bias = nn.ParameterDict(

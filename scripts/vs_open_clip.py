@@ -19,9 +19,8 @@ sys.path (the script adds it); `prepare`, `ours` and `report` run in either envi
 
 Both trainers run in-process with 2 threads, fp32, workers 0, batch 256, lr 2e-3, warmup 30, AdamW
 (0.9, 0.98, eps 1e-6), wd 0.1, cosine, grad clip 1, and start from the same temperature: open_clip's
-1/0.07 (our default is 10, DESIGN.md). The start matters here: t moves by at most ~lr per step, so it
-stays near its start for the whole run, and at t = 10 our (then class-token) ViT sat on its loss
-plateau far longer (R@1 5.9 % after 234 steps, against 21.8 % at 14.29, same seed). Wall time is the
+1/0.07 (our default is 10, README "Where this project chooses"). The start matters here: t moves by
+at most ~lr per step, so it stays near its start for the whole run. Wall time is the
 training call's (model build, data setup, training, checkpoint), not the interpreter start's. open_clip opens CSV paths relative to
 the working directory, so its launcher chdirs into the data folder; an experiment `--name` must be
 new (open_clip refuses an existing one). Towers: ViT 4 x 128, patch 8, 32 px; text 4 x 128, 2 heads;
