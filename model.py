@@ -21,14 +21,12 @@ Modes (README, "The method in one paragraph"):
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import math
 import os
 import pickle
 import socket
 import urllib.error
-import warnings
 from collections import OrderedDict
 
 import torch
@@ -481,15 +479,11 @@ def checksum(obj) -> str:
 
 def save_checkpoint(ckpt: dict, path: str) -> None:
     """Write ckpt and its checksum to a temporary file in the same folder, then rename: a crash never
-    leaves half a file under `path`. A failed save removes its temporary file; temporary files of
-    writers on this host that died mid-save (kill -9) are removed by the next save."""
-    prefix = f"{path}.tmp.{socket.gethostname()}."
-    for stale in glob.glob(glob.escape(prefix) + "*"):
-        pid = stale[len(prefix):]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-    tmp = prefix + str(os.getpid())
+    leaves half a file under `path`, since only a whole temporary file is renamed into place. A failed
+    save removes its temporary file; one left by a writer killed mid-save (kill -9) has this host's
+    name and is overwritten by the next save here (one writer per path: --out and the auto tower are
+    locked)."""
+    tmp = f"{path}.tmp.{socket.gethostname()}"
     try:
         ckpt = {k: v for k, v in ckpt.items() if k != "checksum"}
         torch.save({**ckpt, "checksum": checksum(ckpt)}, tmp)
@@ -500,21 +494,11 @@ def save_checkpoint(ckpt: dict, path: str) -> None:
         raise
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:       # another user's process
-        pass
-    return True
-
-
 def read_checkpoint(path: str) -> dict:
     """torch.load with weights_only=True (a checkpoint can never run code), on the CPU, checksum
     verified. ValueError (one line, naming the file) when it is not a readable PyTorch file or its
-    contents differ from what save_checkpoint wrote. Files without a checksum load: foreign ones
-    (torchvision state_dicts) silently, this project's older checkpoints with a warning."""
+    contents differ from what save_checkpoint wrote, or when it is this project's (it has a 'format') but
+    holds no checksum. Files that are not this project's (torchvision state_dicts) load unverified."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -528,7 +512,8 @@ def read_checkpoint(path: str) -> dict:
             raise ValueError(f"{path}: checksum mismatch, its contents changed after it was written "
                              f"(a damaged copy or disk): refusing to use it")
     elif isinstance(ckpt, dict) and "format" in ckpt:
-        warnings.warn(f"{path}: no checksum (written before checkpoints had one): loaded unverified")
+        raise ValueError(f"{path}: a {ckpt['format']!r} checkpoint without its checksum, so not as save_checkpoint "
+                         f"wrote it: refusing to use it")
     return ckpt
 
 
@@ -545,10 +530,10 @@ def load_trained(path: str, tower3_spec: str | None = None) -> tuple[ThreeTowers
                          f"tower, not an image-text model. Use it as `--tower3 {path}` when "
                          f"training lit or 3t, then evaluate that checkpoint.")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has no format '{CHECKPOINT_FORMAT}': written by another project or an older "
-                         f"train.py, so eval.py cannot rebuild its model")
+        raise ValueError(f"{path} has no format '{CHECKPOINT_FORMAT}': not a train.py checkpoint, so eval.py "
+                         f"cannot rebuild its model")
     if "tokenizer" not in ckpt:
-        raise ValueError(f"{path} stores no tokenizer: written by an older train.py, so eval.py cannot "
+        raise ValueError(f"{path} stores no tokenizer: an incomplete checkpoint, so eval.py cannot "
                          f"tokenise as training did")
     model = ThreeTowers(**ckpt["model_config"])
     try:

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 import data
 from model import build_image_tower
 from shapes import ShapesLabelled
-from runtime import (Env, MetricsLog, NonFiniteSteps, StepBatches, apply_gradients, autocast, check_resumable,
+from runtime import (Env, MetricsLog, StepBatches, apply_gradients, autocast, check_resumable,
                      claim_folders, endless, find_checkpoint, log, resume, save, schedule, sync_step, wrap)
 
 
@@ -68,7 +68,7 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
                               world_size=env.world, seed=args.seed, start_batch=position.batch,
                               pin_memory=env.device.type == "cuda")
     metrics_log, batches = MetricsLog(args, env, total, position, scheduler), StepBatches(endless(loader, position), args, env)
-    nonfinite, first = NonFiniteSteps(args.max_nonfinite, env.device), position.step
+    first = position.step
     model.train()
     while position.step < total:
         sync = sync_step(position.step, first, total, args)
@@ -80,11 +80,8 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         finite = apply_gradients(model, optimizer, scheduler, args.grad_clip, defer=env.defer_syncs)
-        nonfinite.add(finite)
         position.step += 1
-        metrics_log.step({"loss": loss.detach(), "acc/train": (logits.argmax(1) == labels).float().mean()}, finite)
-        if sync:
-            nonfinite.check(env, position.step)
+        metrics_log.step({"loss": loss.detach(), "acc/train": (logits.argmax(1) == labels).float().mean()}, finite, sync)
         if position.step % args.save_every == 0 or position.step == total:
             save(args, env, model, optimizer, scheduler, position, classifier=config)
     results = {}

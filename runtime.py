@@ -486,17 +486,17 @@ RESUME_BY_MODEL = ("mode", "image_arch", "image_size", "text_arch", "embed_dim",
 def changed_settings(ckpt: dict, args: argparse.Namespace, path: str) -> list[str]:
     """The flags in RESUME_MAY_CHANGE that differ from the checkpoint's ("--steps 4 -> 8"), for the log; SystemExit
     naming every other flag that differs. --workers may not change for tar shards: the number of readers decides
-    which reader streams which shard. Flags the checkpoint does not record (an older train.py's) pass."""
-    recorded = ckpt.get("args") or {}
+    which reader streams which shard."""
+    recorded = ckpt["args"]
     streamed = args.mode != "supervised" and args.train_data != "shapes" and \
         not args.train_data.lower().endswith((".csv", ".tsv"))
     free = set(RESUME_MAY_CHANGE) - ({"workers"} if streamed else set())
     changed, refused = [], []
     for name, now in sorted(vars(args).items()):
-        if name in RESUME_BY_MODEL or name == "resume" or name not in recorded or recorded[name] == now:
+        if name in RESUME_BY_MODEL or name == "resume" or recorded.get(name) == now:
             continue
         flag = f"--{name.replace('_', '-')}"
-        (changed if name in free else refused).append((flag, recorded[name], now))
+        (changed if name in free else refused).append((flag, recorded.get(name), now))
     if refused:
         raise SystemExit(f"--resume {path!r} was written with other settings: "
                          + "; ".join(f"{flag} {was!r} there, {now!r} now" for flag, was, now in refused)
@@ -526,7 +526,7 @@ def find_checkpoint(args: argparse.Namespace) -> dict | None:
         raise SystemExit(f"--resume {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("mode") != args.mode:
         raise SystemExit(f"--resume {path!r}: not a {CHECKPOINT_FORMAT} checkpoint of mode {args.mode}")
-    missing = [k for k in ("model", "optimizer", "scheduler", "step", "ranks") if k not in ckpt]
+    missing = [k for k in ("args", "model", "optimizer", "scheduler", "step", "ranks") if k not in ckpt]
     if missing:
         raise SystemExit(f"--resume {path!r}: an incomplete checkpoint, without {', '.join(missing)}")
     return {**ckpt, "path": path, "changed": changed_settings(ckpt, args, path)}
@@ -534,13 +534,13 @@ def find_checkpoint(args: argparse.Namespace) -> dict | None:
 
 def check_resumable(ckpt: dict | None, config: dict, tower3_digest: str | None = None) -> None:
     """A resumed run must rebuild the model its checkpoint holds, with the same frozen tower: SystemExit
-    naming every setting that differs (what the checkpoint does not record passes; so does the initial
-    temperature, which the checkpoint's learned one replaces)."""
+    naming every setting that differs (but the initial temperature, which the checkpoint's learned one
+    replaces)."""
     if ckpt is None:
         return
-    recorded = {**(ckpt.get("model_config") or ckpt.get("classifier") or {}), "tower3 weights": ckpt.get("tower3_digest")}
-    diff = [f"{k}: {recorded[k]!r} in the checkpoint, {v!r} now" for k, v in {**config, "tower3 weights": tower3_digest}.items()
-            if k != "init_temperature" and recorded.get(k) is not None and recorded[k] != v]
+    recorded = {**ckpt.get("model_config", ckpt.get("classifier", {})), "tower3 weights": ckpt.get("tower3_digest")}
+    diff = [f"{k}: {recorded.get(k)!r} in the checkpoint, {v!r} now" for k, v in {**config, "tower3 weights": tower3_digest}.items()
+            if k != "init_temperature" and recorded.get(k) != v]
     if diff:
         raise SystemExit(f"--resume {ckpt['path']!r} holds another model than these flags build: {'; '.join(diff)}"
                          + (f" (its third tower was --tower3 {ckpt['tower3']!r})" if ckpt.get("tower3") else ""))
@@ -574,22 +574,32 @@ def resume(env: Env, ckpt: dict | None, model: torch.nn.Module, optimizer, sched
 
 class MetricsLog:
     """The progress bar and metrics.jsonl (rank 0): running means of the step metrics over ranks,
-    one record every --log-every steps; evaluation records as they come."""
+    one record every --log-every steps; evaluation records as they come. It also counts the non-finite
+    steps (NonFiniteSteps) and reads their streak at sync steps."""
 
     def __init__(self, args: argparse.Namespace, env: Env, total: int, position: Position, scheduler):
         self.args, self.env, self.position, self.total, self.scheduler = args, env, position, total, scheduler
+        self.nonfinite = NonFiniteSteps(args.max_nonfinite, env.device)
         self.file = open(os.path.join(args.out, "metrics.jsonl"), "ab", buffering=0) if env.master else None
         self.bar = tqdm(total=total, initial=position.step, desc=args.mode, disable=not env.master or args.quiet,
                         dynamic_ncols=True)
         self.running: Counter = Counter()
         self.t_last, self.n_last = time.time(), position.step
 
-    def step(self, metrics: dict[str, torch.Tensor], finite: torch.Tensor | bool = True) -> None:
+    def step(self, metrics: dict[str, torch.Tensor], finite: Tensor, sync: bool) -> None:
         """Add a step's metrics (device tensors: no host sync) unless it was not finite; every --log-every
-        steps, average over steps and ranks and write a record."""
+        steps, average over steps and ranks and write a record. At a sync step, NonFinite after
+        --max-nonfinite non-finite steps in a row."""
+        self.nonfinite.add(finite)
+        self.record(metrics, finite)
+        if sync:
+            self.nonfinite.check(self.env, self.position.step)
+
+    def record(self, metrics: dict[str, torch.Tensor], finite: Tensor) -> None:
+        """Add the step to the running means; every --log-every steps, average and write them (one all_reduce)."""
         for k, v in metrics.items():
-            self.running[k] += torch.where(finite, v, 0.0) if isinstance(finite, Tensor) else v
-        self.running["n"] += finite.float() if isinstance(finite, Tensor) else 1
+            self.running[k] += torch.where(finite, v, 0.0)
+        self.running["n"] += finite.float()
         self.bar.update(1)
         step = self.position.step
         if step % self.args.log_every and step != self.total:

@@ -40,7 +40,7 @@ import tasks
 from losses import PAIRS, default_weights, tower_loss
 from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, checksum, load_tower3,
                    read_checkpoint, summary)
-from runtime import (Env, MetricsLog, NonFiniteSteps, RowTable, RunError, StepBatches, apply_gradients, autocast,
+from runtime import (Env, MetricsLog, RowTable, RunError, StepBatches, apply_gradients, autocast,
                      check_ranges, check_resumable, checkpoint_to, claim_folders, endless, every_rank, find_checkpoint,
                      log, one_line, raise_if_disk_full, resume, save, schedule, sync_step, wrap, write_file)
 from tokenizer import Tokenizer
@@ -608,16 +608,13 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
                               pin_memory=env.device.type == "cuda")
     suite = build_suite(args, env, tokenizer)
     metrics_log, batches = MetricsLog(args, env, total, position, scheduler), StepBatches(endless(loader, position), args, env)
-    nonfinite, first = NonFiniteSteps(args.max_nonfinite, env.device), position.step
+    first = position.step
     model.train()
     while position.step < total:
         sync = sync_step(position.step, first, total, args)     # the host reads device values only here
         metrics, finite = train_step(args, env, parts, batches.take(args.accum_freq, agree=sync))
-        nonfinite.add(finite)
         position.step += 1
-        metrics_log.step(metrics, finite)
-        if sync:
-            nonfinite.check(env, position.step)
+        metrics_log.step(metrics, finite, sync)
         if position.step % args.save_every == 0 or position.step == total:
             save(args, env, model, optimizer, scheduler, position, model_config=config,
                  tokenizer=tokenizer.to_dict(), tower3=tower3.source if tower3 is not None else None,

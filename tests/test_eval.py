@@ -15,7 +15,7 @@ import eval as ev
 from shapes import ShapesPairs
 from tokenizer import Tokenizer
 from losses import tower_loss
-from model import CHECKPOINT_FORMAT, ThreeTowers, build_image_tower, load_trained, load_tower3
+from model import CHECKPOINT_FORMAT, ThreeTowers, build_image_tower, load_trained, load_tower3, save_checkpoint
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -178,12 +178,12 @@ def test_ridge_probe_matches_naive_normal_equations(n):
 TOWER3_SIZE, D_H = 16, 32         # h runs at 16 px, the main towers at 32 px: exercises the resize
 
 
-def save_checkpoint(path, model, tower3_spec):
+def save_trained(path, model, tower3_spec):
     config = dict(mode=model.mode, image_arch="vit-micro", image_size=32, text_arch="micro",
                   context_length=128, embed_dim=16, tower3_dim=None if model.mode == "clip" else D_H)
-    torch.save({"format": CHECKPOINT_FORMAT, "mode": model.mode, "model_config": config, "model": model.state_dict(),
-                "tower3": tower3_spec, "tokenizer": Tokenizer(128).to_dict(), "args": {"train_data": "shapes", "seed": 0, "image_size": 32,
-                                                "context_length": 128}}, path)
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "mode": model.mode, "model_config": config, "model": model.state_dict(),
+                     "tower3": tower3_spec, "tokenizer": Tokenizer(128).to_dict(),
+                     "args": {"train_data": "shapes", "seed": 0, "image_size": 32, "context_length": 128}}, path)
 
 
 def train_a_little(model, tower3, steps=20):
@@ -205,18 +205,18 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(0)
     classifier = build_image_tower("vit-micro", TOWER3_SIZE, 4, bias=True)
     supervised = str(root / "supervised.pt")
-    torch.save({"format": CHECKPOINT_FORMAT, "mode": "supervised", "model": classifier.state_dict(),
-                "classifier": {"arch": "vit-micro", "image_size": TOWER3_SIZE, "num_classes": 4}}, supervised)
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "mode": "supervised", "model": classifier.state_dict(),
+                     "classifier": {"arch": "vit-micro", "image_size": TOWER3_SIZE, "num_classes": 4}}, supervised)
     model = tiny_3t(D_H)
     train_a_little(model, load_tower3(supervised))
     paths = {"supervised": supervised, "3t": str(root / "3t" / "ckpt.pt")}
     os.makedirs(root / "3t")
-    save_checkpoint(paths["3t"], model, supervised)
+    save_trained(paths["3t"], model, supervised)
     for mode in ("clip", "lit"):
         paths[mode] = str(root / f"{mode}.pt")
         m = ThreeTowers(mode, image_arch="vit-micro", image_size=32, text_arch="micro", context_length=128,
                         embed_dim=16, tower3_dim=None if mode == "clip" else D_H)
-        save_checkpoint(paths[mode], m, None if mode == "clip" else supervised)
+        save_trained(paths[mode], m, None if mode == "clip" else supervised)
     return paths
 
 
