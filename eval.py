@@ -47,6 +47,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError, collate, with_tower3_view
+from losses import PAIRS
 from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, load_trained
 from runtime import check_ranges, unwritable
 from tasks import (FEWSHOT_LAMBDA, FEWSHOT_POOL_PER_CLASS, RETRIEVAL_SPECS, TASKS, ZEROSHOT_SPECS, EvalSuite,
@@ -55,9 +56,6 @@ from tokenizer import Tokenizer
 
 VIEWS = ("main", "tower3", "mix")
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-MAIN_PAIR = {"clip": ("f", "g"), "lit": ("h", "g"), "3t": ("f", "g")}
-TOWER3_PAIR = ("h_g", "g_h")
-PROBE_KEY = {"main": {"clip": "f", "lit": "h", "3t": "f"}, "tower3": {"3t": "h"}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,12 +110,20 @@ def ensemble(per_template: Tensor) -> Tensor:
     return F.normalize(F.normalize(per_template, dim=-1).mean(dim=1), dim=-1)
 
 
+def view_pair(mode: str, view: str) -> tuple[str, str]:
+    """(image key, text key) of the embeddings a view compares, as training paired them (losses.PAIRS):
+    'main' is the mode's first term (fg of clip and 3t, hg of lit), 'tower3' 3T's term gh. The text side
+    is the one ThreeTowers.encode_text returns (g, g_h)."""
+    a, b = PAIRS[mode]["gh"] if view == "tower3" else next(iter(PAIRS[mode].values()))
+    return (b, a) if a.startswith("g") else (a, b)
+
+
 def view_embeddings(image: dict[str, Tensor], text: dict[str, Tensor], mode: str, view: str,
                     alpha: float = 1.0) -> tuple[Tensor, Tensor]:
     """(A, B) whose dot products A @ B.T are the view's scores. For the mix,
     s_alpha = alpha <f, g> + (1 - alpha) <h_g, g_h> = <[alpha f, (1-alpha) h_g], [g, g_h]>:
     a concatenation, so retrieval stays chunked and zero-shot needs no special case."""
-    (i, t), (ih, th) = MAIN_PAIR[mode], TOWER3_PAIR
+    (i, t), (ih, th) = view_pair(mode, "main"), view_pair("3t", "tower3")
     if view == "main":
         return image[i], text[t]
     if view == "tower3":
@@ -350,8 +356,8 @@ def _retrieval(embedder: Embedder, suite: EvalSuite, view_list: list, found: lis
 
 def _fewshot(embedder: Embedder, suite: EvalSuite, view_list: list, found: list) -> dict[str, float]:
     out, mode = {}, embedder.model.mode
-    probes = [(prefix, PROBE_KEY[view][mode]) for prefix, view, _ in view_list
-              if mode in PROBE_KEY.get(view, {})]
+    probes = [(prefix, "h" if view == "tower3" else view_pair(mode, view)[0])   # tower3: the frozen h itself
+              for prefix, view, _ in view_list if view != "mix"]
     for name, (pool, test) in suite.fewshot.items():
         (pool_x, pool_y), (test_x, test_y) = embedder.images(pool), embedder.images(test)
         _tally(found, pool_x, test_x)

@@ -52,10 +52,8 @@ from losses import PAIRS
 # Pooling: "token" is torchvision's class token; "mean" averages the patch tokens (MeanPooledViT).
 VIT_PRESETS: dict[str, tuple[int, int, int, int, tuple[int, ...], str]] = {
     "vit-micro": (8, 32, 1, 2, (8, 16, 32), "mean"),     # unit tests
-    "vit-mini": (8, 64, 2, 2, (16, 32, 64), "mean"),
     "vit-tiny": (8, 128, 4, 2, (16, 32, 64), "mean"),
     "vit-small": (8, 256, 6, 4, (32, 64, 128), "mean"),
-    "vit-s/16": (16, 384, 12, 6, (), "token"),
     "vit-b/32": (32, 768, 12, 12, (), "token"),
     "vit-b/16": (16, 768, 12, 12, (), "token"),
     "vit-l/16": (16, 1024, 24, 16, (), "token"),
@@ -71,7 +69,6 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 CNN_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "cnn-micro": ((8, 16, 32), (1, 2, 2)),                       # unit tests
     "cnn-tiny": ((16, 32, 32, 64, 128), (1, 2, 1, 2, 2)),          # the CPU default
-    "cnn-small": ((32, 64, 64, 128, 256), (1, 2, 1, 2, 2)),
 }
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 IMAGE_ARCHS = tuple(CNN_PRESETS) + tuple(VIT_PRESETS) + RESNETS
@@ -81,9 +78,7 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
     """A torchvision ViT/ResNet from scratch whose classifier is a linear map to `out_dim`
     (embed_dim for f; the number of classes for a supervised classifier). (B,3,S,S) -> (B,out_dim)."""
     if arch in VIT_PRESETS:
-        patch, width, depth, heads, stem, pool = VIT_PRESETS[arch]
-        if image_size % patch:
-            raise ValueError(f"--image-size {image_size} is not a multiple of {arch}'s patch {patch}")
+        patch, width, depth, heads, stem, pool = VIT_PRESETS[arch]       # image_size % patch: train.finish_args
         net = (MeanPooledViT if pool == "mean" else VisionTransformer)(
             image_size=image_size, patch_size=patch, num_layers=depth, num_heads=heads, hidden_dim=width,
             mlp_dim=4 * width, conv_stem_configs=[ConvStemConfig(c, 3, 2, norm_layer=_group_norm) for c in stem] or None)

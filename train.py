@@ -168,7 +168,7 @@ def optimisation_flags(a: Callable) -> None:
       help="auto: bf16 autocast + TF32 on CUDA, fp32 on CPU (bf16 is far slower on most CPUs)")
     a("--compile", action="store_true", help="torch.compile the towers (before DDP)")
     a("--seed", type=int, default=0, help="seeds the towers, the data order and the shapes world")
-    a("--out", "--logs", dest="out", default=None, help="run folder (default runs/<mode>-s<seed>)")
+    a("--out", default=None, help="run folder (default runs/<mode>-s<seed>)")
     a("--resume", default=None, help="'latest' (the run folder's ckpt.pt, if any) or a checkpoint path")
     a("--save-every", type=int, default=200, help="write ckpt.pt every N steps (and at the end)")
     a("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")

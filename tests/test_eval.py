@@ -332,3 +332,10 @@ def test_imagefolder_and_cifar_zero_shot_sources(tmp_path):
         tasks.imagefolder_zeroshot(str(tmp_path / "val"), str(tmp_path / "few.txt"))
     with pytest.raises(FileNotFoundError, match="download=True"):
         tasks.cifar_zeroshot("cifar10", str(tmp_path / "no_cifar"))
+
+
+def test_views_compare_what_training_paired():
+    """view_pair reads losses.PAIRS: image side first, the text side (g, g_h) second."""
+    assert {m: ev.view_pair(m, "main") for m in ("clip", "lit", "3t")} == \
+        {"clip": ("f", "g"), "lit": ("h", "g"), "3t": ("f", "g")}
+    assert ev.view_pair("3t", "tower3") == ("h_g", "g_h")
