@@ -36,7 +36,6 @@ import data
 import eval as evaluation
 import pretrain
 import shapes
-import tasks
 from losses import PAIRS, default_weights, tower_loss
 from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, checksum, load_tower3,
                    read_checkpoint, summary)
@@ -101,10 +100,10 @@ def data_flags(a: Callable) -> None:
       help="periodic evaluation: 'shapes' (the shapes world's held-out tasks, when training on it) or 'none'; "
            "--zeroshot-data / --retrieval-data replace a task's data")
     a("--zeroshot-data", default=None,
-      help=f"periodic zero-shot data, as eval.py's: {tasks.ZEROSHOT_SPECS} or none; CLASSNAMES_FILE has one name per "
+      help=f"periodic zero-shot data, as eval.py's: {evaluation.ZEROSHOT_SPECS} or none; CLASSNAMES_FILE has one name per "
            f"line, the k-th naming ROOT's k-th class folder in sorted order (default: --eval-data's)")
     a("--retrieval-data", default=None,
-      help=f"periodic retrieval data, as eval.py's: {tasks.RETRIEVAL_SPECS} (read with --csv-img-key, "
+      help=f"periodic retrieval data, as eval.py's: {evaluation.RETRIEVAL_SPECS} (read with --csv-img-key, "
            f"--csv-caption-key, --csv-separator; rows with the same image are one image) or none "
            f"(default: --eval-data's)")
     a("--eval-images", type=int, default=500,
@@ -216,7 +215,7 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def check_eval_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """p.error naming --zeroshot-data or --retrieval-data when its data cannot work (tasks.check_source: the
+    """p.error naming --zeroshot-data or --retrieval-data when its data cannot work (evaluation.check_source: the
     syntax, missing folders or files, a class-name file that does not name the class folders), before any work."""
     for flag, task in (("zeroshot_data", "zeroshot"), ("retrieval_data", "retrieval")):
         spec = getattr(args, flag)
@@ -226,7 +225,7 @@ def check_eval_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if args.mode == "supervised":
             p.error(f"{name} {spec}: only for clip, lit and 3t runs (--mode supervised scores held-out labels)")
         try:
-            tasks.check_source(task, spec)
+            evaluation.check_source(task, spec)
         except (OSError, ValueError) as e:
             p.error(f"{name} {spec}: {' '.join(str(e).split())}")
 
@@ -628,7 +627,7 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation during and after training (tasks.py builds the tasks, eval.py scores; every rank, the raw model)
+# Evaluation during and after training (eval.py builds the tasks and scores; every rank, the raw model)
 # ----------------------------------------------------------------------------------------------
 def eval_sources(args: argparse.Namespace) -> tuple[str, str]:
     """The zero-shot and retrieval data of periodic evaluation: --zeroshot-data / --retrieval-data, else
@@ -637,16 +636,16 @@ def eval_sources(args: argparse.Namespace) -> tuple[str, str]:
     return args.zeroshot_data or default, args.retrieval_data or default
 
 
-def build_suite(args: argparse.Namespace, env: Env, tokenizer: Tokenizer) -> tasks.EvalSuite | None:
+def build_suite(args: argparse.Namespace, env: Env, tokenizer: Tokenizer) -> evaluation.EvalSuite | None:
     """The held-out zero-shot and retrieval tasks (Sec. 5), built once on every rank, since every rank
     embeds a share of them; files are used whole, the shapes world's split 'test' at --eval-images images.
     A source that cannot be read stops every rank with one line naming its flag."""
-    suite, problem = tasks.EvalSuite(tokenizer), None
+    suite, problem = evaluation.EvalSuite(tokenizer), None
     for flag, task, spec in zip(("--zeroshot-data", "--retrieval-data"), ("zeroshot", "retrieval"), eval_sources(args)):
         if spec == "none":
             continue
         try:
-            part = tasks.build_eval_suite(spec, tokenizer=tokenizer, image_size=args.image_size, tasks=[task],
+            part = evaluation.build_eval_suite(spec, tokenizer=tokenizer, image_size=args.image_size, tasks=[task],
                                           num_images=args.eval_images, seed=args.seed,
                                           csv_keys=(args.csv_img_key, args.csv_caption_key, args.csv_separator))
         except (OSError, ValueError) as e:
