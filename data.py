@@ -4,7 +4,7 @@
   images for a third tower, the retrieval test set, zero-shot prompts).
 - File readers: a CSV/TSV of image paths and captions (open_clip's keys), img2dataset/WebDataset tar
   shards read with the standard library, ImageFolder class folders. train.pairs_dataset and
-  pretrain.labelled_dataset turn a --train-data value into one of them, or into the shapes world.
+  train.labelled_dataset turn a --train-data value into one of them, or into the shapes world.
 - Loaders: one rank's share of the data per epoch, resumable mid-epoch; `collate` stacks items and
   turns captions into token ids (tokenizer.py).
 

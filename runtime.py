@@ -1,7 +1,7 @@
 """What every run needs besides the method: processes and devices, run folders, the optimiser and its
 update, the run's position and checkpoints, the metrics log.
 
-train.py (CLIP, LiT, 3T) and pretrain.py (a third tower's pretraining) share all of it, so both resume
+train.run (CLIP, LiT, 3T) and train.pretrain (a third tower's pretraining) share all of it, so both resume
 exactly, write checkpoints atomically and stop together on every rank. Nothing here knows which
 embeddings a loss compares: that is losses.py and train.train_step.
 """
@@ -311,7 +311,7 @@ def schedule(args: argparse.Namespace, env: Env, model: torch.nn.Module, dataset
              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
     """AdamW, its warm-up + cosine schedule, and the number of steps: --steps, else --epochs over a
     finite dataset. A step reads --accum-freq batches of --batch-size on each rank."""
-    accum = getattr(args, "accum_freq", 1)
+    accum = args.accum_freq
     step_samples = args.batch_size * env.world * accum
     per_epoch = len(dataset) // step_samples if hasattr(dataset, "__len__") else None
     if per_epoch == 0:
@@ -374,7 +374,7 @@ def sync_step(step: int, first: int, total: int, args: argparse.Namespace) -> bo
     or the run. Between them a CUDA step never waits for the GPU."""
     done = step + 1
     return (step == first or done == total or done % args.log_every == 0 or done % args.save_every == 0
-            or bool(getattr(args, "eval_every", 0)) and done % args.eval_every == 0)
+            or bool(args.eval_every) and done % args.eval_every == 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,7 +614,7 @@ class MetricsLog:
         record = dict(zip(keys, values.tolist()), step=step, epoch=self.position.epoch,
                       lr=self.scheduler.get_last_lr()[0],
                       samples_per_s=(step - self.n_last) * self.args.batch_size * self.env.world
-                      * getattr(self.args, "accum_freq", 1) / (now - self.t_last),
+                      * self.args.accum_freq / (now - self.t_last),
                       data_errors=dict(self.position.data_errors))
         self.t_last, self.n_last, self.running = now, step, Counter()
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "lr", "samples_per_s")

@@ -23,7 +23,6 @@ from torchvision.io import encode_jpeg, encode_png
 from torchvision.transforms import v2
 
 import data
-import pretrain
 import runtime
 import shapes
 from tokenizer import Tokenizer
@@ -266,10 +265,10 @@ def test_names_file_in_another_order_than_the_folders_stops(files, tmp_path):
 def test_supervised_augmentation_flags(files, tmp_path, capsys):
     root = f"{files.folder}/train"
     supervised = ["--mode", "supervised", "--train-data", root, "--image-size", "16"]
-    plain = pretrain.labelled_dataset(train.parse_args(supervised + ["--crop-scale", "1", "--no-flip"]))
+    plain = train.labelled_dataset(train.parse_args(supervised + ["--crop-scale", "1", "--no-flip"]))
     raw = data.decode_rgb(open(plain.paths[2], "rb").read())
     assert torch.equal(plain[2]["image"], data.tower3_view(raw, 16))      # resize + centre crop, nothing random
-    crops = pretrain.labelled_dataset(train.parse_args(supervised))
+    crops = train.labelled_dataset(train.parse_args(supervised))
     crops.set_epoch(1)
     assert not torch.equal(crops[2]["image"], plain[2]["image"])
     args = train.parse_args(["--mode", "supervised", "--train-data", root, "--crop-scale", "0.5", "--no-flip"])
