@@ -603,6 +603,13 @@ def image_folder(root: str, transform: Callable[[Tensor], Tensor], **kwargs: Any
 
 
 # ----------------------------------------------------------------------------- h's view of a dataset
+def streamed(train_data: str, mode: str) -> bool:
+    """Whether --train-data names tar shards, which are streamed: no length, so no epochs of known size, no
+    --train-samples or --caption-noise, no h cache. Anything but 'shapes' or a .csv/.tsv file is, but for
+    --mode supervised, which reads an ImageFolder."""
+    return mode != "supervised" and train_data != "shapes" and not train_data.lower().endswith((".csv", ".tsv"))
+
+
 def with_tower3_view(dataset: Dataset, size: int) -> Dataset:
     """A shallow copy of `dataset` whose items also carry 'image_h', the third tower's own view at `size`
     (tower3_view): evaluation gives h the pixels it saw in training, never f's view resized."""

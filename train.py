@@ -20,23 +20,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import glob
 import hashlib
 import json
 import math
 import os
-import re
 import socket
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import data
 import eval as evaluation
@@ -44,9 +40,9 @@ import shapes
 from losses import PAIRS, default_weights, tower_loss
 from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, build_image_tower,
                    checksum, load_tower3, read_checkpoint, summary)
-from runtime import (Env, MetricsLog, RowTable, RunError, StepBatches, apply_gradients, autocast,
-                     check_ranges, check_resumable, checkpoint_to, claim_folders, endless, every_rank, find_checkpoint,
-                     log, one_line, raise_if_disk_full, resume, save, schedule, sync_step, wrap, write_file)
+from runtime import (Env, MetricsLog, RowTable, RunError, StepBatches, apply_gradients, autocast, check_ranges,
+                     check_resumable, checkpoint_to, claim_folders, endless, every_rank, find_checkpoint, log, one_line,
+                     resume, save, schedule, sync_step, tower3_cache, uses_tower3_cache, wrap, write_file)
 from shapes import ShapesLabelled
 from tokenizer import Tokenizer
 
@@ -62,7 +58,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     tower3: FrozenTower | None
-    h_cache: RowTable | None            # h(x_i) by sample index (tower3_cache), or None: h runs every step
+    h_cache: RowTable | None            # h(x_i) by sample index (runtime.tower3_cache), or None: h runs every step
     weights: dict[str, float]           # weight of each loss term of losses.PAIRS[mode]
 
 
@@ -93,7 +89,8 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     ckpt = find_checkpoint(args)
     tower3 = resolve_tower3(args, env) if args.mode != "clip" else None
     tower3_digest = checksum(tower3.state_dict())[:16] if tower3 is not None else None
-    dataset = pairs_dataset(args, env, tower3)
+    cached = uses_tower3_cache(args, env)
+    dataset = pairs_dataset(args, env, None if cached else tower3)      # h's view in the items: h runs every step
     tokenizer = build_tokenizer(args, env, dataset, ckpt)
     config = model_config(args, tokenizer, tower3)
     check_resumable(ckpt, config, tower3_digest)
@@ -107,10 +104,8 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     weights = dict(zip(PAIRS[args.mode], args.loss_weights)) if args.loss_weights else default_weights(args.mode)
     if args.grad_checkpointing:
         log(env, f"[memory] activation checkpointing of {', '.join(model.set_grad_checkpointing()) or 'no blocks'}")
-    parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3,
-                  tower3_cache(args, env, tower3, dataset) if tower3 is not None else None, weights)
-    if parts.h_cache is not None:
-        dataset.tower3_image_size = None          # h comes from the cache: items need not carry h's view
+    h_cache = tower3_cache(args, env, tower3, data.with_tower3_view(dataset, tower3.image_size)) if cached else None
+    parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3, h_cache, weights)
     loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, workers=env.workers(args), rank=env.rank,
                               world_size=env.world, seed=args.seed, start_batch=position.batch,
                               pin_memory=env.device.type == "cuda")
@@ -423,8 +418,7 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if not all(0 <= v < math.inf for v in values) or not sum(values) > 0:
             p.error(f"--loss-weights {args.loss_weights!r}: expected finite weights >= 0, not all 0")
         args.loss_weights = values
-    tar = args.mode != "supervised" and args.train_data != "shapes" and not args.train_data.lower().endswith(
-        (".csv", ".tsv"))
+    tar = data.streamed(args.train_data, args.mode)
     if args.train_samples is not None and tar:
         p.error(f"--train-samples {args.train_samples}: tar shards are streamed whole; select fewer shards")
     if args.caption_noise > 0 and tar:
@@ -479,8 +473,8 @@ RANGES = {"train_samples": "[1, inf)", "caption_noise": "[0, 1]", "max_bad_fract
 # ----------------------------------------------------------------------------------------------
 def pairs_dataset(args: argparse.Namespace, env: Env, tower3: FrozenTower | None):
     """The image-text pairs --train-data names: the shapes world, a CSV/TSV of image paths and captions, or tar
-    shards (data.py). With a third tower, items also carry h's own view ('image_h', data.tower3_view). Logs
-    how much of the data is used."""
+    shards (data.py). Given the third tower that runs every step, items also carry its own view ('image_h',
+    data.tower3_view). Logs how much of the data is used."""
     h_size = tower3.image_size if tower3 is not None else None
     limits = dict(max_image_pixels=args.max_image_pixels, max_file_bytes=args.max_file_bytes)
     if args.train_data == "shapes":
@@ -603,123 +597,6 @@ def exclusive(lock_path: str, env: Env, holder_busy: str) -> Iterator[None]:
     finally:
         if f is not None:
             f.close()
-
-
-def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset) -> RowTable | None:
-    """h(x_i) of every sample i of a finite dataset (h's own view, data.tower3_view), computed once and then
-    read by row (LiT Sec. 5.6). The table is a file under --cache-dir named by a fingerprint of the tower's
-    weights, h's view and the data (for files: every image's size and modification time); a file whose
-    header does not match, or whose rows no longer match the digests stored when it was built (a damaged
-    file; each rank checks its share of the blocks), is recomputed, never used. Training reads the rows of
-    its batch: memory O(batch) per rank; the OS page cache holds what is read often.
-
-    Stale files: a file of another tower, view or data is not deleted by a run (another run may still use
-    it); it is just never opened again. Remove h-*.bin files (or the whole --cache-dir) to reclaim the
-    space: a run reading one keeps its open file. A recomputed file replaces the old one by a rename, and
-    the temporary files of builds on this host whose process died are removed by the next build."""
-    if not args.cache_tower3:
-        return None
-    if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
-        log(env, "[tower3] streaming data: no cache, h runs every step")
-        return None
-    digest = hashlib.sha256()
-    for t in tower3.state_dict().values():
-        digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())   # 1-d: BatchNorm counters are 0-d
-    digest.update(json.dumps([args.train_data, len(dataset), args.seed, args.image_size, tower3.image_size,
-                              data.TOWER3_VIEW, getattr(dataset, "stamp", None)]).encode())
-    key = dict(rows=len(dataset), dim=tower3.dim, fingerprint=digest.hexdigest()[:16])
-    path = os.path.join(args.cache_dir, f"h-{key['fingerprint']}.bin")
-    table = RowTable.open(path, **key)
-    damaged = table.damaged(env.rank, env.world) if table is not None else []
-    if every_rank(env, table is not None and not damaged):
-        log(env, f"[tower3] reusing cached embeddings {path}")
-        return table
-    if damaged:
-        log(env, f"[tower3] cache {path}: rows of block(s) {damaged[:5]} (of {RowTable.BLOCK} rows each) do not match "
-                 f"the checksum stored when it was built, a damaged file: recomputing")
-    elif os.path.exists(path):
-        log(env, f"[tower3] cache {path} is stale: recomputing")
-    del table
-    try:
-        build_cache(args, env, tower3, dataset, path, key)
-    except OSError as e:
-        raise_if_disk_full(e, "--cache-dir", args.cache_dir, f"the third tower's cache {os.path.basename(path)}",
-                           RowTable.size(key["rows"], key["dim"]))
-        raise
-    return RowTable.open(path, **key)
-
-
-def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, path: str, key: dict) -> None:
-    """Compute the table at `path`. Rank r of W computes only rows [r N/W, (r+1) N/W) into a temporary file
-    that every rank writes, each rank seals (checksums) its share of the blocks, and rank 0 renames the file
-    into place once each rank sees the others' rows -- so --cache-dir must be on a filesystem that all nodes
-    share. A failed build leaves no file behind."""
-    token = [f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"]     # rank 0's: every rank names one file
-    if env.world > 1:
-        dist.broadcast_object_list(token, src=0)
-    tmp = f"{path}.{token[0]}.tmp"
-    try:
-        if env.master:
-            os.makedirs(args.cache_dir, exist_ok=True)
-            remove_dead_builds(args.cache_dir)
-            RowTable.create(tmp, **key)
-        env.barrier()
-        table = RowTable.open(tmp, writable=True, **key)     # None where rank 0's file is not visible
-        first = cache_share(args, env, tower3, dataset, table) if table is not None else None
-        # Every rank must see every rank's rows: each compares the first row of every share in its own view.
-        firsts = [first]
-        if env.world > 1:
-            firsts = [None] * env.world
-            dist.all_gather_object(firsts, first)
-        seen = table is not None and all(torch.equal(table[[i]][0], row) for i, row in filter(None, firsts))
-        if not every_rank(env, seen):
-            raise SystemExit(f"--cache-dir {args.cache_dir}: the ranks do not see each other's rows of {tmp}; use a "
-                             f"folder on a filesystem that every node shares, or --no-cache-tower3")
-        table.seal(env.rank, env.world)
-        env.barrier()
-        if env.master:
-            os.replace(tmp, path)
-        env.barrier()
-    finally:
-        if env.master and os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_dead_builds(folder: str) -> None:
-    """Remove the temporary cache files (h-*.bin.HOST-PID-*.tmp) of builds on this host whose process is gone."""
-    for stale in glob.glob(os.path.join(glob.escape(folder), "h-*.bin.*.tmp")):
-        owner = re.fullmatch(r"h-\w+\.bin\.(.+)-(\d+)-[0-9a-f]{8}\.tmp", os.path.basename(stale))
-        if owner and owner[1] == socket.gethostname() and not alive(int(owner[2])):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def cache_share(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, table: RowTable
-                ) -> tuple[int, torch.Tensor] | None:
-    """Compute this rank's share of the rows, [r N/W, (r+1) N/W), into `table`, batch by batch; return
-    (index, row) of its first row, or None for an empty share."""
-    lo, hi = len(dataset) * env.rank // env.world, len(dataset) * (env.rank + 1) // env.world
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), 256,   # in order, no
-                                         num_workers=env.workers(args), collate_fn=data.collate)  # index list
-    row, first = lo, None
-    for batch in tqdm(loader, desc="caching h", disable=not env.master or args.quiet):
-        with autocast(args, env):
-            h = tower3(batch["image_h"].to(env.device, non_blocking=True)).float().cpu()
-        table.write(row, h)
-        first, row = first or (lo, h[0].clone()), row + len(h)
-    return first
-
 
 
 # ----------------------------------------------------------------------------------------------
