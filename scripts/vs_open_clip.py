@@ -4,17 +4,17 @@ open_clip is NOT a dependency of the project and nothing in it (tests included) 
 in a side virtual environment, where `openclip`, `score` and `steps` run with this repository on
 sys.path (the script adds it); `prepare`, `ours` and `report` run in either environment.
 
-    python3 -m venv /work/venv-oc
-    /work/venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1
-    /work/venv-oc/bin/pip install open-clip-torch==3.3.0 pandas braceexpand "webdataset>=0.2.5,<=0.2.86" fsspec
+    python3 -m venv .venv-oc
+    .venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1
+    .venv-oc/bin/pip install open-clip-torch==3.3.0 pandas braceexpand "webdataset>=0.2.5,<=0.2.86" fsspec
     # open_clip_train.main imports pandas, braceexpand, webdataset and fsspec: its [training] extra
     # without transformers, which the CSV path never uses
 
-    python scripts/vs_open_clip.py prepare                      # 60k + 1k PNG/CSV pairs in /work/oc-data
-    /work/venv-oc/bin/python scripts/vs_open_clip.py openclip   # 1 epoch (open_clip trains whole epochs)
+    python scripts/vs_open_clip.py prepare                      # 60k + 1k PNG/CSV pairs in runs/oc-data
+    .venv-oc/bin/python scripts/vs_open_clip.py openclip        # 1 epoch (open_clip trains whole epochs)
     python scripts/vs_open_clip.py ours --steps 490 [--extra "--seed 1"]    # or --seconds S
-    /work/venv-oc/bin/python scripts/vs_open_clip.py score CHECKPOINT             # either kind
-    /work/venv-oc/bin/python scripts/vs_open_clip.py steps      # step time at equal towers
+    .venv-oc/bin/python scripts/vs_open_clip.py score CHECKPOINT                  # either kind
+    .venv-oc/bin/python scripts/vs_open_clip.py steps           # step time at equal towers
     python scripts/vs_open_clip.py report RUN_FOLDER ...        # markdown table, mean ± std over seeds
 
 Both trainers run in-process with 2 threads, fp32, workers 0, batch 256, lr 2e-3, warmup 30, AdamW
@@ -338,12 +338,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=2)
-    common.add_argument("--data", default="/work/oc-data", help="the folder `prepare` wrote")
+    common.add_argument("--data", default="runs/oc-data", help="the folder `prepare` wrote")
     run = argparse.ArgumentParser(add_help=False, parents=[common])
     run.add_argument("--train-rows", type=int, help="train on a cut copy of the CSV (smoke runs)")
     run.add_argument("--extra", default="", help="more trainer flags, one string")
     c = sub.add_parser("prepare", help="write the shapes world as PNG + CSV")
-    c.add_argument("--out", default="/work/oc-data")
+    c.add_argument("--out", default="runs/oc-data")
     c.add_argument("--train", type=int, default=60_000)
     c.add_argument("--test", type=int, default=1_000)
     c = sub.add_parser("openclip", parents=[run], help="1 epoch of open_clip's trainer (venv-oc)")
