@@ -1,12 +1,12 @@
-"""Data: what the towers read, in three parts after the image helpers they share.
+"""Data: what the towers read, after the image helpers they share.
 
-1. The shapes world, embedded, no download: its own file, shapes.py (image-text pairs, labelled
-   images for a third tower, the retrieval test set, zero-shot prompts).
-2. File readers: a CSV/TSV of image paths and captions (open_clip's keys), img2dataset/WebDataset tar
-   shards read with the standard library, ImageFolder class folders. train.pairs_dataset and
-   pretrain.labelled_dataset turn a --train-data value into one of them, or into the shapes world.
-3. Loaders: one rank's share of the data per epoch, resumable mid-epoch; `collate` stacks items and
-   turns captions into token ids (tokenizer.py).
+- The shapes world, embedded, no download, is its own file, shapes.py (image-text pairs, labelled
+  images for a third tower, the retrieval test set, zero-shot prompts).
+- File readers: a CSV/TSV of image paths and captions (open_clip's keys), img2dataset/WebDataset tar
+  shards read with the standard library, ImageFolder class folders. train.pairs_dataset and
+  train.labelled_dataset turn a --train-data value into one of them, or into the shapes world.
+- Loaders: one rank's share of the data per epoch, resumable mid-epoch; `collate` stacks items and
+  turns captions into token ids (tokenizer.py).
 
 Items are dicts of plain tensors and strings: 'image' (f's view), 'caption' or 'label', 'index'
 (the row of the third tower's cache), 'image_h' (h's own view, tower3_view) when a third tower reads
@@ -64,7 +64,7 @@ def image_transform(image_size: int, train: bool) -> Callable[[Tensor], Tensor]:
 
     Train: random resized crop with scale (0.9, 1) (open_clip's default): captions name positions and
     objects, and heavy crops would make them false. Eval: resize the short side, centre crop; this is
-    deterministic, which is what lets the frozen third tower's embeddings be cached (DESIGN.md).
+    deterministic, which is what lets the frozen third tower's embeddings be cached.
     """
     if train:
         geometry = v2.RandomResizedCrop(image_size, scale=(0.9, 1.0), antialias=True)
@@ -73,7 +73,7 @@ def image_transform(image_size: int, train: bool) -> Callable[[Tensor], Tensor]:
     return v2.Compose([geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-# What the third tower h sees -- in training, in its cache and in evaluation alike (DESIGN.md "Efficiency"): the
+# What the third tower h sees -- in training, in its cache and in evaluation alike: the
 # whole image, short side resized to h's input size, centre crop, ImageNet mean/std (the statistics of every
 # tower load_tower3 builds: torchvision's classifiers and this project's own). Never f's augmented crop.
 TOWER3_VIEW = "short side resized to h's size, centre crop, ImageNet mean/std"   # in the h cache's fingerprint
@@ -177,7 +177,7 @@ class RetrievalSet:
 
 
 # ==================================================================================================
-# Part 2. File readers (Part 1, the shapes world, is shapes.py)
+# File readers (the shapes world is shapes.py)
 # ==================================================================================================
 # ----------------------------------------------------------------------------- CSV / TSV pairs
 class CsvPairs(Dataset):
@@ -603,6 +603,13 @@ def image_folder(root: str, transform: Callable[[Tensor], Tensor], **kwargs: Any
 
 
 # ----------------------------------------------------------------------------- h's view of a dataset
+def streamed(train_data: str, mode: str) -> bool:
+    """Whether --train-data names tar shards, which are streamed: no length, so no epochs of known size, no
+    --train-samples or --caption-noise, no h cache. Anything but 'shapes' or a .csv/.tsv file is, but for
+    --mode supervised, which reads an ImageFolder."""
+    return mode != "supervised" and train_data != "shapes" and not train_data.lower().endswith((".csv", ".tsv"))
+
+
 def with_tower3_view(dataset: Dataset, size: int) -> Dataset:
     """A shallow copy of `dataset` whose items also carry 'image_h', the third tower's own view at `size`
     (tower3_view): evaluation gives h the pixels it saw in training, never f's view resized."""
@@ -616,7 +623,7 @@ def with_tower3_view(dataset: Dataset, size: int) -> Dataset:
 
 
 # ==================================================================================================
-# Part 3. Loaders
+# Loaders
 # ==================================================================================================
 def collate(samples: list[dict[str, Any]], tokenizer: Tokenizer | None = None) -> dict[str, Any]:
     """Stack tensors, ints -> LongTensor, nested dicts recursively, sum 'data_errors' over the batch;

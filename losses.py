@@ -14,7 +14,7 @@ The whole method lives in two functions, read top to bottom:
        L_3T = ( L(f, g) + L(f_h, h_f) + L(g_h, h_g) ) / 3
    f, g: the image and text towers trained from scratch; h: the frozen pretrained tower;
    f_h, g_h: linear heads on f and g; h_f, h_g: linear heads on h, one per pairing
-   (see model.py and ../shared/DESIGN.md for which head sits where).
+   (see model.py and the README's "Where this project chooses" for which head sits where).
 
 `--loss sigmoid` swaps the softmax for the pairwise sigmoid loss of SigLIP (Zhai et al. 2023).
 That is an extension of this project, not part of the 3T paper.

@@ -13,7 +13,7 @@ separate `FrozenTower`: the trainer runs it under no_grad (or reads its cached o
 its embedding to `ThreeTowers.forward`. Keeping it outside makes "never in DDP, never in the
 optimiser, never in a checkpoint" true by construction.
 
-Modes (../shared/DESIGN.md):
+Modes (README, "The method in one paragraph"):
     clip: f, g                   -> L(f, g)
     lit : h, g (g maps into D_h) -> L(h, g); no trainable image side at all (LiT, App. C)
     3t  : f, g, f_h, g_h, h_f, h_g -> (L(f,g) + L(f_h,h_f) + L(g_h,h_g)) / 3
@@ -21,14 +21,12 @@ Modes (../shared/DESIGN.md):
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import math
 import os
 import pickle
 import socket
 import urllib.error
-import warnings
 from collections import OrderedDict
 
 import torch
@@ -48,16 +46,14 @@ from losses import PAIRS
 # From tiny up, heads are 64 wide, as in ViT-Base and CLIP's text tower.
 # Conv stem: the patchify layer becomes stride-2 3x3 convolutions (norm, ReLU) with these channels,
 # then a 1x1 projection to the width (Xiao et al. 2021, "Early convolutions help transformers see
-# better"): small ViTs learn shape, not only colour, within a CPU budget (README, design notes).
+# better"): small ViTs learn shape, not only colour, within a CPU budget (README, "Where this project chooses").
 # GroupNorm, not the paper's BatchNorm: per-sample statistics keep N processes x batch B exactly
 # equal to one process x batch N*B.
 # Pooling: "token" is torchvision's class token; "mean" averages the patch tokens (MeanPooledViT).
 VIT_PRESETS: dict[str, tuple[int, int, int, int, tuple[int, ...], str]] = {
     "vit-micro": (8, 32, 1, 2, (8, 16, 32), "mean"),     # unit tests
-    "vit-mini": (8, 64, 2, 2, (16, 32, 64), "mean"),
     "vit-tiny": (8, 128, 4, 2, (16, 32, 64), "mean"),
     "vit-small": (8, 256, 6, 4, (32, 64, 128), "mean"),
-    "vit-s/16": (16, 384, 12, 6, (), "token"),
     "vit-b/32": (32, 768, 12, 12, (), "token"),
     "vit-b/16": (16, 768, 12, 12, (), "token"),
     "vit-l/16": (16, 1024, 24, 16, (), "token"),
@@ -73,7 +69,6 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 CNN_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "cnn-micro": ((8, 16, 32), (1, 2, 2)),                       # unit tests
     "cnn-tiny": ((16, 32, 32, 64, 128), (1, 2, 1, 2, 2)),          # the CPU default
-    "cnn-small": ((32, 64, 64, 128, 256), (1, 2, 1, 2, 2)),
 }
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 IMAGE_ARCHS = tuple(CNN_PRESETS) + tuple(VIT_PRESETS) + RESNETS
@@ -83,9 +78,7 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
     """A torchvision ViT/ResNet from scratch whose classifier is a linear map to `out_dim`
     (embed_dim for f; the number of classes for a supervised classifier). (B,3,S,S) -> (B,out_dim)."""
     if arch in VIT_PRESETS:
-        patch, width, depth, heads, stem, pool = VIT_PRESETS[arch]
-        if image_size % patch:
-            raise ValueError(f"--image-size {image_size} is not a multiple of {arch}'s patch {patch}")
+        patch, width, depth, heads, stem, pool = VIT_PRESETS[arch]       # image_size % patch: train.finish_args
         net = (MeanPooledViT if pool == "mean" else VisionTransformer)(
             image_size=image_size, patch_size=patch, num_layers=depth, num_heads=heads, hidden_dim=width,
             mlp_dim=4 * width, conv_stem_configs=[ConvStemConfig(c, 3, 2, norm_layer=_group_norm) for c in stem] or None)
@@ -122,11 +115,9 @@ class ConvTower(nn.Sequential):
 class MeanPooledViT(VisionTransformer):
     """torchvision's ViT pooled by the mean of its patch tokens (global average pooling) instead of
     a class token, as in "Better plain ViT baselines" (Beyer et al. 2022), which trains small ViTs
-    from scratch on short budgets. Why here: with the class token, vit-tiny at 32 px stayed on the
-    contrastive loss plateau (~ln B) for hundreds of steps in one seed of three and ended at 4.9 %
-    I->T R@1 where the others reached 57-75 % (README, "Against open_clip's trainer"); the mean
-    sees every patch's gradient from the first step. No class token, and no position for it, so
-    DDP finds no unused parameter. The position embeddings are torchvision's own draw without the
+    from scratch on short budgets: the mean sees every patch's gradient from the first step, where a
+    class token can leave a small ViT on the contrastive loss plateau (~ln B) for long (README, "Where
+    this project chooses"). No class token, and no position for it, so DDP finds no unused parameter. The position embeddings are torchvision's own draw without the
     class token's row. (B,3,S,S) -> (B, out_dim)."""
 
     def __init__(self, **kwargs):
@@ -327,7 +318,7 @@ def load_tower3(spec: str) -> FrozenTower:
         net.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise ValueError(f"--tower3 {spec!r}: its weights do not fit {c['arch']} as model.VIT_PRESETS defines "
-                         f"it now (written by an older version?); pretrain the tower again") from e
+                         f"it; pretrain the tower again") from e
     return FrozenTower(net, strip_classifier(net), c["image_size"], spec)
 
 
@@ -380,7 +371,7 @@ class ThreeTowers(nn.Module):
             if tower3_heads:
                 self.h_f = nn.Linear(tower3_dim, embed_dim, bias=False)
                 self.h_g = nn.Linear(tower3_dim, embed_dim, bias=False)
-        # t = exp(s), s learnable, init t = 10 (our choice, DESIGN.md); one per term.
+        # t = exp(s), s learnable, init t = 10 (README, "Where this project chooses"); one per term.
         self.log_temperature = nn.ParameterDict(
             {term: nn.Parameter(torch.tensor(math.log(init_temperature))) for term in PAIRS[mode]})
         self.bias = nn.ParameterDict(
@@ -494,15 +485,11 @@ def checksum(obj) -> str:
 
 def save_checkpoint(ckpt: dict, path: str) -> None:
     """Write ckpt and its checksum to a temporary file in the same folder, then rename: a crash never
-    leaves half a file under `path`. A failed save removes its temporary file; temporary files of
-    writers on this host that died mid-save (kill -9) are removed by the next save."""
-    prefix = f"{path}.tmp.{socket.gethostname()}."
-    for stale in glob.glob(glob.escape(prefix) + "*"):
-        pid = stale[len(prefix):]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-    tmp = prefix + str(os.getpid())
+    leaves half a file under `path`, since only a whole temporary file is renamed into place. A failed
+    save removes its temporary file; one left by a writer killed mid-save (kill -9) has this host's
+    name and is overwritten by the next save here (one writer per path: --out and the auto tower are
+    locked)."""
+    tmp = f"{path}.tmp.{socket.gethostname()}"
     try:
         ckpt = {k: v for k, v in ckpt.items() if k != "checksum"}
         torch.save({**ckpt, "checksum": checksum(ckpt)}, tmp)
@@ -513,21 +500,11 @@ def save_checkpoint(ckpt: dict, path: str) -> None:
         raise
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:       # another user's process
-        pass
-    return True
-
-
 def read_checkpoint(path: str) -> dict:
     """torch.load with weights_only=True (a checkpoint can never run code), on the CPU, checksum
     verified. ValueError (one line, naming the file) when it is not a readable PyTorch file or its
-    contents differ from what save_checkpoint wrote. Files without a checksum load: foreign ones
-    (torchvision state_dicts) silently, this project's older checkpoints with a warning."""
+    contents differ from what save_checkpoint wrote, or when it is this project's (it has a 'format') but
+    holds no checksum. Files that are not this project's (torchvision state_dicts) load unverified."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -541,7 +518,8 @@ def read_checkpoint(path: str) -> dict:
             raise ValueError(f"{path}: checksum mismatch, its contents changed after it was written "
                              f"(a damaged copy or disk): refusing to use it")
     elif isinstance(ckpt, dict) and "format" in ckpt:
-        warnings.warn(f"{path}: no checksum (written before checkpoints had one): loaded unverified")
+        raise ValueError(f"{path}: a {ckpt['format']!r} checkpoint without its checksum, so not as save_checkpoint "
+                         f"wrote it: refusing to use it")
     return ckpt
 
 
@@ -558,10 +536,10 @@ def load_trained(path: str, tower3_spec: str | None = None) -> tuple[ThreeTowers
                          f"tower, not an image-text model. Use it as `--tower3 {path}` when "
                          f"training lit or 3t, then evaluate that checkpoint.")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has no format '{CHECKPOINT_FORMAT}': written by another project or an older "
-                         f"train.py, so eval.py cannot rebuild its model")
+        raise ValueError(f"{path} has no format '{CHECKPOINT_FORMAT}': not a train.py checkpoint, so eval.py "
+                         f"cannot rebuild its model")
     if "tokenizer" not in ckpt:
-        raise ValueError(f"{path} stores no tokenizer: written by an older train.py, so eval.py cannot "
+        raise ValueError(f"{path} stores no tokenizer: an incomplete checkpoint, so eval.py cannot "
                          f"tokenise as training did")
     model = ThreeTowers(**ckpt["model_config"])
     try:

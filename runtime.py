@@ -1,7 +1,7 @@
 """What every run needs besides the method: processes and devices, run folders, the optimiser and its
 update, the run's position and checkpoints, the metrics log.
 
-train.py (CLIP, LiT, 3T) and pretrain.py (a third tower's pretraining) share all of it, so both resume
+train.run (CLIP, LiT, 3T) and train.pretrain (a third tower's pretraining) share all of it, so both resume
 exactly, write checkpoints atomically and stop together on every rank. Nothing here knows which
 embeddings a loss compares: that is losses.py and train.train_step.
 """
@@ -11,11 +11,13 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -32,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import CHECKPOINT_FORMAT, read_checkpoint, save_checkpoint
+from model import CHECKPOINT_FORMAT, FrozenTower, checksum, read_checkpoint, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ def schedule(args: argparse.Namespace, env: Env, model: torch.nn.Module, dataset
              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
     """AdamW, its warm-up + cosine schedule, and the number of steps: --steps, else --epochs over a
     finite dataset. A step reads --accum-freq batches of --batch-size on each rank."""
-    accum = getattr(args, "accum_freq", 1)
+    accum = args.accum_freq
     step_samples = args.batch_size * env.world * accum
     per_epoch = len(dataset) // step_samples if hasattr(dataset, "__len__") else None
     if per_epoch == 0:
@@ -375,7 +377,7 @@ def sync_step(step: int, first: int, total: int, args: argparse.Namespace) -> bo
     or the run. Between them a CUDA step never waits for the GPU."""
     done = step + 1
     return (step == first or done == total or done % args.log_every == 0 or done % args.save_every == 0
-            or bool(getattr(args, "eval_every", 0)) and done % args.eval_every == 0)
+            or bool(args.eval_every) and done % args.eval_every == 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,17 +489,15 @@ RESUME_BY_MODEL = ("mode", "image_arch", "image_size", "text_arch", "embed_dim",
 def changed_settings(ckpt: dict, args: argparse.Namespace, path: str) -> list[str]:
     """The flags in RESUME_MAY_CHANGE that differ from the checkpoint's ("--steps 4 -> 8"), for the log; SystemExit
     naming every other flag that differs. --workers may not change for tar shards: the number of readers decides
-    which reader streams which shard. Flags the checkpoint does not record (an older train.py's) pass."""
-    recorded = ckpt.get("args") or {}
-    streamed = args.mode != "supervised" and args.train_data != "shapes" and \
-        not args.train_data.lower().endswith((".csv", ".tsv"))
-    free = set(RESUME_MAY_CHANGE) - ({"workers"} if streamed else set())
+    which reader streams which shard."""
+    recorded = ckpt["args"]
+    free = set(RESUME_MAY_CHANGE) - ({"workers"} if data.streamed(args.train_data, args.mode) else set())
     changed, refused = [], []
     for name, now in sorted(vars(args).items()):
-        if name in RESUME_BY_MODEL or name == "resume" or name not in recorded or recorded[name] == now:
+        if name in RESUME_BY_MODEL or name == "resume" or recorded.get(name) == now:
             continue
         flag = f"--{name.replace('_', '-')}"
-        (changed if name in free else refused).append((flag, recorded[name], now))
+        (changed if name in free else refused).append((flag, recorded.get(name), now))
     if refused:
         raise SystemExit(f"--resume {path!r} was written with other settings: "
                          + "; ".join(f"{flag} {was!r} there, {now!r} now" for flag, was, now in refused)
@@ -527,7 +527,7 @@ def find_checkpoint(args: argparse.Namespace) -> dict | None:
         raise SystemExit(f"--resume {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("mode") != args.mode:
         raise SystemExit(f"--resume {path!r}: not a {CHECKPOINT_FORMAT} checkpoint of mode {args.mode}")
-    missing = [k for k in ("model", "optimizer", "scheduler", "step", "ranks") if k not in ckpt]
+    missing = [k for k in ("args", "model", "optimizer", "scheduler", "step", "ranks") if k not in ckpt]
     if missing:
         raise SystemExit(f"--resume {path!r}: an incomplete checkpoint, without {', '.join(missing)}")
     return {**ckpt, "path": path, "changed": changed_settings(ckpt, args, path)}
@@ -535,13 +535,13 @@ def find_checkpoint(args: argparse.Namespace) -> dict | None:
 
 def check_resumable(ckpt: dict | None, config: dict, tower3_digest: str | None = None) -> None:
     """A resumed run must rebuild the model its checkpoint holds, with the same frozen tower: SystemExit
-    naming every setting that differs (what the checkpoint does not record passes; so does the initial
-    temperature, which the checkpoint's learned one replaces)."""
+    naming every setting that differs (but the initial temperature, which the checkpoint's learned one
+    replaces)."""
     if ckpt is None:
         return
-    recorded = {**(ckpt.get("model_config") or ckpt.get("classifier") or {}), "tower3 weights": ckpt.get("tower3_digest")}
-    diff = [f"{k}: {recorded[k]!r} in the checkpoint, {v!r} now" for k, v in {**config, "tower3 weights": tower3_digest}.items()
-            if k != "init_temperature" and recorded.get(k) is not None and recorded[k] != v]
+    recorded = {**ckpt.get("model_config", ckpt.get("classifier", {})), "tower3 weights": ckpt.get("tower3_digest")}
+    diff = [f"{k}: {recorded.get(k)!r} in the checkpoint, {v!r} now" for k, v in {**config, "tower3 weights": tower3_digest}.items()
+            if k != "init_temperature" and recorded.get(k) != v]
     if diff:
         raise SystemExit(f"--resume {ckpt['path']!r} holds another model than these flags build: {'; '.join(diff)}"
                          + (f" (its third tower was --tower3 {ckpt['tower3']!r})" if ckpt.get("tower3") else ""))
@@ -575,22 +575,32 @@ def resume(env: Env, ckpt: dict | None, model: torch.nn.Module, optimizer, sched
 
 class MetricsLog:
     """The progress bar and metrics.jsonl (rank 0): running means of the step metrics over ranks,
-    one record every --log-every steps; evaluation records as they come."""
+    one record every --log-every steps; evaluation records as they come. It also counts the non-finite
+    steps (NonFiniteSteps) and reads their streak at sync steps."""
 
     def __init__(self, args: argparse.Namespace, env: Env, total: int, position: Position, scheduler):
         self.args, self.env, self.position, self.total, self.scheduler = args, env, position, total, scheduler
+        self.nonfinite = NonFiniteSteps(args.max_nonfinite, env.device)
         self.file = open(os.path.join(args.out, "metrics.jsonl"), "ab", buffering=0) if env.master else None
         self.bar = tqdm(total=total, initial=position.step, desc=args.mode, disable=not env.master or args.quiet,
                         dynamic_ncols=True)
         self.running: Counter = Counter()
         self.t_last, self.n_last = time.time(), position.step
 
-    def step(self, metrics: dict[str, torch.Tensor], finite: torch.Tensor | bool = True) -> None:
+    def step(self, metrics: dict[str, torch.Tensor], finite: Tensor, sync: bool) -> None:
         """Add a step's metrics (device tensors: no host sync) unless it was not finite; every --log-every
-        steps, average over steps and ranks and write a record."""
+        steps, average over steps and ranks and write a record. At a sync step, NonFinite after
+        --max-nonfinite non-finite steps in a row."""
+        self.nonfinite.add(finite)
+        self.record(metrics, finite)
+        if sync:
+            self.nonfinite.check(self.env, self.position.step)
+
+    def record(self, metrics: dict[str, torch.Tensor], finite: Tensor) -> None:
+        """Add the step to the running means; every --log-every steps, average and write them (one all_reduce)."""
         for k, v in metrics.items():
-            self.running[k] += torch.where(finite, v, 0.0) if isinstance(finite, Tensor) else v
-        self.running["n"] += finite.float() if isinstance(finite, Tensor) else 1
+            self.running[k] += torch.where(finite, v, 0.0)
+        self.running["n"] += finite.float()
         self.bar.update(1)
         step = self.position.step
         if step % self.args.log_every and step != self.total:
@@ -605,7 +615,7 @@ class MetricsLog:
         record = dict(zip(keys, values.tolist()), step=step, epoch=self.position.epoch,
                       lr=self.scheduler.get_last_lr()[0],
                       samples_per_s=(step - self.n_last) * self.args.batch_size * self.env.world
-                      * getattr(self.args, "accum_freq", 1) / (now - self.t_last),
+                      * self.args.accum_freq / (now - self.t_last),
                       data_errors=dict(self.position.data_errors))
         self.t_last, self.n_last, self.running = now, step, Counter()
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "lr", "samples_per_s")
@@ -630,7 +640,7 @@ class MetricsLog:
 
 
 # ----------------------------------------------------------------------------------------------
-# The third tower's cache: a table of embeddings in one file
+# The third tower's cache: h(x_i) of every sample of a finite dataset, one RowTable file named by its fingerprint
 # ----------------------------------------------------------------------------------------------
 
 
@@ -638,7 +648,7 @@ class RowTable:
     """A float32 table (rows x dim) in one file: a JSON header padded to 4 KiB, the rows, then a sha256 digest of
     every block of BLOCK rows. Rows are written and read by offset (os.pwrite / os.pread), so a process holds only
     the rows it touches, and the OS page cache (one per node, shared by its processes) keeps the hot part. Holds the
-    third tower's cache (train.tower3_cache), which `seal`s it once written and checks it (`damaged`) before reuse:
+    third tower's cache (tower3_cache), which `seal`s it once written and checks it (`damaged`) before reuse:
     a damaged file is recomputed, never read."""
 
     HEADER = 4096
@@ -715,3 +725,130 @@ class RowTable:
 
     def __del__(self) -> None:
         os.close(self.fd)
+
+
+def uses_tower3_cache(args: argparse.Namespace, env: Env) -> bool:
+    """Whether h's embeddings come from the cache (tower3_cache) rather than from h at every step: with
+    --cache-tower3 and a finite dataset (tar shards stream). Decided before the dataset is built, so that
+    its items carry h's own view only when h runs every step."""
+    if args.mode == "clip" or not args.cache_tower3:
+        return False
+    if data.streamed(args.train_data, args.mode):
+        log(env, "[tower3] streaming data: no cache, h runs every step")
+        return False
+    return True
+
+
+def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset) -> RowTable:
+    """h(x_i) of every sample i of a finite dataset whose items carry h's own view ('image_h',
+    data.with_tower3_view), computed once and then read by row (LiT Sec. 5.6). The table is a file under
+    --cache-dir named by its fingerprint (cache_key); a file whose header does not match, or whose rows no
+    longer match the digests stored when it was built (a damaged file; each rank checks its share of the
+    blocks), is recomputed, never used. Training reads the rows of its batch: memory O(batch) per rank;
+    the OS page cache holds what is read often.
+
+    Stale files: a file of another tower, view or data is not deleted by a run (another run may still use
+    it); it is just never opened again. Remove h-*.bin files (or the whole --cache-dir) to reclaim the
+    space: a run reading one keeps its open file. A recomputed file replaces the old one by a rename, and
+    the temporary files of builds on this host whose process died are removed by the next build."""
+    key = cache_key(args, tower3, dataset)
+    path = os.path.join(args.cache_dir, f"h-{key['fingerprint']}.bin")
+    table = RowTable.open(path, **key)
+    damaged = table.damaged(env.rank, env.world) if table is not None else []
+    if every_rank(env, table is not None and not damaged):
+        log(env, f"[tower3] reusing cached embeddings {path}")
+        return table
+    if damaged:
+        log(env, f"[tower3] cache {path}: rows of block(s) {damaged[:5]} (of {RowTable.BLOCK} rows each) do not match "
+                 f"the checksum stored when it was built, a damaged file: recomputing")
+    elif os.path.exists(path):
+        log(env, f"[tower3] cache {path} is stale: recomputing")
+    del table
+    try:
+        build_cache(args, env, tower3, dataset, path, key)
+    except OSError as e:
+        raise_if_disk_full(e, "--cache-dir", args.cache_dir, f"the third tower's cache {os.path.basename(path)}",
+                           RowTable.size(key["rows"], key["dim"]))
+        raise
+    return RowTable.open(path, **key)
+
+
+def cache_key(args: argparse.Namespace, tower3: FrozenTower, dataset) -> dict[str, Any]:
+    """The cache's RowTable header: rows, D_h and a fingerprint (model.checksum, the checkpoints' own) of
+    everything h's rows depend on -- the tower's weights, h's view, and the data (for files: every
+    image's size and modification time, the dataset's `stamp`)."""
+    fingerprint = checksum([tower3.state_dict(), args.train_data, len(dataset), args.seed, args.image_size,
+                            tower3.image_size, data.TOWER3_VIEW, getattr(dataset, "stamp", None)])[:16]
+    return dict(rows=len(dataset), dim=tower3.dim, fingerprint=fingerprint)
+
+
+def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, path: str, key: dict) -> None:
+    """Compute the table at `path`. Rank r of W computes only rows [r N/W, (r+1) N/W) into a temporary file
+    that every rank writes, each rank seals (checksums) its share of the blocks, and rank 0 renames the file
+    into place once each rank sees the others' rows -- so --cache-dir must be on a filesystem that all nodes
+    share. A failed build leaves no file behind."""
+    token = [f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"]     # rank 0's: every rank names one file
+    if env.world > 1:
+        dist.broadcast_object_list(token, src=0)
+    tmp = f"{path}.{token[0]}.tmp"
+    try:
+        if env.master:
+            os.makedirs(args.cache_dir, exist_ok=True)
+            remove_dead_builds(args.cache_dir)
+            RowTable.create(tmp, **key)
+        env.barrier()
+        table = RowTable.open(tmp, writable=True, **key)     # None where rank 0's file is not visible
+        first = cache_share(args, env, tower3, dataset, table) if table is not None else None
+        # Every rank must see every rank's rows: each compares the first row of every share in its own view.
+        firsts = [first]
+        if env.world > 1:
+            firsts = [None] * env.world
+            dist.all_gather_object(firsts, first)
+        seen = table is not None and all(torch.equal(table[[i]][0], row) for i, row in filter(None, firsts))
+        if not every_rank(env, seen):
+            raise SystemExit(f"--cache-dir {args.cache_dir}: the ranks do not see each other's rows of {tmp}; use a "
+                             f"folder on a filesystem that every node shares, or --no-cache-tower3")
+        table.seal(env.rank, env.world)
+        env.barrier()
+        if env.master:
+            os.replace(tmp, path)
+        env.barrier()
+    finally:
+        if env.master and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cache_share(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, table: RowTable
+                ) -> tuple[int, torch.Tensor] | None:
+    """Compute this rank's share of the rows, [r N/W, (r+1) N/W), into `table`, batch by batch; return
+    (index, row) of its first row, or None for an empty share."""
+    lo, hi = len(dataset) * env.rank // env.world, len(dataset) * (env.rank + 1) // env.world
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), 256,   # in order, no
+                                         num_workers=env.workers(args), collate_fn=data.collate)  # index list
+    row, first = lo, None
+    for batch in tqdm(loader, desc="caching h", disable=not env.master or args.quiet):
+        with autocast(args, env):
+            h = tower3(batch["image_h"].to(env.device, non_blocking=True)).float().cpu()
+        table.write(row, h)
+        first, row = first or (lo, h[0].clone()), row + len(h)
+    return first
+
+
+def remove_dead_builds(folder: str) -> None:
+    """Remove the temporary cache files (h-*.bin.HOST-PID-*.tmp) of builds on this host whose process is gone."""
+    for stale in glob.glob(os.path.join(glob.escape(folder), "h-*.bin.*.tmp")):
+        owner = re.fullmatch(r"h-\w+\.bin\.(.+)-(\d+)-[0-9a-f]{8}\.tmp", os.path.basename(stale))
+        if owner and owner[1] == socket.gethostname() and not alive(int(owner[2])):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

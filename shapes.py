@@ -321,8 +321,6 @@ class ShapesPairs(Dataset):
                  tower3_image_size: int | None = None, caption_noise: float = 0.0):
         if not 1 <= num_samples <= ShapesWorld.SPLIT_SIZE:
             raise ValueError(f"num_samples must be in [1, {ShapesWorld.SPLIT_SIZE}], got {num_samples}")
-        if not 0.0 <= caption_noise <= 1.0:
-            raise ValueError(f"caption_noise must be in [0, 1], got {caption_noise}")
         self.world = ShapesWorld(seed, image_size)
         self.split, self.num_samples, self.seed = split, num_samples, seed
         self.tower3_image_size, self.caption_noise = tower3_image_size, caption_noise

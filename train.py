@@ -5,45 +5,270 @@
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv-backend=c10d
              --rdzv-endpoint=HOST:29500 train.py --mode 3t ...        # many nodes (one line)
 
-The loop is visible in `run()`: data -> (cached) frozen tower h -> towers f, g and heads under
-DDP -> losses.tower_loss -> AdamW, one `train_step` at a time. What 3T changes relative to CLIP is
+One step is `train_step` and the loop is `run`, both at the top: data -> (cached) frozen tower h ->
+towers f, g and heads under DDP -> losses.tower_loss -> AdamW. What 3T changes relative to CLIP is
 only which embeddings the loss compares (losses.PAIRS) and that the frozen tower's embeddings enter
 the batch (Sec. 3 of Kossen et al. 2023). What every run needs besides the method (processes,
 checkpoints and resume, the optimiser's update, the metrics log) is runtime.py. `--mode supervised`
-trains an image classifier whose checkpoint `--tower3` loads as a pretrained third tower
-(pretrain.py); that is how an offline user gets one.
+(`pretrain`, its own short loop) trains an image classifier whose checkpoint `--tower3` loads as a
+pretrained third tower (Sec. 4: JFT, ImageNet-21k or Places365 classifiers); that is how an offline
+user gets one. Below the loops: the flags, what a run is built from, the third tower and its cache,
+evaluation during training, and `main`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import fcntl
-import glob
 import hashlib
 import json
 import math
 import os
-import re
 import socket
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
-import torch.distributed as dist
-from tqdm import tqdm
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 import data
 import eval as evaluation
-import pretrain
 import shapes
-import tasks
 from losses import PAIRS, default_weights, tower_loss
-from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, checksum, load_tower3,
-                   read_checkpoint, summary)
-from runtime import (Env, MetricsLog, NonFiniteSteps, RowTable, RunError, StepBatches, apply_gradients, autocast,
-                     check_ranges, check_resumable, checkpoint_to, claim_folders, endless, every_rank, find_checkpoint,
-                     log, one_line, raise_if_disk_full, resume, save, schedule, sync_step, wrap, write_file)
+from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, build_image_tower,
+                   checksum, load_tower3, read_checkpoint, summary)
+from runtime import (Env, MetricsLog, RowTable, RunError, StepBatches, apply_gradients, autocast, check_ranges,
+                     check_resumable, checkpoint_to, claim_folders, endless, every_rank, find_checkpoint, log, one_line,
+                     resume, save, schedule, sync_step, tower3_cache, uses_tower3_cache, wrap, write_file)
+from shapes import ShapesLabelled
 from tokenizer import Tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The step and the run of CLIP, LiT and 3T
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Parts:
+    """What a training step touches, built once by `run`."""
+    model: ThreeTowers                  # the raw model: clipping, temperature clamp, checkpoints, eval
+    forward: torch.nn.Module            # what the step calls: the model, compiled and/or in DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tower3: FrozenTower | None
+    h_cache: RowTable | None            # h(x_i) by sample index (runtime.tower3_cache), or None: h runs every step
+    weights: dict[str, float]           # weight of each loss term of losses.PAIRS[mode]
+
+
+def train_step(args: argparse.Namespace, env: Env, parts: Parts, batches: list[dict]
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimiser step of CLIP, LiT or 3T over the contrastive batch of `batches` (--accum-freq
+    micro-batches per rank): the frozen tower's embeddings (read from the cache, or h under no_grad
+    outside DDP), the trainable towers under DDP, losses.tower_loss, backward, then `apply_gradients`
+    and the temperature clamp. Returns the step's metrics and whether its gradient was finite (a 0-d
+    tensor on the device: a non-finite step made no update, on every rank alike)."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    inputs = [step_inputs(args, env, parts, batch) for batch in batches]
+    if len(inputs) == 1:
+        with autocast(args, env):
+            loss, metrics = tower_loss(parts.forward(*inputs[0]), args.mode, parts.weights)
+        loss.backward()
+    else:
+        loss, metrics = accumulated_backward(args, env, parts, inputs)
+    finite = apply_gradients(parts.model, parts.optimizer, parts.scheduler, args.grad_clip, defer=env.defer_syncs)
+    parts.model.clamp_temperatures_()
+    return {"loss": loss.detach(), **metrics}, finite
+
+
+def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
+    """Train CLIP, LiT or 3T on the processes of env: data -> frozen tower h (cached) -> towers f, g
+    and heads under DDP -> losses.tower_loss -> AdamW. Returns the final evaluation."""
+    claim_folders(args, env)
+    ckpt = find_checkpoint(args)
+    tower3 = resolve_tower3(args, env) if args.mode != "clip" else None
+    tower3_digest = checksum(tower3.state_dict())[:16] if tower3 is not None else None
+    cached = uses_tower3_cache(args, env)
+    dataset = pairs_dataset(args, env, None if cached else tower3)      # h's view in the items: h runs every step
+    tokenizer = build_tokenizer(args, env, dataset, ckpt)
+    config = model_config(args, tokenizer, tower3)
+    check_resumable(ckpt, config, tower3_digest)
+    torch.manual_seed(args.seed)                  # identical initial weights on every rank
+    model = ThreeTowers(**config).to(env.device)
+    torch.manual_seed(args.seed + env.rank)       # after the identical init: per-rank randomness
+    log(env, f"[{args.mode}] {env.world} process(es) on {env.device.type}; data {args.train_data!r}\n"
+             + summary(model, tower3))
+    optimizer, scheduler, total = schedule(args, env, model, dataset)
+    position = resume(env, ckpt, model, optimizer, scheduler)
+    weights = dict(zip(PAIRS[args.mode], args.loss_weights)) if args.loss_weights else default_weights(args.mode)
+    if args.grad_checkpointing:
+        log(env, f"[memory] activation checkpointing of {', '.join(model.set_grad_checkpointing()) or 'no blocks'}")
+    h_cache = tower3_cache(args, env, tower3, data.with_tower3_view(dataset, tower3.image_size)) if cached else None
+    parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3, h_cache, weights)
+    loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, workers=env.workers(args), rank=env.rank,
+                              world_size=env.world, seed=args.seed, start_batch=position.batch,
+                              pin_memory=env.device.type == "cuda")
+    suite = build_suite(args, env, tokenizer)
+    metrics_log, batches = MetricsLog(args, env, total, position, scheduler), StepBatches(endless(loader, position), args, env)
+    first = position.step
+    model.train()
+    while position.step < total:
+        sync = sync_step(position.step, first, total, args)     # the host reads device values only here
+        metrics, finite = train_step(args, env, parts, batches.take(args.accum_freq, agree=sync))
+        position.step += 1
+        metrics_log.step(metrics, finite, sync)
+        if position.step % args.save_every == 0 or position.step == total:
+            save(args, env, model, optimizer, scheduler, position, model_config=config,
+                 tokenizer=tokenizer.to_dict(), tower3=tower3.source if tower3 is not None else None,
+                 tower3_digest=tower3_digest)
+        if args.eval_every and position.step % args.eval_every == 0 and position.step < total:
+            periodic_eval(args, env, model, tower3, suite, metrics_log)
+    final = periodic_eval(args, env, model, tower3, suite, metrics_log)
+    metrics_log.close()
+    env.barrier()
+    return final
+
+
+def step_inputs(args: argparse.Namespace, env: Env, parts: Parts, batch: dict
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """ThreeTowers.forward's (image, text, h) of a batch, on the device: h from the cache, or the frozen
+    tower run on h's own view."""
+    image = batch["image"].to(env.device, non_blocking=True) if args.mode != "lit" else None
+    text = Tokenizer.trim(batch["text"]).to(env.device, non_blocking=True)
+    h = None
+    if parts.tower3 is not None:
+        if parts.h_cache is not None:
+            h = parts.h_cache[batch["index"]].to(env.device, non_blocking=True)
+        else:
+            with autocast(args, env):
+                h = parts.tower3(batch["image_h"].to(env.device, non_blocking=True))
+    return image, text, h
+
+
+def accumulated_backward(args: argparse.Namespace, env: Env, parts: Parts, inputs: list[tuple]
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradient accumulation that keeps the contrastive batch whole: the loss of K micro-batches of B
+    per rank is the loss of ONE batch of K x B (x world size), every micro-batch's embeddings the
+    negatives of every other's; the gradient is that batch's too, at the activation memory of B.
+    Splitting the loss per micro-batch instead would shrink the negatives K-fold. With the feature
+    cache of Gao et al. 2021 ("Scaling deep contrastive learning batch size under memory limited
+    setup"; also open_clip's --accum-freq):
+      1. embed every micro-batch without activations (no_grad; BatchNorm statistics kept as they were);
+      2. the loss of the whole batch on these embeddings, and its gradient w.r.t. each embedding and
+         temperature (one gather of the global batch, as without accumulation);
+      3. per micro-batch: embed again with activations and backpropagate its rows of that gradient,
+         under DDP's no_sync but for the last (one gradient all-reduce per step). The temperatures
+         take 1/K of theirs in each pass, so every parameter has a gradient in every pass."""
+    raw = getattr(parts.forward, "module", parts.forward)       # without grad nothing to synchronise
+    saved = [b.clone() for b in parts.model.buffers()]
+    with torch.no_grad(), autocast(args, env):
+        cached = [raw(*x) for x in inputs]
+    with torch.no_grad():
+        for b, s in zip(parts.model.buffers(), saved):             # the recompute updates them once
+            b.copy_(s)
+    scalar = lambda k: k.startswith(("t_", "b_"))                  # temperatures and sigmoid biases
+    leaves = {k: (torch.cat([c[k] for c in cached]) if not scalar(k) else v).detach().requires_grad_()
+              for k, v in cached[0].items()}
+    loss, metrics = tower_loss(leaves, args.mode, parts.weights)
+    loss.backward()
+    rows = [len(x[1]) for x in inputs]
+    for i, x in enumerate(inputs):
+        last = i == len(inputs) - 1
+        with parts.forward.no_sync() if hasattr(parts.forward, "no_sync") and not last else contextlib.nullcontext():
+            with autocast(args, env):
+                out = parts.forward(*x)
+            pulled = [(out[k] * (g.grad / len(inputs) if scalar(k) else g.grad.split(rows)[i])).sum()
+                      for k, g in leaves.items() if g.grad is not None and out[k].requires_grad]
+            torch.stack(pulled).sum().backward()
+    return loss.detach(), metrics
+
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode supervised: pretraining a third tower, a classifier trained with cross-entropy (Sec. 4)
+# ----------------------------------------------------------------------------------------------
+def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
+    """Train an image classifier with cross-entropy -- on the shapes world's object or scene labels,
+    or an ImageFolder -- to serve later as a frozen third tower (`--tower3 CKPT`, or `--tower3
+    auto`). The same optimiser, schedule, checkpoints and resume as `run`. Returns the held-out
+    accuracy (shapes only)."""
+    claim_folders(args, env)
+    torch.manual_seed(args.seed)                  # identical initial weights on every rank
+    dataset = labelled_dataset(args)
+    classnames = list(getattr(dataset, "classnames", getattr(dataset, "classes", [])))
+    model = build_image_tower(args.image_arch, args.image_size, len(classnames), bias=True).to(env.device)
+    config = {"arch": args.image_arch, "image_size": args.image_size, "num_classes": len(classnames),
+              "classnames": classnames}
+    torch.manual_seed(args.seed + env.rank)
+    log(env, f"[supervised] {env.world} process(es) on {env.device.type}; data {args.train_data!r}; classifier "
+             f"{args.image_arch}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    optimizer, scheduler, total = schedule(args, env, model, dataset)
+    ckpt = find_checkpoint(args)
+    check_resumable(ckpt, config)
+    position = resume(env, ckpt, model, optimizer, scheduler)
+    forward = wrap(model, args, env)
+    loader = data.make_loader(dataset, args.batch_size, workers=env.workers(args), rank=env.rank,
+                              world_size=env.world, seed=args.seed, start_batch=position.batch,
+                              pin_memory=env.device.type == "cuda")
+    metrics_log, batches = MetricsLog(args, env, total, position, scheduler), StepBatches(endless(loader, position), args, env)
+    first = position.step
+    model.train()
+    while position.step < total:
+        sync = sync_step(position.step, first, total, args)
+        batch = batches.take(1, agree=sync)[0]
+        labels = batch["label"].to(env.device, non_blocking=True)
+        with autocast(args, env):
+            logits = forward(batch["image"].to(env.device, non_blocking=True)).float()
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        finite = apply_gradients(model, optimizer, scheduler, args.grad_clip, defer=env.defer_syncs)
+        position.step += 1
+        metrics_log.step({"loss": loss.detach(), "acc/train": (logits.argmax(1) == labels).float().mean()}, finite, sync)
+        if position.step % args.save_every == 0 or position.step == total:
+            save(args, env, model, optimizer, scheduler, position, classifier=config)
+    results = {}
+    if env.master and args.eval_data != "none" and args.train_data == "shapes":
+        held_out = ShapesLabelled("test", args.eval_images, label=args.label, seed=args.seed, image_size=args.image_size)
+        results = {"test/top1": classifier_accuracy(model, held_out, env.device)}
+        log(env, f"[eval] step {position.step}: held-out {args.label} accuracy {100 * results['test/top1']:.1f}%")
+        metrics_log.write({"step": position.step, "eval": results})
+    metrics_log.close()
+    env.barrier()
+    return results
+
+
+def labelled_dataset(args: argparse.Namespace) -> Dataset:
+    """The labelled images --train-data names: the shapes world's --label labels (its 'pretrain' split), or an
+    ImageFolder root whose class folders are the labels (a seeded subset of --train-samples images if given).
+    ImageFolder images get random crops of at least --crop-scale of the area (0.08: Inception-style; 1: resize
+    and centre crop) and, with --flip, horizontal flips: small sets learn faster with less augmentation."""
+    if args.train_data == "shapes":
+        return ShapesLabelled("pretrain", args.train_samples, label=args.label, seed=args.seed, image_size=args.image_size)
+    size = args.image_size
+    crop = [v2.RandomResizedCrop(size, scale=(args.crop_scale, 1.0), antialias=True)] if args.crop_scale < 1 else \
+        [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    transform = v2.Compose(crop + [v2.RandomHorizontalFlip()] * args.flip + [
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    images = data.image_folder(args.train_data, transform, train=True, seed=args.seed)
+    images.max_image_pixels, images.max_file_bytes = args.max_image_pixels, args.max_file_bytes
+    if args.train_samples is not None and args.train_samples < len(images):
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(images), args.train_samples, replace=False))
+        images.targets, images.paths = [images.targets[i] for i in keep], [images.paths[i] for i in keep]
+    return images
+
+
+@torch.no_grad()
+def classifier_accuracy(model: torch.nn.Module, dataset, device: torch.device) -> float:
+    """Top-1 accuracy of the classifier on labelled images: how well the tower knows its labels."""
+    model.eval()
+    correct = 0
+    for batch in data.make_loader(dataset, 256, shuffle=False, drop_last=False):
+        correct += (model(batch["image"].to(device)).argmax(1).cpu() == batch["label"]).sum().item()
+    model.train()
+    return correct / len(dataset)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,10 +326,10 @@ def data_flags(a: Callable) -> None:
       help="periodic evaluation: 'shapes' (the shapes world's held-out tasks, when training on it) or 'none'; "
            "--zeroshot-data / --retrieval-data replace a task's data")
     a("--zeroshot-data", default=None,
-      help=f"periodic zero-shot data, as eval.py's: {tasks.ZEROSHOT_SPECS} or none; CLASSNAMES_FILE has one name per "
+      help=f"periodic zero-shot data, as eval.py's: {evaluation.ZEROSHOT_SPECS} or none; CLASSNAMES_FILE has one name per "
            f"line, the k-th naming ROOT's k-th class folder in sorted order (default: --eval-data's)")
     a("--retrieval-data", default=None,
-      help=f"periodic retrieval data, as eval.py's: {tasks.RETRIEVAL_SPECS} (read with --csv-img-key, "
+      help=f"periodic retrieval data, as eval.py's: {evaluation.RETRIEVAL_SPECS} (read with --csv-img-key, "
            f"--csv-caption-key, --csv-separator; rows with the same image are one image) or none "
            f"(default: --eval-data's)")
     a("--eval-images", type=int, default=500,
@@ -168,7 +393,7 @@ def optimisation_flags(a: Callable) -> None:
       help="auto: bf16 autocast + TF32 on CUDA, fp32 on CPU (bf16 is far slower on most CPUs)")
     a("--compile", action="store_true", help="torch.compile the towers (before DDP)")
     a("--seed", type=int, default=0, help="seeds the towers, the data order and the shapes world")
-    a("--out", "--logs", dest="out", default=None, help="run folder (default runs/<mode>-s<seed>)")
+    a("--out", default=None, help="run folder (default runs/<mode>-s<seed>)")
     a("--resume", default=None, help="'latest' (the run folder's ckpt.pt, if any) or a checkpoint path")
     a("--save-every", type=int, default=200, help="write ckpt.pt every N steps (and at the end)")
     a("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
@@ -193,8 +418,7 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if not all(0 <= v < math.inf for v in values) or not sum(values) > 0:
             p.error(f"--loss-weights {args.loss_weights!r}: expected finite weights >= 0, not all 0")
         args.loss_weights = values
-    tar = args.mode != "supervised" and args.train_data != "shapes" and not args.train_data.lower().endswith(
-        (".csv", ".tsv"))
+    tar = data.streamed(args.train_data, args.mode)
     if args.train_samples is not None and tar:
         p.error(f"--train-samples {args.train_samples}: tar shards are streamed whole; select fewer shards")
     if args.caption_noise > 0 and tar:
@@ -216,7 +440,7 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def check_eval_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """p.error naming --zeroshot-data or --retrieval-data when its data cannot work (tasks.check_source: the
+    """p.error naming --zeroshot-data or --retrieval-data when its data cannot work (evaluation.check_source: the
     syntax, missing folders or files, a class-name file that does not name the class folders), before any work."""
     for flag, task in (("zeroshot_data", "zeroshot"), ("retrieval_data", "retrieval")):
         spec = getattr(args, flag)
@@ -226,7 +450,7 @@ def check_eval_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if args.mode == "supervised":
             p.error(f"{name} {spec}: only for clip, lit and 3t runs (--mode supervised scores held-out labels)")
         try:
-            tasks.check_source(task, spec)
+            evaluation.check_source(task, spec)
         except (OSError, ValueError) as e:
             p.error(f"{name} {spec}: {' '.join(str(e).split())}")
 
@@ -243,13 +467,14 @@ RANGES = {"train_samples": "[1, inf)", "caption_noise": "[0, 1]", "max_bad_fract
           "crop_scale": "(0, 1]"}
 
 
+
 # ----------------------------------------------------------------------------------------------
 # What a run is built from: its pairs, its tokenizer, its model's configuration
 # ----------------------------------------------------------------------------------------------
 def pairs_dataset(args: argparse.Namespace, env: Env, tower3: FrozenTower | None):
     """The image-text pairs --train-data names: the shapes world, a CSV/TSV of image paths and captions, or tar
-    shards (data.py). With a third tower, items also carry h's own view ('image_h', data.tower3_view). Logs
-    how much of the data is used."""
+    shards (data.py). Given the third tower that runs every step, items also carry its own view ('image_h',
+    data.tower3_view). Logs how much of the data is used."""
     h_size = tower3.image_size if tower3 is not None else None
     limits = dict(max_image_pixels=args.max_image_pixels, max_file_bytes=args.max_file_bytes)
     if args.train_data == "shapes":
@@ -300,6 +525,7 @@ def model_config(args: argparse.Namespace, tokenizer: Tokenizer, tower3: FrozenT
                 tower3_heads=not args.no_tower3_heads, init_temperature=args.init_temperature, loss=args.loss)
 
 
+
 # ----------------------------------------------------------------------------------------------
 # The third tower h: its source (auto-pretrained on the shapes world) and its cached embeddings
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +565,7 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
         log(env, f"[tower3] no pretrained third tower yet: pretraining one on the shapes world's "
                  f"'{args.tower3_label}' labels ({' '.join(recipe)}); it is saved to {path} and reused by later runs")
         folder = path[:-3]
-        pretrain.pretrain(parse_args(["--mode", "supervised", *recipe, "--workers", str(env.workers(args)), "--eval-images",
+        pretrain(parse_args(["--mode", "supervised", *recipe, "--workers", str(env.workers(args)), "--eval-images",
                              str(args.eval_images), "--out", folder, "--resume", "latest"]
                             + (["--quiet"] if args.quiet else [])), env)
         if env.master:   # a slim copy, written only once pretraining has finished
@@ -373,265 +599,8 @@ def exclusive(lock_path: str, env: Env, holder_busy: str) -> Iterator[None]:
             f.close()
 
 
-def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset) -> RowTable | None:
-    """h(x_i) of every sample i of a finite dataset (h's own view, data.tower3_view), computed once and then
-    read by row (LiT Sec. 5.6). The table is a file under --cache-dir named by a fingerprint of the tower's
-    weights, h's view and the data (for files: every image's size and modification time); a file whose
-    header does not match, or whose rows no longer match the digests stored when it was built (a damaged
-    file; each rank checks its share of the blocks), is recomputed, never used. Training reads the rows of
-    its batch: memory O(batch) per rank; the OS page cache holds what is read often.
-
-    Stale files: a file of another tower, view or data is not deleted by a run (another run may still use
-    it); it is just never opened again. Remove h-*.bin files (or the whole --cache-dir) to reclaim the
-    space: a run reading one keeps its open file. A recomputed file replaces the old one by a rename, and
-    the temporary files of builds on this host whose process died are removed by the next build."""
-    if not args.cache_tower3:
-        return None
-    if not hasattr(dataset, "__len__") or isinstance(dataset, torch.utils.data.IterableDataset):
-        log(env, "[tower3] streaming data: no cache, h runs every step")
-        return None
-    digest = hashlib.sha256()
-    for t in tower3.state_dict().values():
-        digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())   # 1-d: BatchNorm counters are 0-d
-    digest.update(json.dumps([args.train_data, len(dataset), args.seed, args.image_size, tower3.image_size,
-                              data.TOWER3_VIEW, getattr(dataset, "stamp", None)]).encode())
-    key = dict(rows=len(dataset), dim=tower3.dim, fingerprint=digest.hexdigest()[:16])
-    path = os.path.join(args.cache_dir, f"h-{key['fingerprint']}.bin")
-    table = RowTable.open(path, **key)
-    damaged = table.damaged(env.rank, env.world) if table is not None else []
-    if every_rank(env, table is not None and not damaged):
-        log(env, f"[tower3] reusing cached embeddings {path}")
-        return table
-    if damaged:
-        log(env, f"[tower3] cache {path}: rows of block(s) {damaged[:5]} (of {RowTable.BLOCK} rows each) do not match "
-                 f"the checksum stored when it was built, a damaged file: recomputing")
-    elif os.path.exists(path):
-        log(env, f"[tower3] cache {path} is stale: recomputing")
-    del table
-    try:
-        build_cache(args, env, tower3, dataset, path, key)
-    except OSError as e:
-        raise_if_disk_full(e, "--cache-dir", args.cache_dir, f"the third tower's cache {os.path.basename(path)}",
-                           RowTable.size(key["rows"], key["dim"]))
-        raise
-    return RowTable.open(path, **key)
-
-
-def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, path: str, key: dict) -> None:
-    """Compute the table at `path`. Rank r of W computes only rows [r N/W, (r+1) N/W) into a temporary file
-    that every rank writes, each rank seals (checksums) its share of the blocks, and rank 0 renames the file
-    into place once each rank sees the others' rows -- so --cache-dir must be on a filesystem that all nodes
-    share. A failed build leaves no file behind."""
-    token = [f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"]     # rank 0's: every rank names one file
-    if env.world > 1:
-        dist.broadcast_object_list(token, src=0)
-    tmp = f"{path}.{token[0]}.tmp"
-    try:
-        if env.master:
-            os.makedirs(args.cache_dir, exist_ok=True)
-            remove_dead_builds(args.cache_dir)
-            RowTable.create(tmp, **key)
-        env.barrier()
-        table = RowTable.open(tmp, writable=True, **key)     # None where rank 0's file is not visible
-        first = cache_share(args, env, tower3, dataset, table) if table is not None else None
-        # Every rank must see every rank's rows: each compares the first row of every share in its own view.
-        firsts = [first]
-        if env.world > 1:
-            firsts = [None] * env.world
-            dist.all_gather_object(firsts, first)
-        seen = table is not None and all(torch.equal(table[[i]][0], row) for i, row in filter(None, firsts))
-        if not every_rank(env, seen):
-            raise SystemExit(f"--cache-dir {args.cache_dir}: the ranks do not see each other's rows of {tmp}; use a "
-                             f"folder on a filesystem that every node shares, or --no-cache-tower3")
-        table.seal(env.rank, env.world)
-        env.barrier()
-        if env.master:
-            os.replace(tmp, path)
-        env.barrier()
-    finally:
-        if env.master and os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_dead_builds(folder: str) -> None:
-    """Remove the temporary cache files (h-*.bin.HOST-PID-*.tmp) of builds on this host whose process is gone."""
-    for stale in glob.glob(os.path.join(glob.escape(folder), "h-*.bin.*.tmp")):
-        owner = re.fullmatch(r"h-\w+\.bin\.(.+)-(\d+)-[0-9a-f]{8}\.tmp", os.path.basename(stale))
-        if owner and owner[1] == socket.gethostname() and not alive(int(owner[2])):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def cache_share(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, table: RowTable
-                ) -> tuple[int, torch.Tensor] | None:
-    """Compute this rank's share of the rows, [r N/W, (r+1) N/W), into `table`, batch by batch; return
-    (index, row) of its first row, or None for an empty share."""
-    lo, hi = len(dataset) * env.rank // env.world, len(dataset) * (env.rank + 1) // env.world
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), 256,   # in order, no
-                                         num_workers=env.workers(args), collate_fn=data.collate)  # index list
-    row, first = lo, None
-    for batch in tqdm(loader, desc="caching h", disable=not env.master or args.quiet):
-        with autocast(args, env):
-            h = tower3(batch["image_h"].to(env.device, non_blocking=True)).float().cpu()
-        table.write(row, h)
-        first, row = first or (lo, h[0].clone()), row + len(h)
-    return first
-
-
 # ----------------------------------------------------------------------------------------------
-# The step and the run
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Parts:
-    """What a training step touches, built once by `run`."""
-    model: ThreeTowers                  # the raw model: clipping, temperature clamp, checkpoints, eval
-    forward: torch.nn.Module            # what the step calls: the model, compiled and/or in DDP
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    tower3: FrozenTower | None
-    h_cache: RowTable | None            # h(x_i) by sample index (tower3_cache), or None: h runs every step
-    weights: dict[str, float]           # weight of each loss term of losses.PAIRS[mode]
-
-
-def train_step(args: argparse.Namespace, env: Env, parts: Parts, batches: list[dict]
-               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One optimiser step of CLIP, LiT or 3T over the contrastive batch of `batches` (--accum-freq
-    micro-batches per rank): the frozen tower's embeddings (read from the cache, or h under no_grad
-    outside DDP), the trainable towers under DDP, losses.tower_loss, backward, then `apply_gradients`
-    and the temperature clamp. Returns the step's metrics and whether its gradient was finite (a 0-d
-    tensor on the device: a non-finite step made no update, on every rank alike)."""
-    parts.optimizer.zero_grad(set_to_none=True)
-    inputs = [step_inputs(args, env, parts, batch) for batch in batches]
-    if len(inputs) == 1:
-        with autocast(args, env):
-            loss, metrics = tower_loss(parts.forward(*inputs[0]), args.mode, parts.weights)
-        loss.backward()
-    else:
-        loss, metrics = accumulated_backward(args, env, parts, inputs)
-    finite = apply_gradients(parts.model, parts.optimizer, parts.scheduler, args.grad_clip, defer=env.defer_syncs)
-    parts.model.clamp_temperatures_()
-    return {"loss": loss.detach(), **metrics}, finite
-
-
-def step_inputs(args: argparse.Namespace, env: Env, parts: Parts, batch: dict
-                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """ThreeTowers.forward's (image, text, h) of a batch, on the device: h from the cache, or the frozen
-    tower run on h's own view."""
-    image = batch["image"].to(env.device, non_blocking=True) if args.mode != "lit" else None
-    text = Tokenizer.trim(batch["text"]).to(env.device, non_blocking=True)
-    h = None
-    if parts.tower3 is not None:
-        if parts.h_cache is not None:
-            h = parts.h_cache[batch["index"]].to(env.device, non_blocking=True)
-        else:
-            with autocast(args, env):
-                h = parts.tower3(batch["image_h"].to(env.device, non_blocking=True))
-    return image, text, h
-
-
-def accumulated_backward(args: argparse.Namespace, env: Env, parts: Parts, inputs: list[tuple]
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Gradient accumulation that keeps the contrastive batch whole: the loss of K micro-batches of B
-    per rank is the loss of ONE batch of K x B (x world size), every micro-batch's embeddings the
-    negatives of every other's; the gradient is that batch's too, at the activation memory of B.
-    Splitting the loss per micro-batch instead would shrink the negatives K-fold. With the feature
-    cache of Gao et al. 2021 ("Scaling deep contrastive learning batch size under memory limited
-    setup"; also open_clip's --accum-freq):
-      1. embed every micro-batch without activations (no_grad; BatchNorm statistics kept as they were);
-      2. the loss of the whole batch on these embeddings, and its gradient w.r.t. each embedding and
-         temperature (one gather of the global batch, as without accumulation);
-      3. per micro-batch: embed again with activations and backpropagate its rows of that gradient,
-         under DDP's no_sync but for the last (one gradient all-reduce per step). The temperatures
-         take 1/K of theirs in each pass, so every parameter has a gradient in every pass."""
-    raw = getattr(parts.forward, "module", parts.forward)       # without grad nothing to synchronise
-    saved = [b.clone() for b in parts.model.buffers()]
-    with torch.no_grad(), autocast(args, env):
-        cached = [raw(*x) for x in inputs]
-    with torch.no_grad():
-        for b, s in zip(parts.model.buffers(), saved):             # the recompute updates them once
-            b.copy_(s)
-    scalar = lambda k: k.startswith(("t_", "b_"))                  # temperatures and sigmoid biases
-    leaves = {k: (torch.cat([c[k] for c in cached]) if not scalar(k) else v).detach().requires_grad_()
-              for k, v in cached[0].items()}
-    loss, metrics = tower_loss(leaves, args.mode, parts.weights)
-    loss.backward()
-    rows = [len(x[1]) for x in inputs]
-    for i, x in enumerate(inputs):
-        last = i == len(inputs) - 1
-        with parts.forward.no_sync() if hasattr(parts.forward, "no_sync") and not last else contextlib.nullcontext():
-            with autocast(args, env):
-                out = parts.forward(*x)
-            pulled = [(out[k] * (g.grad / len(inputs) if scalar(k) else g.grad.split(rows)[i])).sum()
-                      for k, g in leaves.items() if g.grad is not None and out[k].requires_grad]
-            torch.stack(pulled).sum().backward()
-    return loss.detach(), metrics
-
-
-def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
-    """Train CLIP, LiT or 3T on the processes of env: data -> frozen tower h (cached) -> towers f, g
-    and heads under DDP -> losses.tower_loss -> AdamW. Returns the final evaluation."""
-    claim_folders(args, env)
-    ckpt = find_checkpoint(args)
-    tower3 = resolve_tower3(args, env) if args.mode != "clip" else None
-    tower3_digest = checksum(tower3.state_dict())[:16] if tower3 is not None else None
-    dataset = pairs_dataset(args, env, tower3)
-    tokenizer = build_tokenizer(args, env, dataset, ckpt)
-    config = model_config(args, tokenizer, tower3)
-    check_resumable(ckpt, config, tower3_digest)
-    torch.manual_seed(args.seed)                  # identical initial weights on every rank
-    model = ThreeTowers(**config).to(env.device)
-    torch.manual_seed(args.seed + env.rank)       # after the identical init: per-rank randomness
-    log(env, f"[{args.mode}] {env.world} process(es) on {env.device.type}; data {args.train_data!r}\n"
-             + summary(model, tower3))
-    optimizer, scheduler, total = schedule(args, env, model, dataset)
-    position = resume(env, ckpt, model, optimizer, scheduler)
-    weights = dict(zip(PAIRS[args.mode], args.loss_weights)) if args.loss_weights else default_weights(args.mode)
-    if args.grad_checkpointing:
-        log(env, f"[memory] activation checkpointing of {', '.join(model.set_grad_checkpointing()) or 'no blocks'}")
-    parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3,
-                  tower3_cache(args, env, tower3, dataset) if tower3 is not None else None, weights)
-    if parts.h_cache is not None:
-        dataset.tower3_image_size = None          # h comes from the cache: items need not carry h's view
-    loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, workers=env.workers(args), rank=env.rank,
-                              world_size=env.world, seed=args.seed, start_batch=position.batch,
-                              pin_memory=env.device.type == "cuda")
-    suite = build_suite(args, env, tokenizer)
-    metrics_log, batches = MetricsLog(args, env, total, position, scheduler), StepBatches(endless(loader, position), args, env)
-    nonfinite, first = NonFiniteSteps(args.max_nonfinite, env.device), position.step
-    model.train()
-    while position.step < total:
-        sync = sync_step(position.step, first, total, args)     # the host reads device values only here
-        metrics, finite = train_step(args, env, parts, batches.take(args.accum_freq, agree=sync))
-        nonfinite.add(finite)
-        position.step += 1
-        metrics_log.step(metrics, finite)
-        if sync:
-            nonfinite.check(env, position.step)
-        if position.step % args.save_every == 0 or position.step == total:
-            save(args, env, model, optimizer, scheduler, position, model_config=config,
-                 tokenizer=tokenizer.to_dict(), tower3=tower3.source if tower3 is not None else None,
-                 tower3_digest=tower3_digest)
-        if args.eval_every and position.step % args.eval_every == 0 and position.step < total:
-            periodic_eval(args, env, model, tower3, suite, metrics_log)
-    final = periodic_eval(args, env, model, tower3, suite, metrics_log)
-    metrics_log.close()
-    env.barrier()
-    return final
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation during and after training (tasks.py builds the tasks, eval.py scores; every rank, the raw model)
+# Evaluation during and after training (eval.py builds the tasks and scores; every rank, the raw model)
 # ----------------------------------------------------------------------------------------------
 def eval_sources(args: argparse.Namespace) -> tuple[str, str]:
     """The zero-shot and retrieval data of periodic evaluation: --zeroshot-data / --retrieval-data, else
@@ -640,16 +609,16 @@ def eval_sources(args: argparse.Namespace) -> tuple[str, str]:
     return args.zeroshot_data or default, args.retrieval_data or default
 
 
-def build_suite(args: argparse.Namespace, env: Env, tokenizer: Tokenizer) -> tasks.EvalSuite | None:
+def build_suite(args: argparse.Namespace, env: Env, tokenizer: Tokenizer) -> evaluation.EvalSuite | None:
     """The held-out zero-shot and retrieval tasks (Sec. 5), built once on every rank, since every rank
     embeds a share of them; files are used whole, the shapes world's split 'test' at --eval-images images.
     A source that cannot be read stops every rank with one line naming its flag."""
-    suite, problem = tasks.EvalSuite(tokenizer), None
+    suite, problem = evaluation.EvalSuite(tokenizer), None
     for flag, task, spec in zip(("--zeroshot-data", "--retrieval-data"), ("zeroshot", "retrieval"), eval_sources(args)):
         if spec == "none":
             continue
         try:
-            part = tasks.build_eval_suite(spec, tokenizer=tokenizer, image_size=args.image_size, tasks=[task],
+            part = evaluation.build_eval_suite(spec, tokenizer=tokenizer, image_size=args.image_size, tasks=[task],
                                           num_images=args.eval_images, seed=args.seed,
                                           csv_keys=(args.csv_img_key, args.csv_caption_key, args.csv_separator))
         except (OSError, ValueError) as e:
@@ -682,6 +651,7 @@ def periodic_eval(args: argparse.Namespace, env: Env, model: ThreeTowers, tower3
     return results
 
 
+
 # ----------------------------------------------------------------------------------------------
 # The entry point
 # ----------------------------------------------------------------------------------------------
@@ -692,7 +662,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     env = Env()
     try:
-        return pretrain.pretrain(args, env) if args.mode == "supervised" else run(args, env)
+        return pretrain(args, env) if args.mode == "supervised" else run(args, env)
     except data.ProjectError as e:
         raise SystemExit(f"train.py: error: {one_line(e)}") from None
     finally:

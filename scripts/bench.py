@@ -104,7 +104,7 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
     model = ThreeTowers(**train.model_config(args, tokenizer, tower3_net)).to(env.device).train()
     model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer, scheduler, _ = runtime.schedule(args, env, model, dataset)
-    h_cache = train.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
+    h_cache = runtime.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
     parts = train.Parts(model, model, optimizer, scheduler, tower3_net, h_cache, default_weights(mode))
     batches = [b for b, _ in zip(data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, seed=0), range(3))]
 
@@ -217,7 +217,7 @@ class _TinyImages(torch.utils.data.Dataset):
 
 
 def cache_memory_child(rows: int, dim: int, folder: str) -> None:
-    """Run in a subprocess: build train.tower3_cache for `rows` samples of a D_h = dim tower (one process),
+    """Run in a subprocess: build runtime.tower3_cache for `rows` samples of a D_h = dim tower (one process),
     then read 100 random batches of 512 rows, as training does. Peak memory = the high-water mark of
     resident memory (reset first) above the resident memory before; 'table_mib' is what a full N x D_h
     float32 table in memory -- the design this replaced -- would hold on every rank."""
@@ -229,7 +229,7 @@ def cache_memory_child(rows: int, dim: int, folder: str) -> None:
         f.write("5")
     before = _rss_kib("VmRSS:")
     start = time.perf_counter()
-    table = train.tower3_cache(args, env, tower, _TinyImages(rows))
+    table = runtime.tower3_cache(args, env, tower, _TinyImages(rows))
     build = time.perf_counter() - start
     built = (_rss_kib("VmHWM:") - before) / 1024
     generator, start = torch.Generator().manual_seed(0), time.perf_counter()
@@ -242,7 +242,7 @@ def cache_memory_child(rows: int, dim: int, folder: str) -> None:
 
 
 def bench_cache(rows: int = 1_000_000, dim: int = 64) -> dict:
-    """The third tower's cache at `rows` rows (train.tower3_cache), in a fresh process."""
+    """The third tower's cache at `rows` rows (runtime.tower3_cache), in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run([sys.executable, __file__, "--cache-child", str(rows), str(dim), tmp],
                              capture_output=True, text=True, check=True)

@@ -4,24 +4,23 @@ open_clip is NOT a dependency of the project and nothing in it (tests included) 
 in a side virtual environment, where `openclip`, `score` and `steps` run with this repository on
 sys.path (the script adds it); `prepare`, `ours` and `report` run in either environment.
 
-    python3 -m venv /work/venv-oc
-    /work/venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1
-    /work/venv-oc/bin/pip install open-clip-torch==3.3.0 pandas braceexpand "webdataset>=0.2.5,<=0.2.86" fsspec
+    python3 -m venv .venv-oc
+    .venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1
+    .venv-oc/bin/pip install open-clip-torch==3.3.0 pandas braceexpand "webdataset>=0.2.5,<=0.2.86" fsspec
     # open_clip_train.main imports pandas, braceexpand, webdataset and fsspec: its [training] extra
     # without transformers, which the CSV path never uses
 
-    python scripts/vs_open_clip.py prepare                      # 60k + 1k PNG/CSV pairs in /work/oc-data
-    /work/venv-oc/bin/python scripts/vs_open_clip.py openclip   # 1 epoch (open_clip trains whole epochs)
+    python scripts/vs_open_clip.py prepare                      # 60k + 1k PNG/CSV pairs in runs/oc-data
+    .venv-oc/bin/python scripts/vs_open_clip.py openclip        # 1 epoch (open_clip trains whole epochs)
     python scripts/vs_open_clip.py ours --steps 490 [--extra "--seed 1"]    # or --seconds S
-    /work/venv-oc/bin/python scripts/vs_open_clip.py score CHECKPOINT             # either kind
-    /work/venv-oc/bin/python scripts/vs_open_clip.py steps [--equal-tokens]   # step time at equal towers
+    .venv-oc/bin/python scripts/vs_open_clip.py score CHECKPOINT                  # either kind
+    .venv-oc/bin/python scripts/vs_open_clip.py steps [--equal-tokens]   # step time at equal towers
     python scripts/vs_open_clip.py report RUN_FOLDER ...        # markdown table, mean ± std over seeds
 
 Both trainers run in-process with 2 threads, fp32, workers 0, batch 256, lr 2e-3, warmup 30, AdamW
 (0.9, 0.98, eps 1e-6), wd 0.1, cosine, grad clip 1, and start from the same temperature: open_clip's
-1/0.07 (our default is 10, DESIGN.md). The start matters here: t moves by at most ~lr per step, so it
-stays near its start for the whole run, and at t = 10 our (then class-token) ViT sat on its loss
-plateau far longer (R@1 5.9 % after 234 steps, against 21.8 % at 14.29, same seed). Wall time is the
+1/0.07 (our default is 10, README "Where this project chooses"). The start matters here: t moves by
+at most ~lr per step, so it stays near its start for the whole run. Wall time is the
 training call's (model build, data setup, training, checkpoint), not the interpreter start's. open_clip opens CSV paths relative to
 the working directory, so its launcher chdirs into the data folder; an experiment `--name` must be
 new (open_clip refuses an existing one). Towers: ViT 4 x 128, patch 8, 32 px; text 4 x 128, 2 heads;
@@ -207,7 +206,7 @@ def embed_ours(path: str, images: list[str], captions: list[str]) -> tuple[torch
     x = torch.stack([transform(r) for r in raw])
     h = tower3(torch.stack([data.tower3_view(r, tower3.image_size) for r in raw])) if tower3 is not None \
         else None                                               # lit needs h: its own view, as in training
-    i, t = evaluation.MAIN_PAIR[model.mode]
+    i, t = evaluation.view_pair(model.mode, "main")
     return model.encode_image(x, h)[i], model.encode_text(our_tokenizer(ckpt).encode(captions))[t]
 
 
@@ -342,12 +341,12 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=2)
-    common.add_argument("--data", default="/work/oc-data", help="the folder `prepare` wrote")
+    common.add_argument("--data", default="runs/oc-data", help="the folder `prepare` wrote")
     run = argparse.ArgumentParser(add_help=False, parents=[common])
     run.add_argument("--train-rows", type=int, help="train on a cut copy of the CSV (smoke runs)")
     run.add_argument("--extra", default="", help="more trainer flags, one string")
     c = sub.add_parser("prepare", help="write the shapes world as PNG + CSV")
-    c.add_argument("--out", default="/work/oc-data")
+    c.add_argument("--out", default="runs/oc-data")
     c.add_argument("--train", type=int, default=60_000)
     c.add_argument("--test", type=int, default=1_000)
     c = sub.add_parser("openclip", parents=[run], help="1 epoch of open_clip's trainer (venv-oc)")

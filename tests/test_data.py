@@ -14,7 +14,6 @@ from torchvision.io import encode_jpeg, encode_png
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import pretrain  # noqa: E402
 import runtime  # noqa: E402
 import shapes  # noqa: E402
 import train  # noqa: E402
@@ -423,7 +422,7 @@ def test_image_folder_trains_a_classifier(tmp_path):
         (tmp_path / "val" / cls).mkdir(parents=True)
         for i in range(2):
             (tmp_path / "val" / cls / f"{i}.jpg").write_bytes(jpeg(10 * c + i, 20))
-    images = pretrain.labelled_dataset(flags("--mode", "supervised", "--train-data", str(tmp_path / "val"),
+    images = train.labelled_dataset(flags("--mode", "supervised", "--train-data", str(tmp_path / "val"),
                                              "--image-size", "12", "--train-samples", "3"))
     assert len(images) == 3 and images.num_classes == 2 and images[0]["image"].shape == (3, 12, 12)
 
@@ -441,5 +440,5 @@ def test_train_data_flag_dispatch(tmp_path, capsys):
     with pytest.raises(SystemExit):
         flags("--train-data", pattern, "--caption-noise", "0.1", "--tower3", "x.pt")
     assert "--caption-noise 0.1: only for the shapes world and CSV files" in capsys.readouterr().err
-    assert pretrain.labelled_dataset(flags("--mode", "supervised", "--label", "scene",
+    assert train.labelled_dataset(flags("--mode", "supervised", "--label", "scene",
                                            "--train-samples", "5")).num_classes == 6

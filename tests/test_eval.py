@@ -10,12 +10,11 @@ from PIL import Image
 
 import data
 import shapes
-import tasks
 import eval as ev
 from shapes import ShapesPairs
 from tokenizer import Tokenizer
 from losses import tower_loss
-from model import CHECKPOINT_FORMAT, ThreeTowers, build_image_tower, load_trained, load_tower3
+from model import CHECKPOINT_FORMAT, ThreeTowers, build_image_tower, load_trained, load_tower3, save_checkpoint
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -105,7 +104,7 @@ def tiny_3t(tower3_dim=32, seed=0, **kw):
 def test_class_embeddings_ensemble_each_class_over_its_templates():
     model, tok = tiny_3t().eval(), Tokenizer(128)
     classes, templates = ["red circle", "blue square", "dog"], ["a {}.", "photo of a {}", "{}!"]
-    got = ev.class_embeddings(model, tok, tasks.prompts_of(classes, templates), device="cpu")
+    got = ev.class_embeddings(model, tok, ev.prompts_of(classes, templates), device="cpu")
     for key in ("g", "g_h"):
         for c, name in enumerate(classes):
             with torch.no_grad():
@@ -178,12 +177,12 @@ def test_ridge_probe_matches_naive_normal_equations(n):
 TOWER3_SIZE, D_H = 16, 32         # h runs at 16 px, the main towers at 32 px: exercises the resize
 
 
-def save_checkpoint(path, model, tower3_spec):
+def save_trained(path, model, tower3_spec):
     config = dict(mode=model.mode, image_arch="vit-micro", image_size=32, text_arch="micro",
                   context_length=128, embed_dim=16, tower3_dim=None if model.mode == "clip" else D_H)
-    torch.save({"format": CHECKPOINT_FORMAT, "mode": model.mode, "model_config": config, "model": model.state_dict(),
-                "tower3": tower3_spec, "tokenizer": Tokenizer(128).to_dict(), "args": {"train_data": "shapes", "seed": 0, "image_size": 32,
-                                                "context_length": 128}}, path)
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "mode": model.mode, "model_config": config, "model": model.state_dict(),
+                     "tower3": tower3_spec, "tokenizer": Tokenizer(128).to_dict(),
+                     "args": {"train_data": "shapes", "seed": 0, "image_size": 32, "context_length": 128}}, path)
 
 
 def train_a_little(model, tower3, steps=20):
@@ -205,18 +204,18 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(0)
     classifier = build_image_tower("vit-micro", TOWER3_SIZE, 4, bias=True)
     supervised = str(root / "supervised.pt")
-    torch.save({"format": CHECKPOINT_FORMAT, "mode": "supervised", "model": classifier.state_dict(),
-                "classifier": {"arch": "vit-micro", "image_size": TOWER3_SIZE, "num_classes": 4}}, supervised)
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "mode": "supervised", "model": classifier.state_dict(),
+                     "classifier": {"arch": "vit-micro", "image_size": TOWER3_SIZE, "num_classes": 4}}, supervised)
     model = tiny_3t(D_H)
     train_a_little(model, load_tower3(supervised))
     paths = {"supervised": supervised, "3t": str(root / "3t" / "ckpt.pt")}
     os.makedirs(root / "3t")
-    save_checkpoint(paths["3t"], model, supervised)
+    save_trained(paths["3t"], model, supervised)
     for mode in ("clip", "lit"):
         paths[mode] = str(root / f"{mode}.pt")
         m = ThreeTowers(mode, image_arch="vit-micro", image_size=32, text_arch="micro", context_length=128,
                         embed_dim=16, tower3_dim=None if mode == "clip" else D_H)
-        save_checkpoint(paths[mode], m, None if mode == "clip" else supervised)
+        save_trained(paths[mode], m, None if mode == "clip" else supervised)
     return paths
 
 
@@ -262,7 +261,7 @@ def test_clip_and_lit_offer_only_main(ckpts, tmp_path, capsys, mode):
 
 def test_evaluate_keys_and_restores_training_mode(ckpts):
     model, tower3, _ = load_trained(ckpts["3t"])
-    suite = tasks.build_eval_suite("shapes", tokenizer=Tokenizer(128), image_size=32, num_images=12)
+    suite = ev.build_eval_suite("shapes", tokenizer=Tokenizer(128), image_size=32, num_images=12)
     for training in (True, False):
         model.train(training)
         results = ev.evaluate(model, tower3, suite, device="cpu", alphas=(1.0, 0.5))
@@ -275,7 +274,7 @@ def test_evaluate_keys_and_restores_training_mode(ckpts):
 def test_shapes_zero_shot_images_show_one_object_retrieval_images_what_captions_say():
     """Zero-shot labels name one object, so its images show one; retrieval captions describe a
     second object where there is one, so its images are the paired world's, second objects included."""
-    suite = tasks.build_eval_suite("shapes", tokenizer=Tokenizer(128), image_size=32, num_images=12)
+    suite = ev.build_eval_suite("shapes", tokenizer=Tokenizer(128), image_size=32, num_images=12)
     world = shapes.ShapesWorld(0, 32)
     single = data.normalize(world.render_batch(range(12), "test", single=True))
     paired = data.normalize(world.render_batch(range(12), "test"))
@@ -295,7 +294,7 @@ def test_csv_retrieval_groups_captions_by_image(tmp_path):
         Image.new("RGB", (20, 20), colour).save(tmp_path / name)
     rows = ["filepath,title", "a.png,one", "b.png,two", "a.png,three", "c.png,four", "b.png,five"]
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
-    r = tasks.csv_retrieval(str(tmp_path / "pairs.csv"), image_size=16)
+    r = ev.csv_retrieval(str(tmp_path / "pairs.csv"), image_size=16)
     assert len(r.images) == 3 and r.captions == ["one", "two", "three", "four", "five"]
     assert r.caption_image.tolist() == [0, 1, 0, 2, 1]
     assert r.images[1]["image"][2].mean() > r.images[1]["image"][0].mean()   # b.png is blue
@@ -325,10 +324,17 @@ def test_imagefolder_and_cifar_zero_shot_sources(tmp_path):
         for i in range(2):
             (tmp_path / "val" / cls / f"{i}.jpg").write_bytes(jpeg(10 * c + i, 20))
     (tmp_path / "names.txt").write_text("goldfish\nwhite shark\n")
-    ds, names = tasks.imagefolder_zeroshot(str(tmp_path / "val"), str(tmp_path / "names.txt"), image_size=16)
+    ds, names = ev.imagefolder_zeroshot(str(tmp_path / "val"), str(tmp_path / "names.txt"), image_size=16)
     assert names == ["goldfish", "white shark"] and ds[3]["label"] == 1 and ds[3]["image"].shape == (3, 16, 16)
     (tmp_path / "few.txt").write_text("goldfish\n")
     with pytest.raises(ValueError, match="1 names but .* 2 class folders"):
-        tasks.imagefolder_zeroshot(str(tmp_path / "val"), str(tmp_path / "few.txt"))
+        ev.imagefolder_zeroshot(str(tmp_path / "val"), str(tmp_path / "few.txt"))
     with pytest.raises(FileNotFoundError, match="download=True"):
-        tasks.cifar_zeroshot("cifar10", str(tmp_path / "no_cifar"))
+        ev.cifar_zeroshot("cifar10", str(tmp_path / "no_cifar"))
+
+
+def test_views_compare_what_training_paired():
+    """view_pair reads losses.PAIRS: image side first, the text side (g, g_h) second."""
+    assert {m: ev.view_pair(m, "main") for m in ("clip", "lit", "3t")} == \
+        {"clip": ("f", "g"), "lit": ("h", "g"), "3t": ("f", "g")}
+    assert ev.view_pair("3t", "tower3") == ("h_g", "g_h")

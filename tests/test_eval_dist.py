@@ -16,7 +16,6 @@ from torch.utils.data import Subset
 
 import data
 import eval as ev
-import tasks
 import train
 from model import ThreeTowers, build_image_tower, load_tower3
 from test_files import image_bytes
@@ -62,7 +61,7 @@ def model_and_suite(sets: dict[str, str]):
     torch.manual_seed(0)
     model = ThreeTowers("3t", image_arch="vit-micro", image_size=32, text_arch="micro", context_length=128,
                         embed_dim=16, tower3_dim=tower3.dim)
-    suite = tasks.build_eval_suite(tokenizer=Tokenizer(128), image_size=32, tasks=tasks.TASKS,
+    suite = ev.build_eval_suite(tokenizer=Tokenizer(128), image_size=32, tasks=ev.TASKS,
                                    zeroshot_data=f"imagefolder:{sets['folder']}/val:{sets['names']}",
                                    retrieval_data=sets["csv"], fewshot_data=f"imagefolder:{sets['folder']}")
     suite.shots = (1, 2)
@@ -81,7 +80,7 @@ def evaluate_and_embed(sets: dict[str, str], rank: int = 0, world: int = 1, batc
         out["images"], _ = embedder.images(suite.retrieval.images)
         out["texts"] = embedder.texts(suite.retrieval_tokens)
         out["one"], out["one_label"] = embedder.images(Subset(suite.zeroshot["imagefolder"][0], [4]))
-        broken = tasks.csv_retrieval(sets["broken"], image_size=32)
+        broken = ev.csv_retrieval(sets["broken"], image_size=32)
         try:
             embedder.images(broken.images)
             out["error"] = None

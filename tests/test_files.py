@@ -23,10 +23,8 @@ from torchvision.io import encode_jpeg, encode_png
 from torchvision.transforms import v2
 
 import data
-import pretrain
 import runtime
 import shapes
-import tasks
 from tokenizer import Tokenizer
 import eval as ev
 import train
@@ -112,7 +110,7 @@ def test_train_resume_evaluate_on_files(files, tmp_path, capsys, mode, source):
     if source == "csv":      # h in training (the cache) = h in eval.py: h(tower3_view(image)) at its own 224 px
         model, tower3, _ = load_trained(str(tmp_path / "run" / "ckpt.pt"))
         with torch.inference_mode():
-            images = tasks.csv_retrieval(files.csv, image_size=32).images
+            images = ev.csv_retrieval(files.csv, image_size=32).images
             embedded, _ = ev.Embedder(model.eval(), tower3, "cpu").images(images)
         torch.testing.assert_close(embedded["h"], F.normalize(cache_rows(tmp_path / "cache"), dim=-1),
                                    atol=1e-5, rtol=1e-4)
@@ -120,7 +118,7 @@ def test_train_resume_evaluate_on_files(files, tmp_path, capsys, mode, source):
 
 def test_eval_h_of_an_image_folder_is_h_of_its_own_view(files):
     tower3 = load_tower3(files.micro)           # h at 32 px, f at 16 px, the images 40 x 44
-    folder, _ = tasks.imagefolder_zeroshot(f"{files.folder}/test", files.names, image_size=16)
+    folder, _ = ev.imagefolder_zeroshot(f"{files.folder}/test", files.names, image_size=16)
     model = ev.ThreeTowers("lit", image_arch="vit-micro", image_size=16, text_arch="micro", embed_dim=16,
                            tower3_dim=tower3.dim).eval()
     with torch.inference_mode():
@@ -234,7 +232,7 @@ def test_fewshot_on_cifar(tmp_path, monkeypatch):
     for name, n in [(f"data_batch_{i}", 20) for i in range(1, 6)] + [("test_batch", 30)]:
         pickle.dump(batch(n), open(folder / name, "wb"))
     pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, open(folder / "batches.meta", "wb"))
-    suite = tasks.build_eval_suite(tokenizer=Tokenizer(32), image_size=16, tasks=("fewshot",),
+    suite = ev.build_eval_suite(tokenizer=Tokenizer(32), image_size=16, tasks=("fewshot",),
                                 fewshot_data=f"cifar10:{tmp_path}")
     pool, test = suite.fewshot["cifar10"]
     assert len(pool) == 100 and len(test) == 30           # 10 per class in the train split, all kept (<= 30)
@@ -247,9 +245,9 @@ def test_fewshot_on_cifar(tmp_path, monkeypatch):
 def test_fewshot_folder_layout_errors(files, tmp_path):
     (tmp_path / "only" / "train" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="expected class folders under .*only/train and .*only/test"):
-        tasks.fewshot_sets(f"imagefolder:{tmp_path / 'only'}", 16, 0)
+        ev.fewshot_sets(f"imagefolder:{tmp_path / 'only'}", 16, 0)
     with pytest.raises(ValueError, match="use shapes, imagefolder:ROOT"):
-        tasks.fewshot_sets("mnist:/x", 16, 0)
+        ev.fewshot_sets("mnist:/x", 16, 0)
 
 
 # ----------------------------------------------------------------------------- 8. class-name files
@@ -257,9 +255,9 @@ def test_names_file_in_another_order_than_the_folders_stops(files, tmp_path):
     (tmp_path / "shuffled.txt").write_text("red\nblue\ngreen\n")             # the folder names, not sorted
     with pytest.raises(ValueError, match=r"shuffled\.txt: name 1 is 'red', the name of class folder 3 in sorted "
                                          r"order \(3 such names\)"):
-        tasks.imagefolder_zeroshot(f"{files.folder}/test", str(tmp_path / "shuffled.txt"))
+        ev.imagefolder_zeroshot(f"{files.folder}/test", str(tmp_path / "shuffled.txt"))
     (tmp_path / "sorted.txt").write_text("blue\ngreen\nred\n")
-    assert tasks.imagefolder_zeroshot(f"{files.folder}/test", str(tmp_path / "sorted.txt"))[1] == ["blue", "green", "red"]
+    assert ev.imagefolder_zeroshot(f"{files.folder}/test", str(tmp_path / "sorted.txt"))[1] == ["blue", "green", "red"]
     assert "sorted (alphabetical) order" in " ".join(ev.build_parser().format_help().split())
 
 
@@ -267,10 +265,10 @@ def test_names_file_in_another_order_than_the_folders_stops(files, tmp_path):
 def test_supervised_augmentation_flags(files, tmp_path, capsys):
     root = f"{files.folder}/train"
     supervised = ["--mode", "supervised", "--train-data", root, "--image-size", "16"]
-    plain = pretrain.labelled_dataset(train.parse_args(supervised + ["--crop-scale", "1", "--no-flip"]))
+    plain = train.labelled_dataset(train.parse_args(supervised + ["--crop-scale", "1", "--no-flip"]))
     raw = data.decode_rgb(open(plain.paths[2], "rb").read())
     assert torch.equal(plain[2]["image"], data.tower3_view(raw, 16))      # resize + centre crop, nothing random
-    crops = pretrain.labelled_dataset(train.parse_args(supervised))
+    crops = train.labelled_dataset(train.parse_args(supervised))
     crops.set_epoch(1)
     assert not torch.equal(crops[2]["image"], plain[2]["image"])
     args = train.parse_args(["--mode", "supervised", "--train-data", root, "--crop-scale", "0.5", "--no-flip"])

@@ -157,8 +157,24 @@ def test_cache_reused_invalidated_and_equivalent(tmp_path, tower3_file, capsys):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+def test_items_carry_h_view_only_when_h_runs_every_step(tmp_path, tower3_file, monkeypatch):
+    """Whether h is cached is decided before the dataset is built: a cached run's training items hold no
+    'image_h' (the cache's build reads h's view from its own copy), an uncached run's do."""
+    seen = []
+    real = train.data.make_loader
+
+    def spy(dataset, *args, **kwargs):
+        seen.append(dataset.tower3_image_size)
+        return real(dataset, *args, **kwargs)
+    monkeypatch.setattr(train.data, "make_loader", spy)
+    base = ["--mode", "3t", "--tower3", tower3_file, "--steps", "1", "--eval-data", "none"]
+    train.main(tiny(tmp_path, *base, out="cached"))
+    train.main(tiny(tmp_path, *base, "--no-cache-tower3", out="uncached"))
+    assert seen == [None, train.load_tower3(tower3_file).image_size]
+
+
 def read_cache(path) -> torch.Tensor:
-    """Every row of an h cache file (train.tower3_cache), as a (rows, D_h) tensor."""
+    """Every row of an h cache file (runtime.tower3_cache), as a (rows, D_h) tensor."""
     header = json.loads(open(path, "rb").read(runtime.RowTable.HEADER))
     return runtime.RowTable.open(str(path), **header)[range(header["rows"])]
 
