@@ -11,13 +11,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train
 from losses import default_weights, tower_loss
 from model import ThreeTowers
 from runtime import Env
+from conftest import run_ranks
 from test_losses import tiny_batch
 
 MODES = ("clip", "lit", "3t")
@@ -141,9 +141,7 @@ def worker(rank: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("accum"))
-    mp.spawn(worker, args=(tmp,), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+    return run_ranks(worker, str(tmp_path_factory.mktemp("accum")), WORLD)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -11,11 +11,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import losses
 from losses import contrastive_loss, gather_rows, tower_loss
+from conftest import run_ranks
 from test_losses import tiny_batch, tiny_model, unit
 
 WORLD, N_LOCAL = 2, 4
@@ -72,9 +72,7 @@ def worker(rank: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(worker, args=(tmp,), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+    return run_ranks(worker, str(tmp_path_factory.mktemp("dist")), WORLD)
 
 
 def test_loss_value_is_global_loss(results):
