@@ -318,20 +318,23 @@ GPU_PRESET = ["--image-arch", "vit-b/16", "--image-size", "224", "--text-arch", 
 H200_BF16_DENSE_PEAK = 989e12        # NVIDIA's datasheet, dense (no sparsity)
 
 
-def bench_gpu_step(batches: list[int], repeats: int = 10) -> list[dict]:
-    """CUDA only: the 3t step (cached h; ViT-B/16 at 224 px as f and as h, CLIP's base text tower, bf16)
-    at each per-GPU batch size, without and with --grad-checkpointing: samples/s, MFU against the
-    matmul peak measured here and against the datasheet's dense bf16 peak, and the peak memory the
-    step allocates (torch.cuda.max_memory_allocated)."""
-    device, rows = torch.device("cuda"), []
-    peak = matmul_peak(device, torch.bfloat16)
+def bench_gpu_step(batches: list[int], repeats: int = 10, device: torch.device = torch.device("cuda")) -> list[dict]:
+    """The 3t step (cached h; GPU_PRESET: ViT-B/16 at 224 px as f and as h, CLIP's base text tower, bf16
+    on CUDA) at each per-GPU batch size, without and with --grad-checkpointing: samples/s, MFU against
+    the matmul peak measured here and against the datasheet's dense bf16 peak, and the peak memory the
+    step allocates (torch.cuda.max_memory_allocated; None off CUDA). tests/test_bench.py runs it on the
+    CPU with tiny towers."""
+    cuda = device.type == "cuda"
+    peak, rows = matmul_peak(device, torch.bfloat16 if cuda else torch.float32), []
+    towers = train.parse_args(GPU_PRESET)
     with tempfile.TemporaryDirectory() as tmp:
-        tower3 = random_tower3(tmp, "vit-b/16", 224)
+        tower3 = random_tower3(tmp, towers.image_arch, towers.image_size)
         for batch in batches:
             for checkpointing in (False, True):
                 preset = GPU_PRESET + ["--batch-size", str(batch), "--train-samples", str(4 * batch)]
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
                 step, data_batches, flops, info, _ = setup_mode(
                     "3t", True, preset + (["--grad-checkpointing"] if checkpointing else []), tower3)
                 sync(device)
@@ -343,7 +346,7 @@ def bench_gpu_step(batches: list[int], repeats: int = 10) -> list[dict]:
                 rows.append({**info, "step_ms": 1e3 * seconds, "samples_per_s": batch / seconds,
                              "mfu_measured_peak": flops / seconds / peak,
                              "mfu_datasheet_peak": flops / seconds / H200_BF16_DENSE_PEAK,
-                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                              "matmul_peak_tflops": peak / 1e12})
                 print(table(rows[-1:], ["batch", "checkpointing", "step_ms", "samples_per_s", "mfu_measured_peak",
                                         "mfu_datasheet_peak", "peak_mem_gib"]), flush=True)
@@ -515,6 +518,23 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def run_scale(a: argparse.Namespace) -> None:
+    """--scale-only: step memory, the loss's bytes per logit, and the large recipe's model from them."""
+    memory = bench_step_memory(memory_cases(a.quick))
+    per_logit = loss_bytes_per_logit()
+    rows = scale_model(memory, per_logit)
+    print("\n## step memory (fp32, CPU)\n" + table(memory, ["model", "batch", "accum", "checkpointing", "peak_mib", "s"])
+          + f"\n\nloss: {per_logit:.1f} bytes per logit (one term, fwd + bwd)\n\n## the large recipe, derived\n"
+          + table(rows, SCALE_KEYS))
+    write_json(a.out, {"memory": memory, "loss_bytes_per_logit": per_logit, "scale_model": rows})
+
+
 def main() -> None:
     a = parse_args()
     if a.loss_child:
@@ -526,22 +546,9 @@ def main() -> None:
     if a.gpu_step:
         if not torch.cuda.is_available():
             raise SystemExit("--gpu-step: no CUDA device present")
-        rows = bench_gpu_step(a.gpu_step)
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        return None
+        return write_json(a.out, bench_gpu_step(a.gpu_step))
     if a.scale_only:
-        memory = bench_step_memory(memory_cases(a.quick))
-        per_logit = loss_bytes_per_logit()
-        rows = scale_model(memory, per_logit)
-        print(f"\n## step memory (fp32, CPU)\n" + table(memory, ["model", "batch", "accum", "checkpointing", "peak_mib", "s"])
-              + f"\n\nloss: {per_logit:.1f} bytes per logit (one term, fwd + bwd)\n\n## the large recipe, derived\n"
-              + table(rows, SCALE_KEYS))
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"memory": memory, "loss_bytes_per_logit": per_logit, "scale_model": rows}, f, indent=1)
-        return None
+        return run_scale(a)
     if a.cache_only:
         return print(json.dumps(bench_cache(), indent=1))
     if a.main_job_only:
@@ -584,9 +591,7 @@ def main() -> None:
             f"{k} {v:.1f} ({job['chance'][k]:.1f})" for k, v in job["final"].items())
             + f"; its third tower: {job['tower3']['heldout_object_top1']:.1f} % held-out object accuracy, ready "
               f"after {job['tower3']['ready_after_s']:.0f} s")
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(a.out, result)
     print(f"\n[bench] wrote {a.out}")
 
 

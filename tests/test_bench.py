@@ -67,3 +67,19 @@ def test_data_path_figures_are_positive_rates():
     assert set(figures) == {"shapes_render_per_s_per_core", "shapes_pairs_loader_per_s_per_core",
                             "tar_256px_jpeg_to_224_per_s_per_core"}
     assert all(v > 0 for v in figures.values())
+
+
+def test_gpu_step_rows_on_the_cpu_with_tiny_towers(monkeypatch):
+    """bench_gpu_step (what scripts/gpu_check.sh prints as its step table) on tiny towers: one row per
+    batch size and checkpointing setting, and checkpointing really switched on where the row says so."""
+    bench = load_script("bench")
+    monkeypatch.setattr(bench, "GPU_PRESET", ["--image-arch", "vit-micro", "--image-size", "16", "--text-arch", "micro",
+                                              "--embed-dim", "16", "--context-length", "16"])
+    switched = []
+    real = bench.ThreeTowers.set_grad_checkpointing
+    monkeypatch.setattr(bench.ThreeTowers, "set_grad_checkpointing",
+                        lambda self, enabled=True: switched.append(enabled) or real(self, enabled))
+    rows = bench.bench_gpu_step([4, 8], repeats=1, device=torch.device("cpu"))
+    assert [(r["batch"], r["checkpointing"]) for r in rows] == [(4, False), (4, True), (8, False), (8, True)]
+    assert switched == [False, True, False, True]
+    assert all(r["samples_per_s"] > 0 and 0 < r["mfu_measured_peak"] < 2 and r["peak_mem_gib"] is None for r in rows)
