@@ -165,7 +165,6 @@ class Env:
             if "OMP_NUM_THREADS" not in os.environ:
                 torch.set_num_threads(cores)
         self.default_workers = 0 if self.device.type == "cpu" else min(8, cores)
-        self.defer_syncs = self.device.type == "cuda"       # see apply_gradients and sync_step
         self.agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None   # torchrun's agent process
         self.locks = contextlib.ExitStack()                                           # run folders held
         self.owns_group = self.world > 1 and not dist.is_initialized()
@@ -328,20 +327,16 @@ def schedule(args: argparse.Namespace, env: Env, model: torch.nn.Module, dataset
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, total)), total
 
 
-def apply_gradients(model: torch.nn.Module, optimizer, scheduler, grad_clip: float, defer: bool = False) -> Tensor:
+def apply_gradients(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> Tensor:
     """After backward: clip the global gradient norm, AdamW step, schedule step. Returns whether the
     gradient was finite, a 0-d bool tensor on the device. A non-finite gradient makes no update (the
     step still counts, as with AMP's loss scaling); the norm is that of the all-reduced gradient, so
-    every rank skips the same step. With `defer` (CUDA) the skip happens on the device
-    (AdamW's found_inf), so the host never waits for the GPU here; on a CPU, reading the flag at once
-    costs nothing."""
+    every rank skips the same step. The skip happens on the device (fused AdamW's found_inf), so the
+    host never waits for the GPU here: it reads the flag at sync steps only (MetricsLog)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     finite = torch.isfinite(norm)
-    if defer:
-        optimizer.found_inf = (~finite).float()
-        optimizer.step()
-    elif finite.item():
-        optimizer.step()
+    optimizer.found_inf = (~finite).float()
+    optimizer.step()
     scheduler.step()
     return finite
 

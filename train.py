@@ -77,7 +77,7 @@ def train_step(args: argparse.Namespace, env: Env, parts: Parts, batches: list[d
         loss.backward()
     else:
         loss, metrics = accumulated_backward(args, env, parts, inputs)
-    finite = apply_gradients(parts.model, parts.optimizer, parts.scheduler, args.grad_clip, defer=env.defer_syncs)
+    finite = apply_gradients(parts.model, parts.optimizer, parts.scheduler, args.grad_clip)
     parts.model.clamp_temperatures_()
     return {"loss": loss.detach(), **metrics}, finite
 
@@ -223,7 +223,7 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        finite = apply_gradients(model, optimizer, scheduler, args.grad_clip, defer=env.defer_syncs)
+        finite = apply_gradients(model, optimizer, scheduler, args.grad_clip)
         position.step += 1
         metrics_log.step({"loss": loss.detach(), "acc/train": (logits.argmax(1) == labels).float().mean()}, finite, sync)
         if position.step % args.save_every == 0 or position.step == total:
