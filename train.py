@@ -184,7 +184,6 @@ def accumulated_backward(args: argparse.Namespace, env: Env, parts: Parts, input
     return loss.detach(), metrics
 
 
-
 # ----------------------------------------------------------------------------------------------
 # --mode supervised: pretraining a third tower, a classifier trained with cross-entropy (Sec. 4)
 # ----------------------------------------------------------------------------------------------
