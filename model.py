@@ -39,6 +39,73 @@ from torchvision.models.vision_transformer import ConvStemConfig, VisionTransfor
 from losses import PAIRS
 
 # ----------------------------------------------------------------------------------------------
+# Linear layers: on the CPU through oneDNN (a speed choice only; the same function as nn.Linear)
+# ----------------------------------------------------------------------------------------------
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_MIN_MACS = 2 ** 26        # multiply-adds of one call below which F.linear is faster (see `linear`)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight.T + bias by oneDNN's matmul, for x of any leading shape."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """Forward and input gradient by oneDNN; the weight gradient (a long inner dimension, which
+    oneDNN runs slower here) and the bias gradient as nn.Linear computes them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = _onednn_linear(grad, weight.t(), None).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear, through oneDNN for large float32 matmuls on the CPU. Why: PyTorch's float32 matmul
+    calls MKL, whose kernels on AMD processors stop at AVX2, while oneDNN (inside PyTorch already;
+    it runs the convolutions) uses what the processor has. On this project's 2-core AMD EPYC
+    (AVX-512) a 2048^2 matmul runs at ~190 GFLOP/s against MKL's ~135; a linear layer's forward and
+    backward at 1.15-1.25x from 2^26 multiply-adds up (8,320 x 192 -> 768: 1.26x), and the
+    equal-tokens ViT step at ~1.2x (results/README.md). Below 2^26 oneDNN's per-call cost eats the
+    gain (128 x 512 -> 128: 0.82x), so small layers keep F.linear. Results agree with F.linear to
+    float rounding (tests/test_model.py). CUDA, other dtypes and torch.compile take F.linear."""
+    if (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and not torch.compiler.is_compiling()):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _OneDNNLinear.apply(x, weight, bias)
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`: the same parameters, names and state_dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_linear_(net: nn.Module) -> nn.Module:
+    """Run every nn.Linear of `net` (torchvision's included) through `linear`, in place, by
+    switching its class to `Linear`; parameters and state_dict are untouched."""
+    for m in net.modules():
+        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+            m.__class__ = Linear
+    return net
+
+
+# ----------------------------------------------------------------------------------------------
 # Image tower f (also the classifier that `train.py --mode supervised` pretrains as a tower h)
 # ----------------------------------------------------------------------------------------------
 # ViT sizes: patch, width, depth, heads (MLP = 4 x width), conv stem, pooling. vit-b/16 and vit-b/32
@@ -89,15 +156,15 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
         for block in net.encoder.layers:       # the same parameters, run by the fused kernel
             block.self_attention = ViTSelfAttention(block.self_attention)
         net.encoder.layers = Blocks(net.encoder.layers.named_children())   # same names, same state_dict
-        return net
+        return use_linear_(net)
     if arch in CNN_PRESETS:
         layers, width = [], 3
         for channels, stride in zip(*CNN_PRESETS[arch]):
             layers += [nn.Conv2d(width, channels, 3, stride, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
             width = channels
-        return ConvTower(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, out_dim, bias=bias))
+        return ConvTower(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), Linear(width, out_dim, bias=bias))
     if arch in RESNETS:
-        return getattr(torchvision.models, arch)(weights=None, num_classes=out_dim)
+        return use_linear_(getattr(torchvision.models, arch)(weights=None, num_classes=out_dim))
     raise ValueError(f"unknown image architecture {arch!r}; choose one of {', '.join(IMAGE_ARCHS)}")
 
 
@@ -155,7 +222,7 @@ def fused_self_attention(x: Tensor, weight: Tensor, bias: Tensor | None, heads: 
     one fused `scaled_dot_product_attention` call, no layout copies but the final merge of heads.
     (B, L, W) -> (B, L, W). Used by both towers."""
     B, L, W = x.shape
-    q, k, v = F.linear(x, weight, bias).view(B, L, 3, heads, W // heads).unbind(2)
+    q, k, v = linear(x, weight, bias).view(B, L, 3, heads, W // heads).unbind(2)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=causal)                  # (B, heads, L, W/heads)
     return y.transpose(1, 2).reshape(B, L, W)
@@ -205,8 +272,8 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.qkv, self.out = Linear(width, 3 * width), Linear(width, width)
+        self.mlp = nn.Sequential(Linear(width, 4 * width), nn.GELU(), Linear(4 * width, width))
 
     def forward(self, x: Tensor) -> Tensor:                                  # x: (B, L, W)
         y = fused_self_attention(self.ln_1(x), self.qkv.weight, self.qkv.bias, self.heads, causal=True)
@@ -227,7 +294,7 @@ class TextTower(nn.Module):
         self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
         self.blocks = Blocks((str(i), Block(width, heads)) for i in range(depth))
         self.ln_final = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, out_dim, bias=False)
+        self.proj = Linear(width, out_dim, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.proj.weight, std=width ** -0.5)
 
@@ -366,11 +433,11 @@ class ThreeTowers(nn.Module):
                               out_dim=text_dim, eos_id=eos_id)
         if mode == "3t":
             head_dim = embed_dim if tower3_heads else tower3_dim
-            self.f_h = nn.Linear(embed_dim, head_dim, bias=False)
-            self.g_h = nn.Linear(embed_dim, head_dim, bias=False)
+            self.f_h = Linear(embed_dim, head_dim, bias=False)
+            self.g_h = Linear(embed_dim, head_dim, bias=False)
             if tower3_heads:
-                self.h_f = nn.Linear(tower3_dim, embed_dim, bias=False)
-                self.h_g = nn.Linear(tower3_dim, embed_dim, bias=False)
+                self.h_f = Linear(tower3_dim, embed_dim, bias=False)
+                self.h_g = Linear(tower3_dim, embed_dim, bias=False)
         # t = exp(s), s learnable, init t = 10 (README, "Where this project chooses"); one per term.
         self.log_temperature = nn.ParameterDict(
             {term: nn.Parameter(torch.tensor(math.log(init_temperature))) for term in PAIRS[mode]})

@@ -15,8 +15,8 @@ MFU = model FLOPs of one forward+backward / step time / matmul peak. FLOPs are c
 torch.utils.flop_counter plus `FLOP_FORMULAS` for attention (model FLOPs, see there). As in PaLM's
 MFU (Chowdhery et al. 2022, App. B), attention counts its full L x L matmuls even when causal; the
 table's `attn_share` says how much of the count that is, so the reader can discount it. The peak
-is a large square matmul (fp32 on CPU, bf16 on CUDA) timed right before and after each step, so
-both see the same machine -- a practical, not a datasheet, peak.
+is a large square matmul (fp32 on CPU, bf16 on CUDA; on a CPU the faster of MKL's and oneDNN's) timed
+right before and after each step, so both see the same machine -- a practical, not a datasheet, peak.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import runtime  # noqa: E402
 import train  # noqa: E402
 import losses  # noqa: E402
 from losses import contrastive_loss, default_weights  # noqa: E402
-from model import FrozenTower, ThreeTowers, build_image_tower  # noqa: E402
+from model import FrozenTower, ThreeTowers, build_image_tower, linear  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -63,17 +63,29 @@ FLOP_FORMULAS = {
 }
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a square matmul (a short burst): the practical peak that MFU is measured against."""
+def kernel_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """FLOP/s of a square matmul (a short burst) by each kernel the step's matmuls use: torch.mm
+    (MKL on a CPU, cuBLAS on CUDA) and, on a CPU, model.linear (oneDNN: on an AMD processor ~1.4x
+    MKL's, as MKL's kernels there stop at AVX2)."""
     size, repeats = (8192, 10) if device.type == "cuda" else (2048, 2)
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+    kernels = {"mm": torch.mm, **({"linear": linear} if device.type == "cpu" else {})}
+    peaks = {}
+    for name, kernel in kernels.items():
+        kernel(a, b)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            kernel(a, b)
+        sync(device)
+        peaks[name] = 2 * size ** 3 * repeats / (time.perf_counter() - start)
+    return peaks
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """The practical peak that MFU is measured against: the fastest of `kernel_peaks`, so that a
+    peak below what the step's own matmuls reach cannot overstate the MFU."""
+    return max(kernel_peaks(device, dtype).values())
 
 
 def sync(device: torch.device) -> None:
@@ -574,7 +586,10 @@ def main() -> None:
             runs, peak = bench_modes(preset + ["--train-samples", "2048"], tower3, repeats, dtype)
             result[f"train_{name}"] = runs
             result["machine"][f"matmul_peak_tflops_{name}"] = peak / 1e12
-            print(f"\n## training step, {name} preset (matmul peak {peak / 1e9:.0f} GFLOP/s)\n" + table(runs, [
+            kernels = {k: v / 1e12 for k, v in kernel_peaks(device, dtype).items()}
+            result["machine"][f"kernel_peaks_tflops_{name}"] = kernels
+            print(f"\n## training step, {name} preset (matmul peak {peak / 1e9:.0f} GFLOP/s; now "
+                  + ", ".join(f"{k} {1e3 * v:.0f}" for k, v in kernels.items()) + ")\n" + table(runs, [
                 "mode", "cache", "batch", "step_ms", "samples_per_s", "vs_clip", "gflops_per_sample",
                 "attn_share", "mfu", "trainable_params"]))
     result["loss"] = bench_loss([1024, 4096] if a.quick else [1024, 2048, 4096, 8192, 16384, 32768], world=8)

@@ -254,10 +254,16 @@ def score(a: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------- 5. step speed
 def steps(a: argparse.Namespace) -> None:
-    """One full training step (forward, loss, backward, clip, AdamW, temperature clamp) of each model,
-    A B A B in one process, on the same random images and shapes captions (each its own tokenizer)."""
+    """One full training step of each trainer, as each trainer runs it -- forward, loss, backward,
+    gradient clipping at 1, AdamW with its parameter groups, temperature clamp -- in turn in one
+    process, on the same random images and shapes captions (each its own tokenizer). Ours runs
+    train.py's own update (runtime.build_optimizer, runtime.apply_gradients); open_clip's the update
+    of its train_one_epoch: torch.optim.AdamW without decay on gains, biases and logit_scale, then
+    clip_grad_norm_. Ours steps clip and 3t (h cached: a fixed (B, 192) tensor, h as wide as f),
+    open_clip clip; rounds go ours-clip, ours-3t, open_clip."""
     import shapes
     import open_clip
+    import runtime
     from losses import default_weights, tower_loss
     from model import TEXT_PRESETS, VIT_PRESETS, ThreeTowers
     register_oc_configs()
@@ -269,42 +275,58 @@ def steps(a: argparse.Namespace) -> None:
     VIT_PRESETS["vit-6x192"] = (8, 192, 6, 3, (), "token") if equal else (8, 192, 6, 3, (16, 32, 64), "mean")
     TEXT_PRESETS["4x192"] = (192, 4, 3)
     tok, oc_tok = our_tokenizer(context_length=64), open_clip.get_tokenizer(OC_STEPS_MODEL)
-    ours = ThreeTowers("clip", image_arch="vit-6x192", image_size=64, text_arch="4x192",
-                       vocab_size=49408 if equal else tok.vocab_size, context_length=64, eos_id=tok.EOS, embed_dim=128)
+    towers = dict(image_arch="vit-6x192", image_size=64, text_arch="4x192", vocab_size=49408 if equal else tok.vocab_size,
+                  context_length=64, eos_id=tok.EOS, embed_dim=128)
+    ours = {mode: ThreeTowers(mode, **towers, tower3_dim=192 if mode == "3t" else None) for mode in ("clip", "3t")}
     theirs = open_clip.create_model(OC_STEPS_MODEL, precision="fp32", output_dict=True)   # as its trainer
     world, B, oc_loss = shapes.ShapesWorld(seed=0, image_size=64), a.batch, open_clip.ClipLoss()
     captions = [[world.captions(i, "train", 1)[0] for i in range(k * B, (k + 1) * B)] for k in range(4)]
     batches = [(tok.encode(c) if equal else tok.trim(tok.encode(c)), oc_tok(c)) for c in captions]  # train.py trims
-    images = torch.randn(B, 3, 64, 64)
-    losses = {"ours": lambda k: tower_loss(ours(images, batches[k][0]), "clip", default_weights("clip"))[0],
-              "open_clip": lambda k: oc_loss(**{n: v for n, v in theirs(images, batches[k][1]).items()
-                                                if n in ("image_features", "text_features", "logit_scale")})}
-    optim = {who: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
-             for who, m in (("ours", ours), ("open_clip", theirs))}
+    images, h = torch.randn(B, 3, 64, 64), torch.randn(B, 192)
+    hyper = argparse.Namespace(lr=1e-3, wd=0.1, beta2=0.98)
+    optim = {mode: runtime.build_optimizer(m, hyper) for mode, m in ours.items()}
+    sched = {mode: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for mode, o in optim.items()}
+    no_decay = [p.ndim < 2 or any(k in n for k in ("bn", "ln", "bias", "logit_scale")) for n, p in theirs.named_parameters()]
+    params = [p for _, p in theirs.named_parameters()]
+    oc_optim = torch.optim.AdamW([{"params": [p for p, nd in zip(params, no_decay) if nd], "weight_decay": 0.0},
+                                  {"params": [p for p, nd in zip(params, no_decay) if not nd], "weight_decay": 0.1}],
+                                 lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
 
     def step(who: str, k: int) -> float:
         t0 = time.perf_counter()
-        model, loss = (ours if who == "ours" else theirs), losses[who](k % len(batches))
-        optim[who].zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optim[who].step()
-        with torch.no_grad():
-            ours.clamp_temperatures_() if who == "ours" else theirs.logit_scale.clamp_(0, math.log(100))
+        text = batches[k % len(batches)]
+        if who == "open_clip":
+            out = theirs(images, text[1])
+            loss = oc_loss(out["image_features"], out["text_features"], out["logit_scale"])
+            oc_optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+            oc_optim.step()
+            with torch.no_grad():
+                theirs.logit_scale.clamp_(0, math.log(100))
+        else:
+            model = ours[who]
+            optim[who].zero_grad(set_to_none=True)
+            tower_loss(model(images, text[0], h if who == "3t" else None), who, default_weights(who))[0].backward()
+            runtime.apply_gradients(model, optim[who], sched[who], 1.0)
+            model.clamp_temperatures_()
         return time.perf_counter() - t0
 
-    pairs = [(step("ours", k), step("open_clip", k)) for k in range(a.warmup + a.pairs)][a.warmup:]
-    t = dict(zip(("ours", "open_clip"), (statistics.median(x) for x in zip(*pairs))))
-    params = {who: sum(p.numel() for p in m.parameters()) for who, m in (("ours", ours), ("open_clip", theirs))}
-    ratio = statistics.median(oc / mine for mine, oc in pairs)           # ours samples/s over open_clip's
-    print(f"{'model':<12}{'ms/step':>10}{'samples/s':>11}{'params':>12}")
-    for who in t:
-        print(f"{who:<12}{1000 * t[who]:>10.0f}{B / t[who]:>11.0f}{params[who]:>12,}")
-    print(f"median of {a.pairs} paired ratios, ours samples/s / open_clip samples/s: {ratio:.2f}")
+    order = ("clip", "3t", "open_clip")
+    rounds = [[step(who, k) for who in order] for k in range(a.warmup + a.pairs)][a.warmup:]
+    t = {who: statistics.median(r[i] for r in rounds) for i, who in enumerate(order)}
+    ratio = {who: statistics.median(r[2] / r[i] for r in rounds) for i, who in enumerate(order[:2])}   # samples/s
+    counts = {who: sum(p.numel() for p in m.parameters()) for who, m in (*ours.items(), ("open_clip", theirs))}
+    print(f"{'step':<16}{'ms/step':>10}{'samples/s':>11}{'params':>12}{'vs open_clip':>14}")
+    for who in order:
+        name = who if who == "open_clip" else f"ours {who}"
+        print(f"{name:<16}{1000 * t[who]:>10.0f}{B / t[who]:>11.0f}{counts[who]:>12,}"
+              f"{f'{ratio[who]:.2f}x' if who in ratio else '':>14}")
+    print(f"median of {a.pairs} paired ratios (ours samples/s over open_clip's, per round)")
     write_json(a.out, {"batch": B, "threads": a.threads, "equal_tokens": equal, "pairs": a.pairs, "warmup": a.warmup,
                        "ms_per_step": {w: 1000 * x for w, x in t.items()}, "ratio_ours_over_open_clip": ratio,
-                       "params": params, "ours_text_len": [b[0].shape[1] for b in batches],
-                       "open_clip_text_len": batches[0][1].shape[1], "pairs_s": pairs})
+                       "params": counts, "ours_text_len": [b[0].shape[1] for b in batches],
+                       "open_clip_text_len": batches[0][1].shape[1], "rounds_s": rounds})
 
 
 def seed_of(argv: list[str]) -> int:

@@ -243,3 +243,107 @@ def test_conv_towers_run_channels_last_and_equal_the_plain_layout():
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
     for g, p in zip(grads, net.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,bias,transposed", [((7, 12), True, False), ((3, 5, 12), True, True),
+                                                    ((4, 12), False, False), ((12,), True, False)])
+def test_linear_equals_nn_linear_forward_and_gradients(shape, bias, transposed, monkeypatch):
+    """model.linear (oneDNN on the CPU in float32) computes F.linear: output and the gradients of
+    input, weight and bias agree to float rounding, for 1-d, 2-d and 3-d, strided input, with and
+    without a bias. Each is checked against a float64 F.linear, an independent reference."""
+    monkeypatch.setattr(model_lib, "ONEDNN_MIN_MACS", 0)              # these shapes are far below it
+    torch.manual_seed(0)
+    x = torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2) if transposed else torch.randn(*shape)
+    x.requires_grad_(True)
+    w = torch.randn(9, 12, requires_grad=True)
+    b = torch.randn(9, requires_grad=True) if bias else None
+    grad = torch.randn(*shape[:-1], 9)
+    out = model_lib.linear(x, w, b)
+    out.backward(grad)
+    leaves = [x, w] + ([b] if bias else [])
+    got = [out.detach()] + [t.grad for t in leaves]
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = torch.nn.functional.linear(*ref_leaves, *([] if bias else [None]))
+    ref.backward(grad.double())
+    for g, r in zip(got, [ref.detach()] + [t.grad for t in ref_leaves]):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+    if model_lib._ONEDNN:                                    # the oneDNN path ran, not F.linear
+        assert out.grad_fn.name() == "_OneDNNLinearBackward"
+
+
+def test_linear_takes_the_oneDNN_path_only_where_it_should(monkeypatch):
+    """float64, no-grad and empty inputs: the same values as F.linear (float64 exactly: F.linear
+    itself runs); only float32 with a gradient builds the custom backward, and only from
+    ONEDNN_MIN_MACS multiply-adds up."""
+    torch.manual_seed(0)
+    small = model_lib.linear(torch.randn(4, 6, requires_grad=True), torch.randn(3, 6))
+    assert small.grad_fn.name() != "_OneDNNLinearBackward"                # 72 multiply-adds: F.linear
+    monkeypatch.setattr(model_lib, "ONEDNN_MIN_MACS", 0)
+    x, w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True), torch.randn(3, 6, dtype=torch.float64)
+    assert torch.equal(model_lib.linear(x, w), torch.nn.functional.linear(x, w))
+    with torch.no_grad():
+        x32, w32 = torch.randn(4, 6), torch.randn(3, 6)
+        out = model_lib.linear(x32, w32)
+        assert out.grad_fn is None
+        torch.testing.assert_close(out, torch.nn.functional.linear(x32, w32))
+    assert model_lib.linear(torch.randn(0, 6), torch.randn(3, 6, requires_grad=True)).shape == (0, 3)
+    w_only, x_plain = torch.randn(3, 6, requires_grad=True), torch.randn(4, 6)    # no input gradient (a head on h)
+    model_lib.linear(x_plain, w_only).sum().backward()
+    torch.testing.assert_close(w_only.grad, x_plain.sum(0).expand(3, 6))
+
+def test_every_linear_of_the_towers_runs_through_model_linear_with_state_dicts_unchanged():
+    """use_linear_ switches the class of every nn.Linear -- torchvision's ViT MLPs and attention
+    output projections, ResNet's fc, our text blocks and heads -- to model.Linear; the state_dict
+    names and values of a tower are those of the plain torchvision build."""
+    for arch in ("vit-micro", "resnet18", "cnn-tiny"):
+        net = build_image_tower(arch, 32, 8)
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        assert linears and all(type(m) is model_lib.Linear for m in linears), arch
+    m = tiny_model("3t")
+    assert all(type(x) is model_lib.Linear for x in m.modules() if isinstance(x, nn.Linear))
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(weights=None, num_classes=8)
+    torch.manual_seed(0)
+    ours = build_image_tower("resnet18", 32, 8)
+    assert list(plain.state_dict()) == list(ours.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ours.state_dict().values()))
+    x = torch.randn(2, 3, 32, 32)
+    plain.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["clip", "lit", "3t"])
+def test_a_training_step_through_onednn_equals_the_f_linear_step(mode, monkeypatch):
+    """The whole model with every linear on the oneDNN path (threshold 0) against the same model
+    with none (F.linear throughout): the same loss and every parameter's gradient, to float
+    rounding -- the ViT's q/k/v and output projections, MLPs, text blocks and heads alike."""
+    from losses import default_weights
+    if not model_lib._ONEDNN:
+        pytest.skip("this PyTorch has no oneDNN linear")
+
+    def loss_and_grads():
+        m = tiny_model(mode)
+        loss = tower_loss(m(*tiny_batch(6)), mode, default_weights(mode))[0]
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    monkeypatch.setattr(model_lib, "_ONEDNN", False)
+    plain_loss, plain = loss_and_grads()
+    monkeypatch.setattr(model_lib, "_ONEDNN", True)
+    monkeypatch.setattr(model_lib, "ONEDNN_MIN_MACS", 0)
+    seen = []
+    monkeypatch.setattr(model_lib._OneDNNLinear, "backward", _counting(model_lib._OneDNNLinear.backward, seen))
+    loss, grads = loss_and_grads()
+    assert seen, "no linear took the oneDNN path"
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == plain.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _counting(backward, seen: list):
+    def wrapped(ctx, grad):
+        seen.append(grad.shape)
+        return backward(ctx, grad)
+    return staticmethod(wrapped)
