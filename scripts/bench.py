@@ -60,6 +60,9 @@ FLOP_FORMULAS = {
         lambda q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_flop_count(q, k, v),
     **{getattr(torch.ops.aten, name): lambda g, q, k, v, *_, out_shape=None, **__: 2 * flop_counter.sdpa_flop_count(q, k, v)
        for name in _ATTENTION_BACKWARD if hasattr(torch.ops.aten, name)},
+    # model.linear's oneDNN matmul, x (M, K) @ weight (N, K)^T, which the flop counter does not know either
+    **({torch.ops.mkldnn._linear_pointwise: lambda x, w, *_, out_shape=None, **__: 2 * x.numel() * w[0]}
+       if hasattr(torch.ops.mkldnn, "_linear_pointwise") else {}),
 }
 
 
