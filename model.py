@@ -76,8 +76,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     calls MKL, whose kernels on AMD processors stop at AVX2, while oneDNN (inside PyTorch already;
     it runs the convolutions) uses what the processor has. On this project's 2-core AMD EPYC
     (AVX-512) a 2048^2 matmul runs at ~190 GFLOP/s against MKL's ~135; a linear layer's forward and
-    backward at 1.15-1.25x from 2^26 multiply-adds up (8,320 x 192 -> 768: 1.26x), and the
-    equal-tokens ViT step at ~1.2x (results/README.md). Below 2^26 oneDNN's per-call cost eats the
+    backward at 1.1-1.26x from 2^26 multiply-adds up (8,320 x 192 -> 768: 1.26x), and the vit-small
+    training step at 1.17-1.24x (results/README.md). Below 2^26 oneDNN's per-call cost eats the
     gain (128 x 512 -> 128: 0.82x), so small layers keep F.linear. Results agree with F.linear to
     float rounding (tests/test_model.py). CUDA, other dtypes and torch.compile take F.linear."""
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
