@@ -286,10 +286,10 @@ def steps(a: argparse.Namespace) -> None:
     hyper = argparse.Namespace(lr=1e-3, wd=0.1, beta2=0.98)
     optim = {mode: runtime.build_optimizer(m, hyper) for mode, m in ours.items()}
     sched = {mode: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for mode, o in optim.items()}
-    no_decay = [p.ndim < 2 or any(k in n for k in ("bn", "ln", "bias", "logit_scale")) for n, p in theirs.named_parameters()]
-    params = [p for _, p in theirs.named_parameters()]
-    oc_optim = torch.optim.AdamW([{"params": [p for p, nd in zip(params, no_decay) if nd], "weight_decay": 0.0},
-                                  {"params": [p for p, nd in zip(params, no_decay) if not nd], "weight_decay": 0.1}],
+    decay = {0.0: [], 0.1: []}                 # open_clip's trainer: no decay on gains, biases, logit_scale
+    for n, p in theirs.named_parameters():
+        decay[0.0 if p.ndim < 2 or any(k in n for k in ("bn", "ln", "bias", "logit_scale")) else 0.1].append(p)
+    oc_optim = torch.optim.AdamW([{"params": ps, "weight_decay": wd} for wd, ps in decay.items()],
                                  lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
 
     def step(who: str, k: int) -> float:
