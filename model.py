@@ -39,13 +39,24 @@ from torchvision.models.vision_transformer import ConvStemConfig, VisionTransfor
 from losses import PAIRS
 
 # ----------------------------------------------------------------------------------------------
-# Linear layers: on the CPU through oneDNN (a speed choice only; the same function as nn.Linear)
+# Linear layers: on an AVX-512 CPU through oneDNN (a speed choice only; the same function as nn.Linear)
 # ----------------------------------------------------------------------------------------------
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_OP = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")   # the kernel exists
 ONEDNN_MIN_MACS = 2 ** 26        # multiply-adds of one call below which F.linear is faster (see `linear`)
 
 
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def prefers_onednn(capability: str) -> bool:
+    """Whether oneDNN's matmul beats MKL's on a CPU of this vector capability (PyTorch's
+    torch.backends.cpu.get_cpu_capability()): only with AVX-512, which MKL leaves unused on AMD
+    processors. On an AVX2-only processor MKL's AVX2 kernel is the fastest there is (a Zen 3: oneDNN's
+    2048^2 matmul at ~0.87x MKL's, the vit-small step 0.92-0.95x; results/README.md)."""
+    return capability.startswith("AVX512")
+
+
+_ONEDNN = ONEDNN_OP and prefers_onednn(torch.backends.cpu.get_cpu_capability())   # `linear` routes through it
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x @ weight.T + bias by oneDNN's matmul, for x of any leading shape."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -59,33 +70,34 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
         grad2 = grad.reshape(-1, grad.shape[-1])
-        grad_x = _onednn_linear(grad, weight.t(), None).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = onednn_linear(grad, weight.t(), None).view(x.shape) if ctx.needs_input_grad[0] else None
         grad_w = grad2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         grad_b = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, through oneDNN for large float32 matmuls on the CPU. Why: PyTorch's float32 matmul
-    calls MKL, whose kernels on AMD processors stop at AVX2, while oneDNN (inside PyTorch already;
-    it runs the convolutions) uses what the processor has. On this project's 2-core AMD EPYC
-    (AVX-512) a 2048^2 matmul runs at ~190 GFLOP/s against MKL's ~135; a linear layer's forward and
+    """F.linear, through oneDNN for large float32 matmuls on a CPU with AVX-512. Why: PyTorch's
+    float32 matmul calls MKL, whose kernels on AMD processors stop at AVX2, while oneDNN (inside
+    PyTorch already; it runs the convolutions) uses what the processor has. On a 2-core AMD EPYC with
+    AVX-512 a 2048^2 matmul runs at ~190 GFLOP/s against MKL's ~135; a linear layer's forward and
     backward at 1.1-1.26x from 2^26 multiply-adds up (8,320 x 192 -> 768: 1.26x), and the vit-small
     training step at 1.17-1.24x (results/README.md). Below 2^26 oneDNN's per-call cost eats the
-    gain (128 x 512 -> 128: 0.82x), so small layers keep F.linear. Results agree with F.linear to
-    float rounding (tests/test_model.py). CUDA, other dtypes and torch.compile take F.linear."""
+    gain (128 x 512 -> 128: 0.82x), so small layers keep F.linear; so does every layer on a CPU
+    without AVX-512 (`prefers_onednn`). Results agree with F.linear to float rounding
+    (tests/test_model.py). CUDA, other dtypes and torch.compile take F.linear."""
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and not torch.compiler.is_compiling()):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _OneDNNLinear.apply(x, weight, bias)
-        return _onednn_linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

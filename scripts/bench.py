@@ -45,7 +45,7 @@ import runtime  # noqa: E402
 import train  # noqa: E402
 import losses  # noqa: E402
 from losses import contrastive_loss, default_weights  # noqa: E402
-from model import FrozenTower, ThreeTowers, build_image_tower, linear  # noqa: E402
+from model import ONEDNN_OP, FrozenTower, ThreeTowers, build_image_tower, onednn_linear  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -62,17 +62,18 @@ FLOP_FORMULAS = {
        for name in _ATTENTION_BACKWARD if hasattr(torch.ops.aten, name)},
     # model.linear's oneDNN matmul, x (M, K) @ weight (N, K)^T, which the flop counter does not know either
     **({torch.ops.mkldnn._linear_pointwise: lambda x, w, *_, out_shape=None, **__: 2 * x.numel() * w[0]}
-       if hasattr(torch.ops.mkldnn, "_linear_pointwise") else {}),
+       if ONEDNN_OP else {}),
 }
 
 
 def kernel_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """FLOP/s of a square matmul (a short burst) by each kernel the step's matmuls use: torch.mm
-    (MKL on a CPU, cuBLAS on CUDA) and, on a CPU, model.linear (oneDNN: on an AMD processor ~1.4x
-    MKL's, as MKL's kernels there stop at AVX2)."""
+    """FLOP/s of a square matmul (a short burst) by each kernel the step's matmuls may use: torch.mm
+    (MKL on a CPU, cuBLAS on CUDA) and, on a CPU, oneDNN's (model.linear's kernel on AVX-512: on an AMD
+    processor ~1.4x MKL's, as MKL's kernels there stop at AVX2; on an AVX2-only one ~0.87x, unused)."""
     size, repeats = (8192, 10) if device.type == "cuda" else (2048, 2)
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    kernels = {"mm": torch.mm, **({"linear": linear} if device.type == "cpu" else {})}
+    onednn = {"onednn": lambda x, w: onednn_linear(x, w, None)} if device.type == "cpu" and ONEDNN_OP else {}
+    kernels = {"mm": torch.mm, **onednn}
     peaks = {}
     for name, kernel in kernels.items():
         kernel(a, b)

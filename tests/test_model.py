@@ -252,6 +252,7 @@ def test_linear_equals_nn_linear_forward_and_gradients(shape, bias, transposed, 
     input, weight and bias agree to float rounding, for 1-d, 2-d and 3-d, strided input, with and
     without a bias. Each is checked against a float64 F.linear, an independent reference."""
     monkeypatch.setattr(model_lib, "ONEDNN_MIN_MACS", 0)              # these shapes are far below it
+    monkeypatch.setattr(model_lib, "_ONEDNN", model_lib.ONEDNN_OP)    # whatever this CPU's vector width
     torch.manual_seed(0)
     x = torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2) if transposed else torch.randn(*shape)
     x.requires_grad_(True)
@@ -268,7 +269,7 @@ def test_linear_equals_nn_linear_forward_and_gradients(shape, bias, transposed, 
     for g, r in zip(got, [ref.detach()] + [t.grad for t in ref_leaves]):
         assert g.dtype == torch.float32 and g.shape == r.shape
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
-    if model_lib._ONEDNN:                                    # the oneDNN path ran, not F.linear
+    if model_lib.ONEDNN_OP:                                  # the oneDNN path ran, not F.linear
         assert out.grad_fn.name() == "_OneDNNLinearBackward"
 
 
@@ -276,6 +277,7 @@ def test_linear_takes_the_oneDNN_path_only_where_it_should(monkeypatch):
     """float64, no-grad and empty inputs: the same values as F.linear (float64 exactly: F.linear
     itself runs); only float32 with a gradient builds the custom backward, and only from
     ONEDNN_MIN_MACS multiply-adds up."""
+    monkeypatch.setattr(model_lib, "_ONEDNN", model_lib.ONEDNN_OP)
     torch.manual_seed(0)
     small = model_lib.linear(torch.randn(4, 6, requires_grad=True), torch.randn(3, 6))
     assert small.grad_fn.name() != "_OneDNNLinearBackward"                # 72 multiply-adds: F.linear
@@ -291,6 +293,19 @@ def test_linear_takes_the_oneDNN_path_only_where_it_should(monkeypatch):
     w_only, x_plain = torch.randn(3, 6, requires_grad=True), torch.randn(4, 6)    # no input gradient (a head on h)
     model_lib.linear(x_plain, w_only).sum().backward()
     torch.testing.assert_close(w_only.grad, x_plain.sum(0).expand(3, 6))
+
+@pytest.mark.parametrize("capability,onednn", [("AVX512", True), ("AVX2", False), ("DEFAULT", False), ("SVE256", False)])
+def test_linear_routes_through_onednn_only_on_a_cpu_with_avx512(capability, onednn, monkeypatch):
+    """oneDNN's matmul beats MKL's only where MKL leaves AVX-512 unused; on an AVX2-only CPU (MKL's
+    widest kernel there) even a large linear keeps F.linear. The switch is read from this CPU's
+    capability at import, and `linear` follows it."""
+    assert model_lib.prefers_onednn(capability) is onednn
+    here = torch.backends.cpu.get_cpu_capability()
+    assert model_lib._ONEDNN == (model_lib.ONEDNN_OP and model_lib.prefers_onednn(here))
+    monkeypatch.setattr(model_lib, "ONEDNN_MIN_MACS", 0)                  # every call is "large"
+    out = model_lib.linear(torch.randn(4, 6, requires_grad=True), torch.randn(3, 6))
+    assert (out.grad_fn.name() == "_OneDNNLinearBackward") == model_lib._ONEDNN
+
 
 def test_every_linear_of_the_towers_runs_through_model_linear_with_state_dicts_unchanged():
     """use_linear_ switches the class of every nn.Linear -- torchvision's ViT MLPs and attention
@@ -319,7 +334,7 @@ def test_a_training_step_through_onednn_equals_the_f_linear_step(mode, monkeypat
     with none (F.linear throughout): the same loss and every parameter's gradient, to float
     rounding -- the ViT's q/k/v and output projections, MLPs, text blocks and heads alike."""
     from losses import default_weights
-    if not model_lib._ONEDNN:
+    if not model_lib.ONEDNN_OP:
         pytest.skip("this PyTorch has no oneDNN linear")
 
     def loss_and_grads():
