@@ -294,12 +294,12 @@ def test_linear_takes_the_oneDNN_path_only_where_it_should(monkeypatch):
     model_lib.linear(x_plain, w_only).sum().backward()
     torch.testing.assert_close(w_only.grad, x_plain.sum(0).expand(3, 6))
 
-@pytest.mark.parametrize("capability,onednn", [("AVX512", True), ("AVX2", False), ("DEFAULT", False), ("SVE256", False)])
-def test_linear_routes_through_onednn_only_on_a_cpu_with_avx512(capability, onednn, monkeypatch):
+def test_linear_routes_through_onednn_only_on_a_cpu_with_avx512(monkeypatch):
     """oneDNN's matmul beats MKL's only where MKL leaves AVX-512 unused; on an AVX2-only CPU (MKL's
     widest kernel there) even a large linear keeps F.linear. The switch is read from this CPU's
     capability at import, and `linear` follows it."""
-    assert model_lib.prefers_onednn(capability) is onednn
+    for capability, onednn in (("AVX512", True), ("AVX2", False), ("DEFAULT", False), ("SVE256", False)):
+        assert model_lib.prefers_onednn(capability) is onednn, capability
     here = torch.backends.cpu.get_cpu_capability()
     assert model_lib._ONEDNN == (model_lib.ONEDNN_OP and model_lib.prefers_onednn(here))
     monkeypatch.setattr(model_lib, "ONEDNN_MIN_MACS", 0)                  # every call is "large"
