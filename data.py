@@ -51,37 +51,56 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize(images: Tensor) -> Tensor:
-    """uint8 [..., 3, H, W] -> float32, ImageNet-normalised (the same numbers as `image_transform`)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+@dataclass(frozen=True)
+class View:
+    """How an image becomes a tower's input: its short side resized to `resize` pixels (`interpolation`,
+    antialiased), a centre crop of `crop` x `crop`, then (on the device, in the tower) mean/std. The
+    third tower's view is the one its weights were trained with (model.load_tower3 reads it from a
+    torchvision weight's metadata); items carry uint8 pixels, so only the geometry happens here."""
+    crop: int
+    resize: int
+    interpolation: str = "bilinear"              # or "bicubic" (torchvision's SWAG and EfficientNet weights)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
 
 
 @functools.lru_cache(maxsize=None)
 def image_transform(image_size: int, train: bool) -> Callable[[Tensor], Tensor]:
-    """uint8 [..., 3, H, W] -> normalised float [..., 3, S, S].
+    """f's view: uint8 [..., 3, H, W] -> uint8 [..., 3, S, S] (the towers normalise on the device).
 
     Train: random resized crop with scale (0.9, 1) (open_clip's default): captions name positions and
     objects, and heavy crops would make them false. Eval: resize the short side, centre crop; this is
     deterministic, which is what lets the frozen third tower's embeddings be cached.
     """
     if train:
-        geometry = v2.RandomResizedCrop(image_size, scale=(0.9, 1.0), antialias=True)
-    else:
-        geometry = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
-    return v2.Compose([geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        return v2.RandomResizedCrop(image_size, scale=(0.9, 1.0), antialias=True)
+    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
 
 
-# What the third tower h sees -- in training, in its cache and in evaluation alike: the
-# whole image, short side resized to h's input size, centre crop, ImageNet mean/std (the statistics of every
-# tower load_tower3 builds: torchvision's classifiers and this project's own). Never f's augmented crop.
-TOWER3_VIEW = "short side resized to h's size, centre crop, ImageNet mean/std"   # in the h cache's fingerprint
+def resize(images: Tensor, view: View) -> Tensor:
+    """The short side of uint8 image(s) [..., 3, H, W] resized to view.resize (a no-op when it is that already)."""
+    if min(images.shape[-2:]) == view.resize:
+        return images
+    return v2.functional.resize(images, view.resize, INTERPOLATIONS[view.interpolation], antialias=True)
 
 
-def tower3_view(images: Tensor, size: int) -> Tensor:
-    """h's view of uint8 image(s) [..., 3, H, W]: normalised float [..., 3, size, size]."""
-    return image_transform(size, False)(images)
+def tower3_view(images: Tensor, view: View) -> Tensor:
+    """What the third tower h sees of uint8 image(s) [..., 3, H, W] -- in training, in its cache and in
+    evaluation alike: the whole image, short side resized to view.resize, centre crop view.crop; uint8
+    [..., 3, crop, crop]. Never f's augmented crop."""
+    return v2.functional.center_crop(resize(images, view), view.crop)
+
+
+def both_views(image: Tensor, transform: Callable[[Tensor], Tensor], view: View | None,
+               key: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor | None]:
+    """f's view (`transform`, seeded by `key` = (seed, epoch, sample) in training) and h's view (None
+    without a view) of one decoded uint8 image. Both are taken from the full image, so f's pixels do not
+    depend on whether h runs every step, reads its cache, or is absent (clip)."""
+    f = transform(image) if key is None else seeded(transform, image, *key)
+    return f, (None if view is None else tower3_view(image, view))
 
 
 def seeded(transform: Callable[[Tensor], Tensor], image: Tensor, *key: int) -> Tensor:
@@ -91,6 +110,26 @@ def seeded(transform: Callable[[Tensor], Tensor], image: Tensor, *key: int) -> T
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
         return transform(image)
+
+
+def shared_state() -> Tensor:
+    """A dataset's epoch, in shared memory (SharedEpoch)."""
+    return torch.zeros(1, dtype=torch.long).share_memory_()
+
+
+class SharedEpoch:
+    """set_epoch for datasets read by persistent loader workers: each worker keeps the copy of the dataset
+    made when it started, so the epoch that seeds crops and shard order lives in shared memory
+    (`shared`, from shared_state), written by the main process and read by every copy."""
+
+    shared: Tensor
+
+    def set_epoch(self, epoch: int) -> None:
+        self.shared[0] = epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(self.shared[0])
 
 
 # Size limits checked before any decoding (--max-image-pixels, --max-file-bytes): a 100 KB PNG can decode to
@@ -180,7 +219,7 @@ class RetrievalSet:
 # File readers (the shapes world is shapes.py)
 # ==================================================================================================
 # ----------------------------------------------------------------------------- CSV / TSV pairs
-class CsvPairs(Dataset):
+class CsvPairs(SharedEpoch, Dataset):
     """Image paths (relative to the file's folder) + captions from a .csv/.tsv file, open_clip keys.
 
     At construction: missing columns raise (listing the columns the file has); rows with an empty
@@ -196,7 +235,7 @@ class CsvPairs(Dataset):
 
     def __init__(self, path: str, *, img_key: str = "filepath", caption_key: str = "title",
                  separator: str | None = None, image_size: int = 224, train: bool = True,
-                 tower3_image_size: int | None = None, num_samples: int | None = None, caption_noise: float = 0.0,
+                 tower3_view: View | None = None, num_samples: int | None = None, caption_noise: float = 0.0,
                  seed: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS, max_file_bytes: int = MAX_FILE_BYTES):
         if not os.path.isfile(path):
             raise MissingData(f"caption file not found: {path}")
@@ -233,15 +272,12 @@ class CsvPairs(Dataset):
         self.summary = (f"{len(rows):,} of {len(usable) + self.skipped['empty_caption']:,} rows used ({len(stats):,} "
                         f"image files; {self.skipped['empty_caption']:,} rows without a caption dropped{cut})")
         self.rows, self.path, self.seed, self.caption_noise, self.logged = rows, path, seed, caption_noise, 0
-        self.train, self.epoch, self.tower3_image_size = train, 0, tower3_image_size
+        self.train, self.tower3_view, self.shared = train, tower3_view, shared_state()
         self.max_image_pixels, self.max_file_bytes = max_image_pixels, max_file_bytes
         self.transform = image_transform(image_size, train)
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def sample_captions(self, n: int) -> list[str]:
         """Captions to learn the tokenizer's merges from: n rows drawn without replacement (seeded)."""
@@ -267,11 +303,10 @@ class CsvPairs(Dataset):
         else:
             raise UnusableData(f"{self.path}: 16 consecutive unusable images from row {index}")
         caption = self.rows[noisy_source(self.seed, row, len(self.rows), self.caption_noise)][1]
-        view = seeded(self.transform, image, self.seed, self.epoch, index) if self.train else self.transform(image)
-        item = {"image": view, "caption": caption, "index": index, "data_errors": dict(errors)}
-        if self.tower3_image_size:
-            item["image_h"] = tower3_view(image, self.tower3_image_size)
-        return item
+        key = (self.seed, self.epoch, index) if self.train else None
+        f, h = both_views(image, self.transform, self.tower3_view, key)
+        item = {"image": f, "caption": caption, "index": index, "data_errors": dict(errors)}
+        return item if h is None else {**item, "image_h": h}
 
 
 def _file_stat(path: str) -> tuple[int, int] | None:
@@ -394,7 +429,7 @@ class _SkipLog:
         return out
 
 
-class TarShards(IterableDataset):
+class TarShards(SharedEpoch, IterableDataset):
     """Streams img2dataset/WebDataset tar shards (KEY.jpg|jpeg|png|webp + KEY.txt [+ KEY.json]).
 
     Splitting: each epoch the shard list is permuted with (seed, epoch) identically on every rank, then
@@ -407,7 +442,7 @@ class TarShards(IterableDataset):
 
     def __init__(self, pattern: str, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 1000, image_size: int = 224, train: bool = True,
-                 tower3_image_size: int | None = None, max_bad_fraction: float = 0.1,
+                 tower3_view: View | None = None, max_bad_fraction: float = 0.1,
                  max_image_pixels: int = MAX_IMAGE_PIXELS, max_file_bytes: int = MAX_FILE_BYTES):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -422,13 +457,10 @@ class TarShards(IterableDataset):
             raise DataError(f"{len(self.shards)} shards for {world_size} ranks: every rank needs a shard")
         self.pattern, self.rank, self.world_size, self.seed = pattern, rank, world_size, seed
         self.shuffle_buffer, self.train, self.max_bad_fraction = shuffle_buffer, train, max_bad_fraction
-        self.tower3_image_size, self.max_image_pixels = tower3_image_size, max_image_pixels
+        self.tower3_view, self.max_image_pixels = tower3_view, max_image_pixels
         self.max_file_bytes = max_file_bytes
         self.transform = image_transform(image_size, train)
-        self.epoch, self.skip_batches, self.batch_size = 0, 0, 1
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.shared, self.skip_batches, self.batch_size = shared_state(), 0, 1
 
     def sample_captions(self, n: int) -> list[str]:
         """Captions to learn the tokenizer's merges from: the first n complete samples, shards in order."""
@@ -456,11 +488,12 @@ class TarShards(IterableDataset):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
         # Resuming at batch b: DataLoader takes batch k from worker k % workers, always starting at worker
         # 0, so worker w plays the part of worker (w + b) % workers and skips that worker's share of b.
-        role = (worker + self.skip_batches) % workers
-        skip = -(-(self.skip_batches - role) // workers) * self.batch_size
+        # The skip is this copy's first iteration's only (each persistent worker holds its own copy).
+        resumed, self.skip_batches = self.skip_batches, 0
+        role = (worker + resumed) % workers
+        skip = -(-(resumed - role) // workers) * self.batch_size
         reader = self.rank * workers + role
         shards = [self.shards[k] for k in order[reader::readers]]
-        # Everything is read here, not lazily in the generator, so the loader can reset skip_batches.
         return self._stream(shards, role, skip, self.epoch)
 
     def _stream(self, shards: list[str], worker: int, skip: int, epoch: int) -> Iterator[dict[str, Any]]:
@@ -495,10 +528,8 @@ class TarShards(IterableDataset):
                 held["data_errors"] = log.take()
                 yield held
             sample = zlib.crc32(f"{os.path.basename(shard)}/{key}".encode())     # the crop's seed: not the reader's
-            held = {"image": seeded(self.transform, image, self.seed, epoch, sample) if self.train
-                    else self.transform(image), "caption": caption}
-            if self.tower3_image_size:
-                held["image_h"] = tower3_view(image, self.tower3_image_size)
+            f, h = both_views(image, self.transform, self.tower3_view, (self.seed, epoch, sample) if self.train else None)
+            held = {"image": f, "caption": caption} if h is None else {"image": f, "caption": caption, "image_h": h}
         if held is not None:
             held["data_errors"] = log.take()
             yield held
@@ -553,8 +584,8 @@ class TarShards(IterableDataset):
 
 
 # ----------------------------------------------------------------------------- image folders
-class LabelledImages(Dataset):
-    """Items {'image', 'label'} (+ 'image_h', h's view, when tower3_image_size is set) from image files or an HWC
+class LabelledImages(SharedEpoch, Dataset):
+    """Items {'image', 'label'} (+ 'image_h', h's view, when tower3_view is set) from image files or an HWC
     uint8 array (CIFAR); .classnames, .num_classes. train=True seeds the random transform per (seed, epoch,
     index). A file that cannot be used raises DataError naming it: labelled sets are test data or a
     classifier's training data, never silently substituted."""
@@ -566,13 +597,10 @@ class LabelledImages(Dataset):
                  seed: int = 0):
         self.transform, self.classnames, self.targets = transform, list(classnames), list(targets)
         self.paths, self.array, self.num_classes = paths, array, len(self.classnames)
-        self.train, self.seed, self.epoch, self.tower3_image_size = train, seed, 0, None
+        self.train, self.seed, self.shared, self.tower3_view = train, seed, shared_state(), None
 
     def __len__(self) -> int:
         return len(self.targets)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.array is not None:
@@ -582,11 +610,9 @@ class LabelledImages(Dataset):
                 image = decode_rgb(_read_bytes(self.paths[index], self.max_file_bytes), self.max_image_pixels)
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"cannot use image {self.paths[index]}: {e}") from None
-        item = {"image": seeded(self.transform, image, self.seed, self.epoch, index) if self.train
-                else self.transform(image), "label": self.targets[index]}
-        if self.tower3_image_size:
-            item["image_h"] = tower3_view(image, self.tower3_image_size)
-        return item
+        f, h = both_views(image, self.transform, self.tower3_view,
+                          (self.seed, self.epoch, index) if self.train else None)
+        return {"image": f, "label": self.targets[index]} | ({} if h is None else {"image_h": h})
 
 
 def image_folder(root: str, transform: Callable[[Tensor], Tensor], **kwargs: Any) -> LabelledImages:
@@ -610,24 +636,28 @@ def streamed(train_data: str, mode: str) -> bool:
     return mode != "supervised" and train_data != "shapes" and not train_data.lower().endswith((".csv", ".tsv"))
 
 
-def with_tower3_view(dataset: Dataset, size: int) -> Dataset:
-    """A shallow copy of `dataset` whose items also carry 'image_h', the third tower's own view at `size`
-    (tower3_view): evaluation gives h the pixels it saw in training, never f's view resized."""
+def with_tower3_view(dataset: Dataset, view: View) -> Dataset:
+    """A shallow copy of `dataset` whose items also carry 'image_h', the third tower's own view
+    (tower3_view): the cache and evaluation give h the pixels it sees in training, never f's view resized."""
     if isinstance(dataset, Subset):
-        return Subset(with_tower3_view(dataset.dataset, size), dataset.indices)
-    if not hasattr(dataset, "tower3_image_size"):
-        raise TypeError(f"{type(dataset).__name__} has no third-tower view (no tower3_image_size)")
+        return Subset(with_tower3_view(dataset.dataset, view), dataset.indices)
+    if not hasattr(dataset, "tower3_view"):
+        raise TypeError(f"{type(dataset).__name__} has no third-tower view (no tower3_view)")
     out = copy.copy(dataset)
-    out.tower3_image_size = size
+    out.tower3_view = view
     return out
 
 
 # ==================================================================================================
 # Loaders
 # ==================================================================================================
-def collate(samples: list[dict[str, Any]], tokenizer: Tokenizer | None = None) -> dict[str, Any]:
-    """Stack tensors, ints -> LongTensor, nested dicts recursively, sum 'data_errors' over the batch;
-    with a tokenizer, the captions become 'text': token ids (B, context_length), in the loader's workers."""
+def collate(samples: list[dict[str, Any]], tokenizer: Tokenizer | None = None,
+            rows: Any = None) -> dict[str, Any]:
+    """Stack tensors, ints -> LongTensor, nested dicts recursively, sum 'data_errors' over the batch.
+    In the loader's workers, so that every tensor of a training batch leaves them final and contiguous
+    (the pinned copy to the device is then asynchronous): with a tokenizer, the captions become 'text',
+    token ids (B, L) cut after the batch's longest caption (Tokenizer.trim); with `rows` (the third
+    tower's cache, runtime.RowTable), 'h' = rows[index], h's cached embeddings (B, D_h)."""
     out: dict[str, Any] = {}
     for key in samples[0]:
         if key == "data_errors":
@@ -649,7 +679,9 @@ def collate(samples: list[dict[str, Any]], tokenizer: Tokenizer | None = None) -
             total.update(s.get("data_errors", {}))
         out["data_errors"] = dict(total)
     if tokenizer is not None and "caption" in out:
-        out["text"] = tokenizer.encode(out["caption"])
+        out["text"] = Tokenizer.trim(tokenizer.encode(out["caption"])).contiguous()
+    if rows is not None:
+        out["h"] = rows[out["index"]]
     return out
 
 
@@ -692,42 +724,28 @@ class EpochSampler(Sampler[int]):
         return max(0, per_rank - self.skip)
 
 
-class _TarLoader(DataLoader):
-    """DataLoader over TarShards whose first iteration starts at batch `start_batch` (a resumed run)."""
-
-    start_batch = 0
-
-    def __iter__(self):
-        # Workers copy the dataset when the iterator starts, so the skip reaches this iteration only.
-        self.dataset.skip_batches, self.dataset.batch_size = self.start_batch, self.batch_size
-        self.start_batch = 0
-        try:
-            return super().__iter__()
-        finally:
-            self.dataset.skip_batches = 0
-
-
 def make_loader(dataset: Dataset, batch_size: int, *, tokenizer: Tokenizer | None = None, workers: int = 0,
                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-                start_batch: int = 0, pin_memory: bool = False) -> DataLoader:
+                start_batch: int = 0, pin_memory: bool = False, rows: Any = None) -> DataLoader:
     """DataLoader over one rank's share of the data; `start_batch` resumes mid-epoch (first iteration).
-    With a tokenizer, batches carry the captions' token ids as 'text'.
+    With a tokenizer, batches carry the captions' token ids as 'text'; with `rows`, h's cached rows as
+    'h' (collate). Workers persist across epochs (SharedEpoch carries the epoch to them); batches are
+    pinned for the device when `pin_memory`.
 
     Map-style datasets get an EpochSampler; TarShards splits itself by rank and worker. Resuming a tar
     stream is exact while every worker still has data (not in the ragged end of an epoch).
     """
-    kwargs = dict(batch_size=batch_size, num_workers=workers, collate_fn=functools.partial(collate, tokenizer=tokenizer),
-                  drop_last=drop_last,
-                  pin_memory=pin_memory, persistent_workers=False,
+    kwargs = dict(batch_size=batch_size, num_workers=workers, drop_last=drop_last, pin_memory=pin_memory,
+                  collate_fn=functools.partial(collate, tokenizer=tokenizer, rows=rows),
+                  persistent_workers=workers > 0,
                   generator=torch.Generator().manual_seed(seed + rank))  # seeds worker RNGs (random crops)
     if isinstance(dataset, TarShards):
         if (dataset.rank, dataset.world_size) != (rank, world_size):
             raise ValueError(f"loader rank/world_size {rank}/{world_size} differ from the dataset's "
                              f"{dataset.rank}/{dataset.world_size}")
         dataset.check_readers(max(1, workers))  # fail here, not inside a worker process
-        loader = _TarLoader(dataset, **kwargs)
-        loader.start_batch = start_batch
-        return loader
+        dataset.skip_batches, dataset.batch_size = start_batch, batch_size   # read by its first iteration
+        return DataLoader(dataset, **kwargs)
     if isinstance(dataset, IterableDataset):
         if start_batch:
             raise ValueError(f"start_batch is not supported for {type(dataset).__name__}")

@@ -49,7 +49,7 @@ from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, CsvPairs, DataError, LabelledImages, RetrievalSet, collate, image_folder,
+from data import (CsvPairs, DataError, LabelledImages, RetrievalSet, collate, image_folder,
                   image_transform, with_tower3_view)
 from losses import PAIRS
 from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, load_trained
@@ -417,7 +417,7 @@ class Embedder:
         third tower is used; and the labels, if the items have them. h reads its own view of each
         image (data.tower3_view), the pixels it saw in training, never f's view resized."""
         if id(dataset) not in self.cache:
-            source = dataset if self.tower3 is None else with_tower3_view(dataset, self.tower3.image_size)
+            source = dataset if self.tower3 is None else with_tower3_view(dataset, self.tower3.view)
             embedded = self._sharded(len(source), lambda rows: self._embed_images(
                 source if len(rows) == len(source) else Subset(source, rows)))
             # The entry holds the dataset: a freed one's id could be reused by another set, a wrong hit.
@@ -637,10 +637,9 @@ GRID_MIN_TILE, GRID_TEXT_BAND, GRID_CHAR_PX = 96, 28, 6
 
 
 def grid_row(query: str, images: Tensor) -> Image.Image:
-    """One query (wrapped to two lines) above its images (k, 3, S, S, ImageNet-normalised),
+    """One query (wrapped to two lines) above its images (k, 3, S, S, uint8 as the loader gives them),
     upscaled (nearest) to tiles of at least GRID_MIN_TILE pixels so the text fits."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    images = (images.float().cpu() * std + mean).clamp(0, 1)
+    images = images.cpu().float() / 255.0
     scale = -(-GRID_MIN_TILE // images.shape[-1])
     images = F.interpolate(images, scale_factor=scale, mode="nearest")
     strip = to_pil_image(make_grid(images, nrow=len(images), padding=2, pad_value=1.0))

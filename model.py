@@ -21,6 +21,7 @@ Modes (README, "The method in one paragraph"):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -28,6 +29,7 @@ import pickle
 import socket
 import urllib.error
 from collections import OrderedDict
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
 
+from data import IMAGENET_MEAN, IMAGENET_STD, View
 from losses import PAIRS
 
 # ----------------------------------------------------------------------------------------------
@@ -320,72 +323,186 @@ class TextTower(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Third tower h: a frozen pretrained classifier without its classification layer
 # ----------------------------------------------------------------------------------------------
+def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
+    """uint8 images [..., 3, H, W] -> float32 (x / 255 - mean) / std, on their device: the loader ships
+    uint8 (4x fewer bytes through shared memory and to the GPU) and each tower normalises its own input.
+    Float input is taken as normalised already."""
+    if images.is_floating_point():
+        return images
+    mean_ = torch.tensor(mean, device=images.device).view(3, 1, 1)
+    std_ = torch.tensor(std, device=images.device).view(3, 1, 1)
+    return (images.float() / 255.0 - mean_) / std_
+
+
 class FrozenTower(nn.Module):
     """h. Parameters never require grad; eval mode always (a parent's .train() cannot switch it,
-    so BatchNorm statistics and dropout never change); forward runs under no_grad."""
+    so BatchNorm statistics and dropout never change); forward runs under no_grad. `view` is the
+    preprocessing its weights were trained with (data.View): the loader crops uint8 images to it and
+    forward applies its mean/std. D_h is the width of one dry forward pass's output."""
 
-    def __init__(self, backbone: nn.Module, dim: int, image_size: int, source: str):
+    def __init__(self, backbone: nn.Module, view: View, source: str, head: str | None = None):
         super().__init__()
-        self.backbone, self.dim, self.image_size, self.source = backbone, dim, image_size, source
+        self.backbone, self.view, self.source, self.head = backbone, view, source, head
         self.backbone.requires_grad_(False)
         self.train(False)
+        out = self(torch.zeros(1, 3, view.crop, view.crop, dtype=torch.uint8))
+        if out.dim() != 2:
+            raise ValueError(f"--tower3 {source!r}: the tower's output is {tuple(out.shape)} for one image, "
+                             f"expected (1, D_h): an embedding per image")
+        self.dim = out.shape[1]
 
     def train(self, mode: bool = True) -> "FrozenTower":
         super().train(False)
         return self
 
     @torch.no_grad()
-    def forward(self, image: Tensor) -> Tensor:                       # (B,3,S,S) -> (B, D_h)
-        return self.backbone(image)
+    def forward(self, image: Tensor) -> Tensor:               # (B,3,S,S), uint8 -> (B, D_h)
+        return self.backbone(normalize(image, self.view.mean, self.view.std))
+
+    def digest(self) -> str:
+        """What h computes, in 16 hex digits: its weights and its view (in checkpoints and the h cache's key)."""
+        return checksum([self.state_dict(), dataclasses.asdict(self.view)])[:16]
 
 
-def strip_classifier(net: nn.Module) -> int:
-    """Replace the last nn.Linear of a torchvision classifier (ResNet .fc, ViT .heads.head,
-    ConvNeXt/EfficientNet .classifier[-1], ...) by Identity; return its input width, D_h."""
-    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(net).__name__} has no nn.Linear classifier to remove")
-    name, last = linears[-1]
-    parent_name, _, child = name.rpartition(".")
-    setattr(net.get_submodule(parent_name) if parent_name else net, child, nn.Identity())
-    return last.in_features
+# Known classification heads, by attribute: torchvision's ResNets/RegNets/Inception (fc), ViTs
+# (heads), Swin/MaxViT-style (head), AlexNet/VGG/ConvNeXt/EfficientNet/MobileNet (classifier, last
+# layer), and this project's classifiers (ConvTower's last layer, ViT heads).
+HEADS = ("fc", "heads", "head", "classifier")
 
 
-def load_tower3(spec: str) -> FrozenTower:
-    """Build the frozen tower h from `spec`:
+def strip_classifier(net: nn.Module) -> str | None:
+    """Remove a known classification head of `net` in place (an nn.Linear replaced by Identity) and
+    return its name, or None when there is none: then the model is taken whole, since cutting the last
+    nn.Linear of a headless trunk would cut into its last block."""
+    for name in HEADS:
+        module = getattr(net, name, None)
+        if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Linear):
+            module[-1] = nn.Identity()
+            return f"{name}.{len(module) - 1}"
+        if isinstance(module, nn.Linear):
+            setattr(net, name, nn.Identity())
+            return name
+    if isinstance(net, ConvTower) and isinstance(net[-1], nn.Linear):
+        net[-1] = nn.Identity()
+        return str(len(net) - 1)
+    return None
+
+
+# The view of a tower whose weights say nothing of their preprocessing (a state_dict file, a torch.hub
+# model): torchvision's ImageNet evaluation recipe, short side 256, centre crop 224. --tower3-view changes it.
+DEFAULT_VIEW = View(crop=224, resize=256)
+
+
+def load_tower3(spec: str, view: dict | None = None) -> FrozenTower:
+    """Build the frozen tower h from `spec`, its known classification head removed (strip_classifier):
 
     torchvision:ARCH:WEIGHTS   torchvision weights by name, e.g. torchvision:resnet50:IMAGENET1K_V2
-                               (downloaded into torch.hub.get_dir() on first use)
-    torchvision:ARCH:FILE      a torchvision state_dict saved to FILE for architecture ARCH
-    FILE                       a checkpoint written by `train.py --mode supervised`
-    """
+                               (downloaded into torch.hub.get_dir() on first use); view from the weights
+    torchvision:ARCH:FILE      a state_dict for torchvision's ARCH in FILE: a plain one, or a release
+                               checkpoint (nested under 'state_dict'/'model', 'module.' prefixes, any
+                               class count: the head is dropped); DEFAULT_VIEW
+    hub:OWNER/REPO:ENTRY       torch.hub.load of a GitHub repository's entry point (downloaded on first
+    hub:/path/to/repo:ENTRY    use), or of a local clone; a headless model is taken whole; DEFAULT_VIEW
+    FILE                       a checkpoint written by `train.py --mode supervised`; its own input size
+
+    `view` overrides fields of the tower's view (data.View: crop, resize, interpolation, mean, std)."""
     kind, _, rest = spec.partition(":")
     if kind == "torchvision":
-        arch, _, weights = rest.partition(":")
-        if arch not in torchvision.models.list_models(torchvision.models):
-            raise ValueError(f"--tower3 {spec!r}: unknown torchvision architecture {arch!r}")
-        if os.sep in weights or weights.endswith((".pt", ".pth")):
-            net = torchvision.models.get_model(arch, weights=None)
-            try:
-                net.load_state_dict(_load_file(weights, spec))
-            except (RuntimeError, TypeError) as e:           # another architecture's weights, or not a dict
-                raise ValueError(f"--tower3 {spec!r}: {weights} is not a state_dict of torchvision's {arch} "
-                                 f"({str(e).splitlines()[0]} ...)") from None
-            image_size = 224
-        else:
-            try:
-                enum = torchvision.models.get_model_weights(arch)[weights]
-            except KeyError:
-                raise ValueError(f"--tower3 {spec!r}: {arch} has no weights {weights!r}") from None
-            try:
-                net = torchvision.models.get_model(arch, weights=enum)
-            except (urllib.error.URLError, OSError, RuntimeError) as e:
-                raise RuntimeError(
-                    f"--tower3 {spec!r}: could not download the weights ({e}). Offline? Copy "
-                    f"{enum.url.rsplit('/', 1)[-1]} into {torch.hub.get_dir()}/checkpoints/, or "
-                    f"pass --tower3 torchvision:{arch}:/path/to/state_dict.pth") from e
-            image_size = enum.transforms().crop_size[0]
-        return FrozenTower(net, strip_classifier(net), image_size, spec)
+        net, base, head = _torchvision_tower(spec, rest)
+    else:
+        net, base = (_hub_tower(spec, rest), DEFAULT_VIEW) if kind == "hub" else _project_tower(spec)
+        head = strip_classifier(net)
+    view = dataclasses.replace(base, **(view or {}))
+    if view.resize < view.crop:
+        raise ValueError(f"--tower3 {spec!r}: h's view resizes the short side to {view.resize}, less than its "
+                         f"centre crop {view.crop} (--tower3-resize, --tower3-size)")
+    return FrozenTower(net, view, spec, head)
+
+
+def _torchvision_tower(spec: str, rest: str) -> tuple[nn.Module, View, str | None]:
+    arch, _, weights = rest.partition(":")
+    if arch not in torchvision.models.list_models(torchvision.models):
+        raise ValueError(f"--tower3 {spec!r}: unknown torchvision architecture {arch!r}")
+    enums = torchvision.models.get_model_weights(arch)
+    if weights not in enums.__members__:
+        if not (os.sep in weights or os.path.exists(weights) or weights.endswith((".pt", ".pth", ".tar", ".bin"))):
+            raise ValueError(f"--tower3 {spec!r}: {arch} has no weights {weights!r} (it has "
+                             f"{', '.join(enums.__members__)}), and it is no file name")
+        net = torchvision.models.get_model(arch, weights=None)
+        return net, DEFAULT_VIEW, _load_trunk(net, _state_dict_file(weights, spec), spec, arch)
+    enum = enums[weights]
+    try:
+        net = torchvision.models.get_model(arch, weights=enum)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise RuntimeError(
+            f"--tower3 {spec!r}: could not download the weights ({e}). Offline? Copy "
+            f"{enum.url.rsplit('/', 1)[-1]} into {torch.hub.get_dir()}/checkpoints/, or "
+            f"pass --tower3 torchvision:{arch}:/path/to/state_dict.pth") from e
+    return net, weights_view(enum), strip_classifier(net)
+
+
+def weights_view(enum: torchvision.models.WeightsEnum) -> View:
+    """The preprocessing torchvision weights were trained with, from their metadata (no download):
+    resize, crop, interpolation, mean, std of enum.transforms()."""
+    t = enum.transforms()
+    crop, size = t.crop_size[0], t.resize_size[0]
+    return View(crop=crop, resize=size, interpolation=t.interpolation.value,
+                mean=tuple(t.mean), std=tuple(t.std))
+
+
+def _state_dict_file(path: str, spec: str) -> dict[str, Tensor]:
+    """A state_dict from FILE in any of the layouts releases use: plain, nested under 'state_dict' or
+    'model' (with training metadata beside it), keys prefixed 'module.' (saved from DataParallel/DDP)."""
+    sd = _load_file(path, spec)
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"--tower3 {spec!r}: {path} holds no state_dict (a dict of tensors, possibly under "
+                         f"'state_dict' or 'model')")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _load_trunk(net: nn.Module, sd: dict[str, Tensor], spec: str, arch: str) -> str | None:
+    """Load `sd` into `net` without its classification head, whatever the head's class count (a
+    Places365 ResNet-50 has 365, read from the file for the log): the head goes anyway. Returns what
+    strip_classifier removed."""
+    head = strip_classifier(net)
+    if head is not None:
+        weight = sd.get(head + ".weight")
+        sd = {k: v for k, v in sd.items() if not k.startswith(head + ".")}
+        head += f" ({weight.shape[0]} classes in the file)" if weight is not None else " (not in the file)"
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"--tower3 {spec!r}: not a state_dict of torchvision's {arch} "
+                         f"({' '.join(str(e).split())[:300]})") from None
+    return head
+
+
+def _hub_tower(spec: str, rest: str) -> nn.Module:
+    repo, _, entry = rest.rpartition(":")
+    if not repo or not entry:
+        raise ValueError(f"--tower3 {spec!r}: expected hub:OWNER/REPO:ENTRYPOINT or hub:/path/to/repo:ENTRYPOINT")
+    local = repo.startswith(("/", ".", "~")) or os.path.isdir(repo)
+    if local and not os.path.isfile(os.path.join(os.path.expanduser(repo), "hubconf.py")):
+        raise FileNotFoundError(f"--tower3 {spec!r}: {repo} is no folder with a hubconf.py (a torch.hub repository)")
+    try:
+        if local:
+            return torch.hub.load(os.path.expanduser(repo), entry, source="local")
+        return torch.hub.load(repo, entry, source="github", trust_repo=True)
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(
+            f"--tower3 {spec!r}: torch.hub could not fetch {repo} or its weights ({e}). Offline? torch.hub keeps "
+            f"repositories and weights under {torch.hub.get_dir()}: load it once where the network is reachable, "
+            f"or clone the repository and pass --tower3 hub:/path/to/repo:{entry}") from e
+    except (RuntimeError, AttributeError) as e:
+        raise ValueError(f"--tower3 {spec!r}: {' '.join(str(e).split())[:300]}") from None
+
+
+def _project_tower(spec: str) -> tuple[nn.Module, View]:
+    """A classifier written by `train.py --mode supervised`, seen as it was trained: at its own size."""
     ckpt = _load_file(spec, spec)
     if not isinstance(ckpt, dict) or "classifier" not in ckpt:
         raise ValueError(f"--tower3 {spec!r}: not a `train.py --mode supervised` checkpoint "
@@ -398,7 +515,7 @@ def load_tower3(spec: str) -> FrozenTower:
     except RuntimeError as e:
         raise ValueError(f"--tower3 {spec!r}: its weights do not fit {c['arch']} as model.VIT_PRESETS defines "
                          f"it; pretrain the tower again") from e
-    return FrozenTower(net, strip_classifier(net), c["image_size"], spec)
+    return net, View(crop=c["image_size"], resize=c["image_size"])
 
 
 def _load_file(path: str, spec: str) -> dict:
@@ -464,7 +581,7 @@ class ThreeTowers(nn.Module):
         At test time f (or h for lit) is the image embedding, as in CLIP."""
         out = {}
         if self.image is not None:
-            f = self.image(image)
+            f = self.image(normalize(image))           # uint8 from the loader: normalised here
             out["f"] = _norm(f)
         if self.mode == "lit":
             out["h"] = _norm(h)
@@ -629,11 +746,11 @@ def load_trained(path: str, tower3_spec: str | None = None) -> tuple[ThreeTowers
     if model.mode != "clip" and not spec:
         raise ValueError(f"{path}: a {model.mode} checkpoint without a third-tower spec; "
                          f"pass --tower3")
-    tower3 = load_tower3(spec) if model.mode != "clip" else None
+    tower3 = load_tower3(spec, ckpt.get("tower3_view")) if model.mode != "clip" else None   # training's view
     if tower3 is not None and tower3.dim != ckpt["model_config"]["tower3_dim"]:
         raise ValueError(f"--tower3 {spec!r}: D_h = {tower3.dim}, but {path} was trained with a third tower of "
                          f"width {ckpt['model_config']['tower3_dim']} ({ckpt.get('tower3')!r})")
-    if tower3 is not None and ckpt.get("tower3_digest") not in (None, checksum(tower3.state_dict())[:16]):
+    if tower3 is not None and ckpt.get("tower3_digest") not in (None, tower3.digest()):
         raise ValueError(f"--tower3 {spec!r}: other weights than the third tower {path} was trained with "
                          f"({ckpt.get('tower3')!r})")
     return model, tower3, ckpt

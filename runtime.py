@@ -478,7 +478,8 @@ RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "eval_every", "log_every",
 # Flags judged by the model they build instead (check_resumable: the model's configuration and the frozen tower's
 # weights, so a third tower moved to another path still resumes); the learned temperature replaces the initial one.
 RESUME_BY_MODEL = ("mode", "image_arch", "image_size", "text_arch", "embed_dim", "no_tower3_heads", "loss",
-                   "init_temperature", "tower3", "tower3_label", "tower3_steps", "tower3_batch_size")
+                   "init_temperature", "tower3", "tower3_label", "tower3_steps", "tower3_batch_size", "tower3_size",
+                   "tower3_resize", "tower3_interpolation", "tower3_mean", "tower3_std")
 
 
 def changed_settings(ckpt: dict, args: argparse.Namespace, path: str) -> list[str]:
@@ -770,10 +771,10 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
 
 def cache_key(args: argparse.Namespace, tower3: FrozenTower, dataset) -> dict[str, Any]:
     """The cache's RowTable header: rows, D_h and a fingerprint (model.checksum, the checkpoints' own) of
-    everything h's rows depend on -- the tower's weights, h's view, and the data (for files: every
+    everything h's rows depend on -- the tower's weights and view (FrozenTower.digest), and the data (for files: every
     image's size and modification time, the dataset's `stamp`)."""
-    fingerprint = checksum([tower3.state_dict(), args.train_data, len(dataset), args.seed, args.image_size,
-                            tower3.image_size, data.TOWER3_VIEW, getattr(dataset, "stamp", None)])[:16]
+    fingerprint = checksum([tower3.digest(), args.train_data, len(dataset), args.seed, args.image_size,
+                            getattr(dataset, "stamp", None)])[:16]
     return dict(rows=len(dataset), dim=tower3.dim, fingerprint=fingerprint)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from data import RetrievalSet, check_index, noisy_source, normalize, tower3_view
+from data import RetrievalSet, View, check_index, noisy_source, tower3_view
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary, labels and captions
@@ -302,11 +302,11 @@ class ShapesWorld:
 # ----------------------------------------------------------------------------------------------
 
 
-def _with_tower3_view(items: list[dict[str, Any]], raw: Tensor, images: Tensor, size: int | None) -> list[dict]:
+def _with_tower3_view(items: list[dict[str, Any]], raw: Tensor, view: View | None) -> list[dict]:
     """Add 'image_h', the third tower's view (tower3_view) of the rendered uint8 images `raw`; at f's own size
-    that is f's image itself (`images`, the same normalisation of the same pixels)."""
-    if size is not None:
-        for item, image in zip(items, images if size == raw.shape[-1] else tower3_view(raw, size)):
+    that is f's image itself."""
+    if view is not None:
+        for item, image in zip(items, tower3_view(raw, view)):
             item["image_h"] = image
     return items
 
@@ -318,12 +318,12 @@ class ShapesPairs(Dataset):
     """
 
     def __init__(self, split: str = "train", num_samples: int = 100_000, *, seed: int = 0, image_size: int = 64,
-                 tower3_image_size: int | None = None, caption_noise: float = 0.0):
+                 tower3_view: View | None = None, caption_noise: float = 0.0):
         if not 1 <= num_samples <= ShapesWorld.SPLIT_SIZE:
             raise ValueError(f"num_samples must be in [1, {ShapesWorld.SPLIT_SIZE}], got {num_samples}")
         self.world = ShapesWorld(seed, image_size)
         self.split, self.num_samples, self.seed = split, num_samples, seed
-        self.tower3_image_size, self.caption_noise = tower3_image_size, caption_noise
+        self.tower3_view, self.caption_noise = tower3_view, caption_noise
 
     def __len__(self) -> int:
         return self.num_samples
@@ -343,35 +343,34 @@ class ShapesPairs(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         indices = [check_index(i, self.num_samples) for i in indices]
         draws = [self.world._draw(i, self.split) for i in indices]  # drawn once, for image and caption
-        raw = torch.from_numpy(self.world._paint(draws))
-        images = normalize(raw)
+        raw = torch.from_numpy(self.world._paint(draws))          # uint8: the towers normalise on the device
         captions = []
         for d, i in zip(draws, indices):  # the same as self.caption(i), reusing the draw
             source = noisy_source(self.seed, i, self.num_samples, self.caption_noise)
             d = d if source == i else self.world._draw(source, self.split)
             captions.append(self.world._captions(d, source, self.split, 1)[0])
-        items = [{"image": images[n], "caption": captions[n], "index": i} for n, i in enumerate(indices)]
-        return _with_tower3_view(items, raw, images, self.tower3_image_size)
+        items = [{"image": raw[n], "caption": captions[n], "index": i} for n, i in enumerate(indices)]
+        return _with_tower3_view(items, raw, self.tower3_view)
 
 
 class ShapesLabelled(Dataset):
     """Labelled shapes images (supervised pretraining of the third tower, or zero-shot eval on 'test').
 
     label: 'object' (shape x colour, covers most of a caption), 'scene' (background kind, covers little),
-    or 'position_size'. Items: {'image', 'label'} (+ 'image_h' when tower3_image_size is given).
+    or 'position_size'. Items: {'image', 'label'} (+ 'image_h' when tower3_view is given).
     A labelled image shows one object, as in a classification dataset: with a second object (as paired
     images may have) nothing in the pixels says which of the two the label names. single=False keeps
     the paired images' second objects (the retrieval set, whose captions describe them).
     """
 
     def __init__(self, split: str = "pretrain", num_samples: int = 50_000, *, label: str = "object", seed: int = 0,
-                 image_size: int = 64, tower3_image_size: int | None = None, single: bool = True):
+                 image_size: int = 64, tower3_view: View | None = None, single: bool = True):
         if label not in LABELS:
             raise ValueError(f"unknown label set {label!r}; choose from {list(LABELS)}")
         if not 1 <= num_samples <= ShapesWorld.SPLIT_SIZE:
             raise ValueError(f"num_samples must be in [1, {ShapesWorld.SPLIT_SIZE}], got {num_samples}")
         self.world = ShapesWorld(seed, image_size)
-        self.split, self.num_samples, self.label, self.tower3_image_size = split, num_samples, label, tower3_image_size
+        self.split, self.num_samples, self.label, self.tower3_view = split, num_samples, label, tower3_view
         self.single, self.classnames = single, LABELS[label][0]
         self.num_classes = len(self.classnames)
 
@@ -384,16 +383,15 @@ class ShapesLabelled(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         draws = [self.world._draw(check_index(i, self.num_samples), self.split, self.single) for i in indices]
         raw = torch.from_numpy(self.world._paint(draws))
-        images = normalize(raw)
-        items = [{"image": images[n], "label": self.world._labels(d)[self.label]} for n, d in enumerate(draws)]
-        return _with_tower3_view(items, raw, images, self.tower3_image_size)
+        items = [{"image": raw[n], "label": self.world._labels(d)[self.label]} for n, d in enumerate(draws)]
+        return _with_tower3_view(items, raw, self.tower3_view)
 
 
 def shapes_retrieval(num_images: int = 500, captions_per_image: int = 5, *, seed: int = 0, image_size: int = 64,
-                     tower3_image_size: int | None = None) -> RetrievalSet:
+                     tower3_view: View | None = None) -> RetrievalSet:
     """Retrieval test set on the 'test' split; each image gets captions from distinct templates."""
     images = ShapesLabelled("test", num_images, seed=seed, image_size=image_size,
-                            tower3_image_size=tower3_image_size, single=False)
+                            tower3_view=tower3_view, single=False)
     captions = [c for i in range(num_images) for c in images.world.captions(i, "test", captions_per_image)]
     owner = torch.arange(num_images).repeat_interleave(captions_per_image)
     return RetrievalSet(images, captions, owner)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -39,8 +40,8 @@ import eval as evaluation
 import shapes
 from losses import PAIRS, default_weights, tower_loss
 from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, build_image_tower,
-                   checksum, load_tower3, read_checkpoint, summary)
-from runtime import (Env, MetricsLog, RowTable, RunError, StepBatches, apply_gradients, autocast, check_ranges,
+                   load_tower3, normalize, read_checkpoint, summary)
+from runtime import (Env, MetricsLog, RunError, StepBatches, apply_gradients, autocast, check_ranges,
                      check_resumable, checkpoint_to, claim_folders, endless, every_rank, find_checkpoint, log, one_line,
                      resume, save, schedule, sync_step, tower3_cache, uses_tower3_cache, wrap, write_file)
 from shapes import ShapesLabelled
@@ -57,8 +58,7 @@ class Parts:
     forward: torch.nn.Module            # what the step calls: the model, compiled and/or in DDP
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    tower3: FrozenTower | None
-    h_cache: RowTable | None            # h(x_i) by sample index (runtime.tower3_cache), or None: h runs every step
+    tower3: FrozenTower | None          # h, run every step on the batch's 'image_h' when it is not cached
     weights: dict[str, float]           # weight of each loss term of losses.PAIRS[mode]
 
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     claim_folders(args, env)
     ckpt = find_checkpoint(args)
     tower3 = resolve_tower3(args, env) if args.mode != "clip" else None
-    tower3_digest = checksum(tower3.state_dict())[:16] if tower3 is not None else None
+    tower3_digest = tower3.digest() if tower3 is not None else None
     cached = uses_tower3_cache(args, env)
     dataset = pairs_dataset(args, env, None if cached else tower3)      # h's view in the items: h runs every step
     tokenizer = build_tokenizer(args, env, dataset, ckpt)
@@ -104,11 +104,11 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     weights = dict(zip(PAIRS[args.mode], args.loss_weights)) if args.loss_weights else default_weights(args.mode)
     if args.grad_checkpointing:
         log(env, f"[memory] activation checkpointing of {', '.join(model.set_grad_checkpointing()) or 'no blocks'}")
-    h_cache = tower3_cache(args, env, tower3, data.with_tower3_view(dataset, tower3.image_size)) if cached else None
-    parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3, h_cache, weights)
+    h_rows = tower3_cache(args, env, tower3, data.with_tower3_view(dataset, tower3.view)) if cached else None
+    parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3, weights)
     loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, workers=env.workers(args), rank=env.rank,
                               world_size=env.world, seed=args.seed, start_batch=position.batch,
-                              pin_memory=env.device.type == "cuda")
+                              pin_memory=env.device.type == "cuda", rows=h_rows)
     suite = build_suite(args, env, tokenizer)
     metrics_log, batches = MetricsLog(args, env, total, position, scheduler), StepBatches(endless(loader, position), args, env)
     first = position.step
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
         if position.step % args.save_every == 0 or position.step == total:
             save(args, env, model, optimizer, scheduler, position, model_config=config,
                  tokenizer=tokenizer.to_dict(), tower3=tower3.source if tower3 is not None else None,
-                 tower3_digest=tower3_digest)
+                 tower3_digest=tower3_digest, tower3_view=dataclasses.asdict(tower3.view) if tower3 else None)
         if args.eval_every and position.step % args.eval_every == 0 and position.step < total:
             periodic_eval(args, env, model, tower3, suite, metrics_log)
     final = periodic_eval(args, env, model, tower3, suite, metrics_log)
@@ -132,17 +132,15 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
 
 def step_inputs(args: argparse.Namespace, env: Env, parts: Parts, batch: dict
                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """ThreeTowers.forward's (image, text, h) of a batch, on the device: h from the cache, or the frozen
-    tower run on h's own view."""
+    """ThreeTowers.forward's (image, text, h) of a batch, on the device: h's cached rows ('h'), or the
+    frozen tower run on its own view ('image_h'). The loader made every tensor final (uint8 images,
+    trimmed token ids, h's rows; pinned on CUDA), so each is one asynchronous copy: no host wait."""
     image = batch["image"].to(env.device, non_blocking=True) if args.mode != "lit" else None
-    text = Tokenizer.trim(batch["text"]).to(env.device, non_blocking=True)
-    h = None
-    if parts.tower3 is not None:
-        if parts.h_cache is not None:
-            h = parts.h_cache[batch["index"]].to(env.device, non_blocking=True)
-        else:
-            with autocast(args, env):
-                h = parts.tower3(batch["image_h"].to(env.device, non_blocking=True))
+    text = batch["text"].to(env.device, non_blocking=True)
+    h = batch["h"].to(env.device, non_blocking=True) if "h" in batch else None
+    if h is None and parts.tower3 is not None:
+        with autocast(args, env):
+            h = parts.tower3(batch["image_h"].to(env.device, non_blocking=True))
     return image, text, h
 
 
@@ -218,7 +216,7 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
         batch = batches.take(1, agree=sync)[0]
         labels = batch["label"].to(env.device, non_blocking=True)
         with autocast(args, env):
-            logits = forward(batch["image"].to(env.device, non_blocking=True)).float()
+            logits = forward(normalize(batch["image"].to(env.device, non_blocking=True))).float()
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -248,8 +246,7 @@ def labelled_dataset(args: argparse.Namespace) -> Dataset:
     size = args.image_size
     crop = [v2.RandomResizedCrop(size, scale=(args.crop_scale, 1.0), antialias=True)] if args.crop_scale < 1 else \
         [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-    transform = v2.Compose(crop + [v2.RandomHorizontalFlip()] * args.flip + [
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    transform = v2.Compose(crop + [v2.RandomHorizontalFlip()] * args.flip)     # uint8: normalised on the device
     images = data.image_folder(args.train_data, transform, train=True, seed=args.seed)
     images.max_image_pixels, images.max_file_bytes = args.max_image_pixels, args.max_file_bytes
     if args.train_samples is not None and args.train_samples < len(images):
@@ -264,7 +261,7 @@ def classifier_accuracy(model: torch.nn.Module, dataset, device: torch.device) -
     model.eval()
     correct = 0
     for batch in data.make_loader(dataset, 256, shuffle=False, drop_last=False):
-        correct += (model(batch["image"].to(device)).argmax(1).cpu() == batch["label"]).sum().item()
+        correct += (model(normalize(batch["image"].to(device))).argmax(1).cpu() == batch["label"]).sum().item()
     model.train()
     return correct / len(dataset)
 
@@ -354,6 +351,17 @@ def tower_flags(a: Callable) -> None:
       help="third tower h for lit/3t: torchvision:ARCH:WEIGHTS (e.g. torchvision:resnet50:IMAGENET1K_V2), "
            "torchvision:ARCH:/path/state_dict.pth, a --mode supervised checkpoint, or 'auto' (shapes only: "
            "pretrain one on the shapes world's --tower3-label labels on first use, then reuse it)")
+    a("--tower3-size", type=int, default=None,
+      help="h's input size (its view's centre crop); default: from the tower's source -- torchvision weights' "
+           "own preprocessing, a --mode supervised checkpoint's size, else 224 (a state_dict file, a hub model)")
+    a("--tower3-resize", type=int, default=None,
+      help="h's view: the short side is resized to this before the crop (default: the source's, else 256)")
+    a("--tower3-interpolation", default=None, choices=["bilinear", "bicubic"],
+      help="h's view: resize interpolation (default: the source's, else bilinear)")
+    a("--tower3-mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+      help="h's view: per-channel mean of the [0, 1] pixels (default: the source's, else ImageNet's)")
+    a("--tower3-std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+      help="h's view: per-channel std (default: the source's, else ImageNet's)")
     a("--tower3-label", default="object", choices=["object", "scene"], help="labels of the auto-pretrained tower")
     a("--tower3-steps", type=int, default=400, help="steps of the auto-pretrained tower")
     a("--tower3-batch-size", type=int, default=64, help="per rank, for the auto-pretrained tower")
@@ -463,7 +471,8 @@ RANGES = {"train_samples": "[1, inf)", "caption_noise": "[0, 1]", "max_bad_fract
           "lr": "(0, inf)", "wd": "[0, inf)", "beta2": "[0, 1)", "warmup": "[0, inf)", "grad_clip": "[0, inf)",
           "max_nonfinite": "[1, inf)", "accum_freq": "[1, inf)", "seed": "[0, inf)", "save_every": "[1, inf)", "eval_every": "[0, inf)",
           "log_every": "[1, inf)", "max_image_pixels": "[1, inf)", "max_file_bytes": "[1, inf)",
-          "crop_scale": "(0, 1]"}
+          "crop_scale": "(0, 1]", "tower3_size": "[1, inf)", "tower3_resize": "[1, inf)",
+          "tower3_mean": "(-inf, inf)", "tower3_std": "(0, inf)"}
 
 
 
@@ -474,18 +483,18 @@ def pairs_dataset(args: argparse.Namespace, env: Env, tower3: FrozenTower | None
     """The image-text pairs --train-data names: the shapes world, a CSV/TSV of image paths and captions, or tar
     shards (data.py). Given the third tower that runs every step, items also carry its own view ('image_h',
     data.tower3_view). Logs how much of the data is used."""
-    h_size = tower3.image_size if tower3 is not None else None
+    h_view = tower3.view if tower3 is not None else None
     limits = dict(max_image_pixels=args.max_image_pixels, max_file_bytes=args.max_file_bytes)
     if args.train_data == "shapes":
         dataset = shapes.ShapesPairs("train", args.train_samples, seed=args.seed, image_size=args.image_size,
-                                     tower3_image_size=h_size, caption_noise=args.caption_noise)
+                                     tower3_view=h_view, caption_noise=args.caption_noise)
     elif args.train_data.lower().endswith((".csv", ".tsv")):
         dataset = data.CsvPairs(args.train_data, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                                separator=args.csv_separator, image_size=args.image_size, tower3_image_size=h_size,
+                                separator=args.csv_separator, image_size=args.image_size, tower3_view=h_view,
                                 num_samples=args.train_samples, caption_noise=args.caption_noise, seed=args.seed, **limits)
     else:
         dataset = data.TarShards(args.train_data, rank=env.rank, world_size=env.world, seed=args.seed,
-                                 image_size=args.image_size, tower3_image_size=h_size,
+                                 image_size=args.image_size, tower3_view=h_view,
                                  max_bad_fraction=args.max_bad_fraction, **limits)
     used = getattr(dataset, "summary", None) or (f"{len(dataset):,} pairs" if hasattr(dataset, "__len__") else
                                                  f"{len(dataset.shards)} shards, streamed whole")
@@ -532,10 +541,23 @@ def resolve_tower3(args: argparse.Namespace, env: Env) -> FrozenTower:
     """Load h from --tower3; 'auto' pretrains one on the shapes world first (see auto_tower3)."""
     spec = auto_tower3(args, env) if args.tower3 == "auto" else args.tower3
     try:
-        tower3 = load_tower3(spec).to(env.device)
+        tower3 = load_tower3(spec, tower3_view_flags(args)).to(env.device)
     except (ValueError, OSError, RuntimeError) as e:      # wrong file, wrong weights, offline download
         raise SystemExit(" ".join(str(e).split())[:500]) from None
-    log(env, f"[tower3] {spec}: D_h = {tower3.dim}, input {tower3.image_size}px, frozen")
+    v = tower3.view
+    log(env, f"[tower3] {spec}: D_h = {tower3.dim}; view: short side {v.resize} ({v.interpolation}), centre crop "
+             f"{v.crop}, mean {v.mean}, std {v.std}; "
+             + (f"head {tower3.head} removed" if tower3.head else "no known classification head: taken whole")
+             + "; frozen")
+    return tower3
+
+
+def tower3_view_flags(args: argparse.Namespace) -> dict:
+    """The fields of h's view that --tower3-size/-resize/-interpolation/-mean/-std set (data.View); the
+    others come from the tower's source (model.load_tower3)."""
+    given = dict(crop=args.tower3_size, resize=args.tower3_resize, interpolation=args.tower3_interpolation,
+                 mean=args.tower3_mean and tuple(args.tower3_mean), std=args.tower3_std and tuple(args.tower3_std))
+    return {k: v for k, v in given.items() if v is not None}
     return tower3
 
 

@@ -120,9 +120,10 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
     model = ThreeTowers(**train.model_config(args, tokenizer, tower3_net)).to(env.device).train()
     model.set_grad_checkpointing(args.grad_checkpointing)
     optimizer, scheduler, _ = runtime.schedule(args, env, model, dataset)
-    h_cache = runtime.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
-    parts = train.Parts(model, model, optimizer, scheduler, tower3_net, h_cache, default_weights(mode))
-    batches = [b for b, _ in zip(data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, seed=0), range(3))]
+    h_rows = runtime.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
+    parts = train.Parts(model, model, optimizer, scheduler, tower3_net, default_weights(mode))
+    loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, seed=0, rows=h_rows)
+    batches = [b for b, _ in zip(loader, range(3))]
 
     def step(batch):                                             # exactly what train.py runs per step
         train.train_step(args, env, parts, [batch])
@@ -237,7 +238,7 @@ def cache_memory_child(rows: int, dim: int, folder: str) -> None:
     then read 100 random batches of 512 rows, as training does. Peak memory = the high-water mark of
     resident memory (reset first) above the resident memory before; 'table_mib' is what a full N x D_h
     float32 table in memory -- the design this replaced -- would hold on every rank."""
-    tower = FrozenTower(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, dim)), dim, 4, "bench")
+    tower = FrozenTower(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, dim)), data.View(4, 4), "bench")
     args = argparse.Namespace(cache_tower3=True, cache_dir=folder, train_data="bench", seed=0, image_size=4,
                               workers=0, quiet=True, precision="fp32")
     env = runtime.Env()
@@ -286,7 +287,7 @@ def step_memory_child(spec: dict) -> None:
     model = ThreeTowers("clip", **MEMORY_MODELS[spec["model"]]).train()
     model.set_grad_checkpointing(spec["checkpointing"])
     size, length = model.image.image_size, MEMORY_MODELS[spec["model"]]["context_length"]
-    parts = train.Parts(model, model, None, None, None, None, default_weights("clip"))
+    parts = train.Parts(model, model, None, None, None, default_weights("clip"))
     args = argparse.Namespace(mode="clip", precision="fp32")
 
     def step(n: int, accum: int) -> None:

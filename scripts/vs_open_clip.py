@@ -204,7 +204,7 @@ def embed_ours(path: str, images: list[str], captions: list[str]) -> tuple[torch
     transform = data.image_transform(ckpt["model_config"]["image_size"], train=False)
     raw = [data.decode_rgb(data._read_bytes(p)) for p in images]
     x = torch.stack([transform(r) for r in raw])
-    h = tower3(torch.stack([data.tower3_view(r, tower3.image_size) for r in raw])) if tower3 is not None \
+    h = tower3(torch.stack([data.tower3_view(r, tower3.view) for r in raw])) if tower3 is not None \
         else None                                               # lit needs h: its own view, as in training
     i, t = evaluation.view_pair(model.mode, "main")
     return model.encode_image(x, h)[i], model.encode_text(our_tokenizer(ckpt).encode(captions))[t]

@@ -47,7 +47,7 @@ def plain_step(forward, mode: str, x: tuple) -> torch.Tensor:
 
 def accumulated_step(model, forward, mode: str, x: tuple, k: int) -> torch.Tensor:
     args = argparse.Namespace(mode=mode, precision="fp32")
-    parts = train.Parts(model, forward, None, None, None, None, default_weights(mode))
+    parts = train.Parts(model, forward, None, None, None, default_weights(mode))
     n = len(x[1]) // k
     loss, _ = train.accumulated_backward(args, Env(), parts, [rows(x, i * n, (i + 1) * n) for i in range(k)])
     return loss

@@ -167,7 +167,7 @@ def test_every_numeric_flag_is_range_checked(capsys):
             flag, bad = action.option_strings[0], "-1" if action.type is int else "nan"
             extra = ["--checkpoint", "x"] if name == "eval.py" else []
             with pytest.raises(SystemExit):
-                parse(extra + [flag, bad])
+                parse(extra + [flag] + [bad] * (action.nargs if isinstance(action.nargs, int) else 1))
             assert f"{flag} {bad}" in capsys.readouterr().err, f"{name} accepts {flag} {bad}"
 
 

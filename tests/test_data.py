@@ -192,11 +192,12 @@ def test_caption_noise_swaps_about_p_of_captions():
 
 
 def test_shapes_datasets_items_and_zero_shot_tasks():
-    pairs = shapes.ShapesPairs("train", 10, tower3_image_size=96)
+    pairs = shapes.ShapesPairs("train", 10, tower3_view=data.View(crop=96, resize=96))
     item = pairs[3]
-    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
-    assert item["image_h"].shape == (3, 96, 96) and isinstance(item["caption"], str) and item["index"] == 3
-    assert abs(item["image"].mean().item()) < 3
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.uint8
+    assert item["image_h"].shape == (3, 96, 96) and item["image_h"].dtype == torch.uint8
+    assert isinstance(item["caption"], str) and item["index"] == 3
+    assert 0 < item["image"].float().mean().item() < 255
     with pytest.raises(IndexError):
         pairs[10]
     tasks = shapes.zeroshot_tasks()
@@ -236,7 +237,7 @@ def make_csv(tmp_path, sep=",", name="pairs.csv", header=("filepath", "title")) 
 
 
 def test_csv_pairs_read_relative_paths_and_drop_empty_captions(tmp_path):
-    ds = data.CsvPairs(make_csv(tmp_path), image_size=24, tower3_image_size=32)
+    ds = data.CsvPairs(make_csv(tmp_path), image_size=24, tower3_view=data.View(crop=32, resize=32))
     assert len(ds) == 3 and ds.skipped == {"empty_caption": 1}
     item = ds[2]
     assert item["image"].shape == (3, 24, 24) and item["image_h"].shape == (3, 32, 32)
@@ -399,7 +400,9 @@ def test_loader_workers_batch_shapes_with_getitems():
     tok = Tokenizer(128)
     batches = list(data.make_loader(ds, 8, tokenizer=tok, workers=2, shuffle=False))
     assert [b["index"].tolist() for b in batches] == [list(range(8)), list(range(8, 16))]
-    assert batches[0]["image"].shape == (8, 3, 16, 16) and batches[0]["text"].shape == (8, 128)
+    assert batches[0]["image"].shape == (8, 3, 16, 16) and batches[0]["image"].dtype == torch.uint8
+    longest = int((tok.encode([ds.caption(i) for i in range(8)]) != tok.PAD).sum(1).max())
+    assert batches[0]["text"].shape == (8, longest) and batches[0]["text"].is_contiguous()   # trimmed
     assert [tok.decode(t) for t in batches[1]["text"]] == [ds.caption(i) for i in range(8, 16)]
     assert torch.equal(batches[1]["image"][0], ds[8]["image"])
 

@@ -133,12 +133,12 @@ def test_eval_h_of_an_image_folder_is_h_of_its_own_view(files):
 
 # ----------------------------------------------------------------------------- 1. h's own view, exact cache
 def test_h_view_is_deterministic_and_not_f_crop(files):
-    pairs = data.CsvPairs(files.csv, image_size=32, tower3_image_size=32)
+    pairs = data.CsvPairs(files.csv, image_size=32, tower3_view=data.View(crop=32, resize=32))
     raw = data.decode_rgb(open(pairs.rows[3][0], "rb").read())
     first = pairs[3]
     pairs.set_epoch(1)
     again = pairs[3]
-    assert torch.equal(first["image_h"], data.tower3_view(raw, 32)) and torch.equal(first["image_h"], again["image_h"])
+    assert torch.equal(first["image_h"], data.tower3_view(raw, data.View(crop=32, resize=32))) and torch.equal(first["image_h"], again["image_h"])
     assert not torch.equal(first["image"], again["image"])              # f: a new crop each epoch
 
 
@@ -201,7 +201,7 @@ def test_two_ranks_build_the_cache_of_one(files, tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-3000:]
     assert not [f for f in os.listdir(tmp_path / "cache") if f.endswith(".tmp")]
     tower3, pairs = load_tower3(files.micro), data.CsvPairs(files.csv)
-    expected = tower3(torch.stack([data.tower3_view(data.decode_rgb(open(p, "rb").read()), 32) for p, _ in pairs.rows]))
+    expected = tower3(torch.stack([data.tower3_view(data.decode_rgb(open(p, "rb").read()), tower3.view) for p, _ in pairs.rows]))
     torch.testing.assert_close(cache_rows(tmp_path / "cache"), expected, atol=1e-5, rtol=1e-4)
     train.main(run(tmp_path, *common, out="single"))
     assert "reusing cached embeddings" in capsys.readouterr().out
@@ -267,7 +267,7 @@ def test_supervised_augmentation_flags(files, tmp_path, capsys):
     supervised = ["--mode", "supervised", "--train-data", root, "--image-size", "16"]
     plain = train.labelled_dataset(train.parse_args(supervised + ["--crop-scale", "1", "--no-flip"]))
     raw = data.decode_rgb(open(plain.paths[2], "rb").read())
-    assert torch.equal(plain[2]["image"], data.tower3_view(raw, 16))      # resize + centre crop, nothing random
+    assert torch.equal(plain[2]["image"], data.tower3_view(raw, data.View(crop=16, resize=16)))      # resize + centre crop, nothing random
     crops = train.labelled_dataset(train.parse_args(supervised))
     crops.set_epoch(1)
     assert not torch.equal(crops[2]["image"], plain[2]["image"])
@@ -399,7 +399,7 @@ def test_a_rank_whose_epoch_is_all_bad_stops_instead_of_looping(tmp_path):
 
 def test_a_wrong_tower3_file_is_named(files, tmp_path, capsys):
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
-    with pytest.raises(ValueError, match=r"r34\.pth is not a state_dict of torchvision's resnet18"):
+    with pytest.raises(ValueError, match=r"r34\.pth'?: not a state_dict of torchvision's resnet18"):
         load_tower3(f"torchvision:resnet18:{tmp_path / 'r34.pth'}")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")                  # the model, not its state_dict
     with pytest.raises(ValueError, match=r"module\.pth: not a readable PyTorch checkpoint \(it holds Python objects.* save model\.state_dict\(\)"):

@@ -77,7 +77,7 @@ def test_auto_tower3_is_pretrained_once_then_reused(tmp_path, capsys):
 def test_supervised_checkpoint_loads_as_tower3(tower3_file):
     from model import load_tower3
     tower3 = load_tower3(tower3_file)
-    assert tower3.dim == 32 and tower3.image_size == 32        # vit-micro width, --image-size
+    assert tower3.dim == 32 and tower3.view.crop == 32        # vit-micro width, --image-size
     assert tower3(torch.randn(2, 3, 32, 32)).shape == (2, 32)
 
 
@@ -112,8 +112,8 @@ def test_frozen_tower_unchanged_and_outside_optimizer(tmp_path, tower3_file, mon
     seen = {}
     real_load, real_opt = train.load_tower3, runtime.build_optimizer
 
-    def spy_load(spec):
-        seen["tower3"] = real_load(spec)
+    def spy_load(spec, view=None):
+        seen["tower3"] = real_load(spec, view)
         seen["before"] = {k: v.clone() for k, v in seen["tower3"].state_dict().items()}
         return seen["tower3"]
 
@@ -164,13 +164,13 @@ def test_items_carry_h_view_only_when_h_runs_every_step(tmp_path, tower3_file, m
     real = train.data.make_loader
 
     def spy(dataset, *args, **kwargs):
-        seen.append(dataset.tower3_image_size)
+        seen.append(dataset.tower3_view)
         return real(dataset, *args, **kwargs)
     monkeypatch.setattr(train.data, "make_loader", spy)
     base = ["--mode", "3t", "--tower3", tower3_file, "--steps", "1", "--eval-data", "none"]
     train.main(tiny(tmp_path, *base, out="cached"))
     train.main(tiny(tmp_path, *base, "--no-cache-tower3", out="uncached"))
-    assert seen == [None, train.load_tower3(tower3_file).image_size]
+    assert seen == [None, train.load_tower3(tower3_file).view]
 
 
 def read_cache(path) -> torch.Tensor:
