@@ -25,14 +25,17 @@ score counts against it too, so a broken model gets 0. Non-finite embeddings add
 
 The tasks' data do not depend on a model, so `build_eval_suite` builds them once -- from the shapes
 world (shapes.py: its test split, its own prompts) or from files: an ImageFolder with a class-name
-file, CIFAR-10/100, a CSV of image paths and captions. train.py calls `evaluate(...)` periodically on
-every rank, each embedding its share of the images and texts.
+file, ImageNet's validation folders, CIFAR-10/100, a CSV of image paths and captions, a Karpathy
+split of COCO or Flickr30k. A data spec that cannot serve its task stops at parse time
+(check_source): no task asked for is skipped. train.py calls `evaluate(...)` periodically on every
+rank, each embedding its share of the images and texts.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import textwrap
 import warnings
 from dataclasses import dataclass, field
@@ -92,7 +95,6 @@ class EvalSuite:
     shots: tuple[int, ...] = (1, 5, 10)
     fewshot_seeds: int = 3
     fewshot_lambda: float = FEWSHOT_LAMBDA
-    notes: list[str] = field(default_factory=list)
 
 
 def imagefolder_zeroshot(root: str, classnames_file: str, image_size: int = 224) -> tuple[Dataset, list[str]]:
@@ -138,8 +140,86 @@ def cifar_zeroshot(name: str, root: str, image_size: int = 224, download: bool =
     return LabelledImages(image_transform(image_size, train=False), names, base.targets, array=base.data), names
 
 
-ZEROSHOT_SPECS = "shapes | imagefolder:ROOT:CLASSNAMES_FILE | cifar10:ROOT | cifar100:ROOT"
-RETRIEVAL_SPECS = "shapes | a .csv/.tsv of image paths and captions"
+def cifar_folder(name: str, root: str) -> None:
+    """FileNotFoundError unless root holds torchvision's extracted CIFAR folder (checked at parse
+    time; cifar_zeroshot reads and verifies the files themselves)."""
+    from torchvision import datasets
+
+    base = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name].base_folder
+    if not os.path.isdir(os.path.join(root, base)):
+        raise FileNotFoundError(f"{name} not found: expected torchvision's folder "
+                                f"{os.path.join(root, base)}")
+
+
+# ImageNet zero-shot (the paper's headline classification task, Sec. 5): the ILSVRC-2012 validation
+# set as 1,000 class folders named by WordNet id. Sorted wnids are the class indices, the order of
+# the class names in torchvision's weight metadata.
+IMAGENET_CLASSES = 1000
+WNID = re.compile(r"n\d{8}")
+# Our own prompts for ImageNet's class names. CLIP (Radford et al. 2021, Sec. 3.1.4) ensembles many
+# templates because one bare phrasing is ambiguous (a "crane" bird or machine) and unlike the
+# captions the text tower learned from; averaging the embeddings of varied contexts -- medium,
+# quality, framing -- gives a steadier class embedding than any single template (`ensemble`).
+IMAGENET_TEMPLATES = [
+    "a photo of a {}.", "a snapshot of a {}.", "there is a {} in this image.",
+    "an example of a {}.", "a {} seen up close.", "a {} seen from far away.",
+    "a cropped image of a {}.", "an out-of-focus photo of a {}.", "a grainy photo showing a {}.",
+    "a dimly lit photo of a {}.", "a brightly lit photo of a {}.",
+    "a black-and-white photograph of a {}.", "a pencil sketch of a {}.", "an oil painting of a {}.",
+    "a cartoon drawing of a {}.", "a toy model of a {}.", "a {}, photographed outdoors.",
+    "a {}, photographed indoors.", "a {} in its usual surroundings.",
+    "my favourite picture of a {}.",
+]
+
+
+def imagenet_classnames() -> list[str]:
+    """The 1,000 ILSVRC-2012 class names in class-index (sorted wnid) order, from torchvision's
+    weight metadata (part of the package: nothing is downloaded)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def imagenet_folders(root: str) -> list[str]:
+    """The sorted wnid class folders of an ImageNet validation root; FileNotFoundError or a
+    one-line ValueError (how many found, an example) unless it holds the 1,000 of them, no other."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"ImageNet folder not found: {root}")
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    folders = [e.name for e in entries if e.is_dir()]
+    wnids = [f for f in folders if WNID.fullmatch(f)]
+    others = [f for f in folders if not WNID.fullmatch(f)]
+    if len(wnids) != IMAGENET_CLASSES or others:
+        files = [e.name for e in entries if not e.is_dir()]
+        example = (f"e.g. folder {others[0]!r}" if others else f"e.g. file {files[0]!r}" if files
+                   else f"e.g. {wnids[0]!r}" if wnids else "it is empty")
+        raise ValueError(f"{root}: expected the {IMAGENET_CLASSES:,} ILSVRC-2012 class folders "
+                         f"named by WordNet id (n + 8 digits, e.g. n01440764), found "
+                         f"{len(wnids):,} such folders, {len(others):,} other folders and "
+                         f"{len(files):,} files ({example})")
+    return wnids
+
+
+def imagenet_zeroshot(root: str, image_size: int = 224) -> tuple[Dataset, list[str]]:
+    """ImageNet's validation folders (imagenet_folders) with torchvision's class names: the image of
+    the k-th folder in sorted order has label k and is scored against name k."""
+    imagenet_folders(root)
+    data = image_folder(root, image_transform(image_size, train=False))    # labels: sorted folders
+    data.classnames = imagenet_classnames()
+    return data, data.classnames
+
+
+ZEROSHOT_SPECS = ("shapes | imagefolder:ROOT:CLASSNAMES_FILE | imagenet:ROOT | cifar10:ROOT | "
+                  "cifar100:ROOT")
+RETRIEVAL_SPECS = ("shapes | a .csv/.tsv of image paths and captions | "
+                   "karpathy:JSON:IMAGE_ROOT:SPLIT")
+FEWSHOT_SPECS = "shapes | imagefolder:ROOT | cifar10:ROOT | cifar100:ROOT"
+
+
+def _expected(specs: str) -> str:
+    """'a | b | c' -> 'use a, b or c': the accepted syntaxes, for an error line."""
+    *first, last = specs.split(" | ")
+    return "use " + (", ".join(first) + " or " if first else "") + last
 
 
 def parse_zeroshot(spec: str) -> tuple[str, str, str | None]:
@@ -151,25 +231,64 @@ def parse_zeroshot(spec: str) -> tuple[str, str, str | None]:
     if kind == "imagefolder" and ":" in rest:
         root, _, names_file = rest.rpartition(":")
         return kind, root, names_file
-    if kind in ("cifar10", "cifar100") and rest:
+    if kind in ("imagenet", "cifar10", "cifar100") and rest:
         return kind, rest, None
-    raise ValueError(f"zero-shot data {spec!r}: use shapes, imagefolder:ROOT:CLASSNAMES_FILE, "
-                     f"cifar10:ROOT or cifar100:ROOT")
+    raise ValueError(f"zero-shot data {spec!r}: {_expected(ZEROSHOT_SPECS)}")
+
+
+def parse_retrieval(spec: str) -> tuple[str, ...]:
+    """('shapes',), ('csv', path) or ('karpathy', json, image root, split) of a retrieval spec in
+    RETRIEVAL_SPECS' syntax; ValueError if it is none of them. SPLIT is the last ':' field and
+    IMAGE_ROOT the one before, so only the JSON path may hold a ':'."""
+    if spec == "shapes":
+        return ("shapes",)
+    if spec.lower().endswith((".csv", ".tsv")):
+        return "csv", spec
+    kind, _, rest = spec.partition(":")
+    parts = rest.rsplit(":", 2)
+    if kind == "karpathy" and len(parts) == 3 and all(parts):
+        return ("karpathy", *parts)
+    raise ValueError(f"retrieval data {spec!r}: {_expected(RETRIEVAL_SPECS)}")
+
+
+def parse_fewshot(spec: str) -> tuple[str, str]:
+    """(kind, root) of a few-shot spec in FEWSHOT_SPECS' syntax; ValueError if none of them."""
+    if spec == "shapes":
+        return "shapes", ""
+    kind, _, root = spec.partition(":")
+    if kind in ("imagefolder", "cifar10", "cifar100") and root:
+        return kind, root
+    raise ValueError(f"few-shot data {spec!r}: {_expected(FEWSHOT_SPECS)}")
 
 
 def check_source(task: str, spec: str) -> None:
-    """Fail fast (FileNotFoundError, ValueError) on a zero-shot or retrieval spec that cannot work: its
-    syntax, that its folders and files exist, and that an ImageFolder's class-name file names its class
-    folders -- without reading an image, so a trainer can check its flags before any work."""
+    """Fail fast (FileNotFoundError, ValueError) on a zero-shot, retrieval or few-shot spec that
+    cannot work: its syntax, that its folders and files exist, an ImageFolder's class-name file,
+    ImageNet's 1,000 class folders, a Karpathy file's split and images -- reading no image, so that
+    eval.py and train.py can check their flags before any work. No task is skipped silently."""
     if task == "retrieval":
-        if spec != "shapes" and not spec.lower().endswith((".csv", ".tsv")):
-            raise ValueError(f"retrieval data {spec!r}: use shapes or a .csv/.tsv of image paths and captions")
-        if spec != "shapes" and not os.path.isfile(spec):
+        kind, *where = parse_retrieval(spec)
+        if kind == "csv" and not os.path.isfile(spec):
             raise FileNotFoundError(f"caption file not found: {spec}")
+        if kind == "karpathy":
+            read_karpathy(*where)
         return
+    if task == "fewshot":
+        kind, root = parse_fewshot(spec)
+        if kind == "imagefolder":
+            fewshot_splits(spec, root)
+        elif kind != "shapes":
+            cifar_folder(kind, root)
+        return
+    if task != "zeroshot":
+        raise ValueError(f"unknown eval task {task!r}; choose from {TASKS}")
     kind, root, names_file = parse_zeroshot(spec)
-    if kind != "shapes" and not os.path.isdir(root):
-        raise FileNotFoundError(f"{'image folder' if names_file else kind + ' folder'} not found: {root}")
+    if kind == "imagefolder" and not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if kind == "imagenet":
+        imagenet_folders(root)
+    elif kind in ("cifar10", "cifar100"):
+        cifar_folder(kind, root)
     if names_file is not None:
         if not os.path.isfile(names_file):
             raise FileNotFoundError(f"class-name file not found: {names_file}")
@@ -184,6 +303,9 @@ def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int
         return {name: (ShapesLabelled("test", num_images, label=name, seed=seed,
                                       image_size=image_size), classes, prompts)
                 for name, (classes, prompts) in zeroshot_tasks().items()}
+    if kind == "imagenet":
+        data, classes = imagenet_zeroshot(root, image_size)
+        return {kind: (data, classes, prompts_of(classes, IMAGENET_TEMPLATES))}
     if kind == "imagefolder":
         data, classes = imagefolder_zeroshot(root, names_file, image_size)
     else:
@@ -191,30 +313,38 @@ def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int
     return {kind: (data, classes, prompts_of(classes))}
 
 
+def fewshot_splits(spec: str, root: str) -> list[str]:
+    """ROOT/train and ROOT/test (or ROOT/val) of an imagefolder few-shot spec; else
+    FileNotFoundError."""
+    splits = [os.path.join(root, s) for s in ("train", "test", "val")
+              if os.path.isdir(os.path.join(root, s))]
+    if len(splits) < 2 or not splits[0].endswith("train"):
+        raise FileNotFoundError(f"few-shot data {spec!r}: expected class folders under "
+                                f"{root}/train and {root}/test (or {root}/val)")
+    return splits[:2]
+
+
 def fewshot_sets(spec: str, image_size: int, seed: int, test: Dataset | None = None,
                  num_images: int = 500) -> dict[str, tuple[Dataset, Dataset]]:
-    """Task -> (probe-train pool, probe-test images). 'shapes': the 'object' task, pool from split 'val', test
-    images from 'test' (`test` if given), disjoint by construction. imagefolder:ROOT: ROOT/train is the pool,
-    ROOT/test (or ROOT/val) is scored, with the same class folders. cifar10:ROOT / cifar100:ROOT: the train and
-    test splits. Pools keep FEWSHOT_POOL_PER_CLASS seeded images per class: only those are embedded."""
-    if spec == "shapes":
+    """Task -> (probe-train pool, probe-test images). 'shapes': the 'object' task, pool from split
+    'val', test images from 'test' (`test` if given), disjoint by construction. imagefolder:ROOT:
+    ROOT/train is the pool, ROOT/test (or ROOT/val) is scored, with the same class folders.
+    cifar10:ROOT / cifar100:ROOT: the train and test splits. Pools keep FEWSHOT_POOL_PER_CLASS
+    seeded images per class: only those are embedded."""
+    kind, root = parse_fewshot(spec)
+    if kind == "shapes":
         test = test if test is not None else ShapesLabelled("test", num_images, label="object", seed=seed,
                                                             image_size=image_size)
         return {"object": (ShapesLabelled("val", FEWSHOT_POOL_PER_CLASS * test.num_classes, label="object",
                                           seed=seed, image_size=image_size), test)}
-    kind, _, root = spec.partition(":")
-    if kind == "imagefolder" and root:
-        splits = [os.path.join(root, s) for s in ("train", "test", "val") if os.path.isdir(os.path.join(root, s))]
-        if len(splits) < 2 or not splits[0].endswith("train"):
-            raise FileNotFoundError(f"few-shot data {spec!r}: expected class folders under {root}/train and "
-                                    f"{root}/test (or {root}/val)")
-        pool, test = (image_folder(d, image_transform(image_size, train=False)) for d in splits[:2])
+    if kind == "imagefolder":
+        splits = fewshot_splits(spec, root)
+        pool, test = (image_folder(d, image_transform(image_size, train=False)) for d in splits)
         if pool.classnames != test.classnames:
             raise ValueError(f"few-shot data {spec!r}: {splits[0]} and {splits[1]} have different class folders")
-    elif kind in ("cifar10", "cifar100") and root:
-        pool, test = (cifar_zeroshot(kind, root, image_size, train=train)[0] for train in (True, False))
     else:
-        raise ValueError(f"few-shot data {spec!r}: use shapes, imagefolder:ROOT, cifar10:ROOT or cifar100:ROOT")
+        pool, test = (cifar_zeroshot(kind, root, image_size, train=train)[0]
+                      for train in (True, False))
     targets, generator = torch.tensor(pool.targets), torch.Generator().manual_seed(seed)
     keep = [idx[torch.randperm(len(idx), generator=generator)[:FEWSHOT_POOL_PER_CLASS]]
             for idx in ((targets == c).nonzero().flatten() for c in range(pool.num_classes))]
@@ -236,6 +366,67 @@ def csv_retrieval(path: str, *, image_size: int,
     return RetrievalSet(Subset(pairs, list(first_row.values())), [c for _, c in pairs.rows], owner)
 
 
+def read_karpathy(json_path: str, image_root: str, split: str) -> tuple[list[str], list[list[str]]]:
+    """(image paths, captions of each image) of one split of a Karpathy-split file (Karpathy and
+    Fei-Fei 2015; the COCO 5k / Flickr30k 1k test sets of the paper's retrieval, Sec. 5):
+    {"images": [{"filepath" (COCO only), "filename", "split", "sentences": [{"raw"}, ...]}, ...]};
+    the image is IMAGE_ROOT/filepath/filename. The first CAPTIONS_PER_IMAGE captions of each image
+    are kept (COCO has a few images with more; the usual 5k-image protocol counts five each). Reads
+    no image, but checks that every one exists: FileNotFoundError or ValueError, one line."""
+    for what, path, exists in (("Karpathy caption file", json_path, os.path.isfile),
+                               ("image root", image_root, os.path.isdir)):
+        if not exists(path):
+            raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            entries = json.load(f)["images"]
+        splits = sorted({e["split"] for e in entries})
+        chosen = [e for e in entries if e["split"] == split]
+        paths = [os.path.join(image_root, e.get("filepath", ""), e["filename"]) for e in chosen]
+        captions = [[s["raw"] for s in e["sentences"]][:CAPTIONS_PER_IMAGE] for e in chosen]
+    except ValueError as e:                                 # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{json_path} is not valid JSON: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{json_path} is not in the Karpathy format {{'images': [{{'filename', "
+                         f"'split', 'sentences': [{{'raw'}}, ...]}}, ...]}} "
+                         f"({type(e).__name__}: {e})") from None
+    if not chosen:
+        raise ValueError(f"{json_path} has no split {split!r}; its splits: "
+                         f"{', '.join(map(str, splits))}")
+    bad = [p for p, c in zip(paths, captions) if not c or not all(isinstance(s, str) for s in c)]
+    if bad:
+        raise ValueError(f"{json_path}: {len(bad)} image(s) of split {split!r} have no text "
+                         f"captions ('sentences' with a 'raw' string), e.g. {bad[0]}")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images of split {split!r} of "
+                                f"{json_path} are missing, e.g. {', '.join(missing[:3])}")
+    return paths, captions
+
+
+def karpathy_retrieval(json_path: str, image_root: str, split: str, *,
+                       image_size: int) -> RetrievalSet:
+    """A Karpathy split (read_karpathy) as a retrieval set: each image with its captions. An image
+    that cannot be decoded stops evaluation with its name (LabelledImages: never substituted)."""
+    paths, captions = read_karpathy(json_path, image_root, split)
+    images = LabelledImages(image_transform(image_size, train=False), paths, range(len(paths)),
+                            paths=paths)
+    owner = torch.arange(len(paths)).repeat_interleave(torch.tensor([len(c) for c in captions]))
+    return RetrievalSet(images, [c for per_image in captions for c in per_image], owner)
+
+
+def retrieval_set(spec: str, image_size: int, num_images: int, seed: int,
+                  csv_keys: tuple[str, str, str | None]) -> RetrievalSet:
+    """RETRIEVAL_SPECS: the shapes world's split 'test', a caption CSV or a Karpathy split."""
+    kind, *where = parse_retrieval(spec)
+    if kind == "shapes":
+        return shapes_retrieval(num_images, CAPTIONS_PER_IMAGE, seed=seed, image_size=image_size)
+    if kind == "csv":
+        return csv_retrieval(spec, image_size=image_size, img_key=csv_keys[0],
+                             caption_key=csv_keys[1], separator=csv_keys[2])
+    return karpathy_retrieval(*where, image_size=image_size)
+
+
 def build_eval_suite(spec: str = "shapes", *, tokenizer: Tokenizer, image_size: int,
                      num_images: int = 500, seed: int = 0,
                      tasks: Sequence[str] = ("zeroshot", "retrieval"),
@@ -245,34 +436,24 @@ def build_eval_suite(spec: str = "shapes", *, tokenizer: Tokenizer, image_size: 
                      ) -> EvalSuite:
     """Build the datasets once. `spec` names the data of every task; zeroshot_data / retrieval_data /
     fewshot_data override it per task. 'shapes' = the shapes world's split 'test' (num_images images,
-    `seed`); a .csv/.tsv serves retrieval only; imagefolder:/cifar: serve zero-shot and few-shot
-    (fewshot_sets says which split does what)."""
+    `seed`); a .csv/.tsv or karpathy: serve retrieval only; imagefolder:/imagenet:/cifar: serve
+    zero-shot (imagefolder: and cifar: also few-shot: fewshot_sets says which split does what). A
+    spec that cannot serve its task raises ValueError: a task asked for is never skipped."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown eval task(s) {sorted(unknown)}; choose from {TASKS}")
     suite = EvalSuite(tokenizer)
-    zs_spec, rt_spec = zeroshot_data or spec, retrieval_data or spec
-    if "zeroshot" in tasks and zs_spec.lower().endswith((".csv", ".tsv")):
-        suite.notes.append(f"zero-shot skipped: {zs_spec} has captions, not class labels")
-    elif "zeroshot" in tasks:
+    zs_spec = zeroshot_data or spec
+    if "zeroshot" in tasks:
         suite.zeroshot = zeroshot_sets(zs_spec, image_size, num_images, seed)
-    if "retrieval" in tasks and rt_spec == "shapes":
-        suite.retrieval = shapes_retrieval(num_images, CAPTIONS_PER_IMAGE, seed=seed,
-                                           image_size=image_size)
-    elif "retrieval" in tasks and rt_spec.lower().endswith((".csv", ".tsv")):
-        suite.retrieval = csv_retrieval(rt_spec, image_size=image_size,
-                                        img_key=csv_keys[0], caption_key=csv_keys[1],
-                                        separator=csv_keys[2])
-    elif "retrieval" in tasks:
-        suite.notes.append(f"retrieval skipped: {rt_spec} has class labels, not captions")
-    if suite.retrieval is not None:
+    if "retrieval" in tasks:
+        suite.retrieval = retrieval_set(retrieval_data or spec, image_size, num_images, seed,
+                                        csv_keys)
         suite.retrieval_tokens = tokenizer.encode(suite.retrieval.captions)
-    fs_spec = fewshot_data or spec
-    if "fewshot" in tasks and fs_spec.lower().endswith((".csv", ".tsv")):
-        suite.notes.append(f"few-shot skipped: {fs_spec} has captions, not class labels")
-    elif "fewshot" in tasks:
-        shared = suite.zeroshot["object"][0] if zs_spec == "shapes" and "object" in suite.zeroshot else None
-        suite.fewshot = fewshot_sets(fs_spec, image_size, seed, shared, num_images)    # shapes: embedded once
+    if "fewshot" in tasks:
+        shared = suite.zeroshot["object"][0] if zs_spec == "shapes" and "object" in suite.zeroshot \
+            else None                                       # the shapes test images: embedded once
+        suite.fewshot = fewshot_sets(fewshot_data or spec, image_size, seed, shared, num_images)
     return suite
 
 
@@ -688,11 +869,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tasks", default="zeroshot,retrieval,fewshot", help=f"comma list of {TASKS}")
     add("--zeroshot-data", default="shapes", help=f"{ZEROSHOT_SPECS} (CIFAR in torchvision's format). "
         "CLASSNAMES_FILE: one name per line, the k-th naming ROOT's k-th class folder in sorted "
-        "(alphabetical) order")
-    add("--fewshot-data", default="shapes", help="shapes | imagefolder:ROOT (probe trained on ROOT/train, "
-        "scored on ROOT/test or ROOT/val) | cifar10:ROOT | cifar100:ROOT (train / test split)")
-    add("--retrieval-data", default="shapes", help=f"{RETRIEVAL_SPECS} (rows with the same image "
-        "path are one image with several captions)")
+        "(alphabetical) order. imagenet:ROOT: the ILSVRC-2012 val set as 1,000 WordNet-id folders, "
+        "torchvision's class names, top-1/top-5")
+    add("--fewshot-data", default="shapes", help=f"{FEWSHOT_SPECS} (imagefolder: probe trained on "
+        "ROOT/train, scored on ROOT/test or ROOT/val; cifar: the train / test split)")
+    add("--retrieval-data", default="shapes", help=f"{RETRIEVAL_SPECS} (CSV rows with the same "
+        "image path are one image with several captions; karpathy: dataset_coco.json or "
+        "dataset_flickr30k.json, the images of SPLIT (e.g. test) at IMAGE_ROOT/filepath/filename, "
+        "five captions each)")
     add("--num-images", type=int, default=500, help="shapes test images (files are used whole)")
     add("--seed", type=int, default=0, help="shapes world seed of the evaluation images")
     add("--embeddings", default="main,tower3,mix", help="views to score with; clip and lit have "
@@ -732,6 +916,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except ValueError:
             p.error(f"--{flag} {getattr(args, flag)!r}: expected comma-separated {kind.__name__}s")
     check_ranges(p, args, RANGES)
+    for flag, task in (("zeroshot_data", "zeroshot"), ("retrieval_data", "retrieval"),
+                       ("fewshot_data", "fewshot")):
+        try:                            # the data of every task, before any work (never skipped)
+            check_source(task, getattr(args, flag))
+        except (OSError, ValueError) as e:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {' '.join(str(e).split())}")
     return args
 
 
@@ -767,7 +957,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(f"{model.mode} checkpoint {args.checkpoint} (trained on {train.get('train_data', '?')}): "
           f"scoring with {', '.join(dict.fromkeys(v for _, v, _ in view_list))}"
           + ("" if model.mode == "3t" else " (only the main embeddings exist in this mode)"))
-    print("".join(f"note: {note}\n" for note in suite.notes), end="")
     try:
         results = evaluate(model, tower3, suite, device=args.device, batch_size=args.batch_size,
                            alphas=alphas, progress=args.progress, embeddings=embeddings)
