@@ -22,20 +22,23 @@ score counts against it too, so a broken model gets 0. Non-finite embeddings add
 'nonfinite/embeddings' (% of embedded rows), a warning, and make eval.py exit with an error.
 
     python eval.py --checkpoint runs/NAME/ckpt.pt --tasks zeroshot,retrieval,fewshot
+    python eval.py --curves runs/NAME/metrics.jsonl         # curves.png: losses, t, evaluations
 
 The tasks' data do not depend on a model, so `build_eval_suite` builds them once -- from the shapes
 world (shapes.py: its test split, its own prompts) or from files: an ImageFolder with a class-name
 file, ImageNet's validation folders, CIFAR-10/100, a CSV of image paths and captions, a Karpathy
 split of COCO or Flickr30k. A data spec that cannot serve its task stops at parse time
 (check_source): no task asked for is skipped. train.py calls `evaluate(...)` periodically on every
-rank, each embedding its share of the images and texts.
+rank, each embedding its share of the images and texts, and `write_curves` at the end of a run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import sys
 import textwrap
 import warnings
 from dataclasses import dataclass, field
@@ -857,7 +860,218 @@ def save_retrieval_grid(path: str, model: ThreeTowers, tower3: FrozenTower | Non
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The command line (model.load_trained rebuilds the checkpoint's model)
+# 7. Figures: small multiples drawn with PIL (which torchvision brings), and a run's training curves
+# ----------------------------------------------------------------------------------------------
+# A panel: (title, y-axis label, {line label: [(x, y) or (x, y, error), ...]}).
+Panel = tuple[str, str, dict[str, list[tuple[float, ...]]]]
+PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+PANEL_W, PANEL_H = 560, 320             # pixels of one panel, legend included
+# margins: y ticks and label, title, legend, x ticks and label
+LEFT, TOP, RIGHT, BOTTOM = 70, 30, 160, 46
+INSET = 8                               # data <-> frame
+
+
+def _font(size: int = 12):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)        # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
+    """Round tick values, 1, 2, 2.5 or 5 x 10^k apart, from at or below lo to at or above hi."""
+    if not hi > lo:                                      # one value: a band around it
+        pad = abs(lo) * 0.05 or 1.0
+        lo, hi = lo - pad, hi + pad
+    raw = (hi - lo) / target
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [k * step for k in range(first, last + 1)]
+
+
+def _tick_text(value: float, ticks: Sequence[float]) -> str:
+    """A tick value with as many decimals as the spacing of the ticks needs (0.25 -> 2, 20 -> 0)."""
+    step = min((b - a for a, b in zip(ticks, ticks[1:])), default=1.0)
+    digits = next(d for d in range(8) if abs(round(step, d) - step) <= step * 1e-6 or d == 7)
+    return f"{value:,.{digits}f}"
+
+
+def draw_panels(path: str, panels: Sequence[Panel], *, x_label: str = "step", log_x: bool = False,
+                x_ticks: Sequence[float] | None = None, y_range: tuple[float, float] | None = None,
+                colours: dict[str, tuple[int, int, int]] | None = None,
+                columns: int = 3) -> tuple[int, int]:
+    """Save small multiples as a PNG, one panel per (title, y label, lines); return its size. The
+    panels share the x axis (x_label; log scale with log_x; ticks x_ticks, else round values);
+    each has its own y range (or y_range), tick values, a grid, its lines with markers and +- error
+    bars, and a legend. A line's colour is `colours[label]`, else PALETTE's k-th for the panel's
+    k-th line (panels listing the same lines in the same order, like curve_panels' views, colour
+    them alike). The project's one plotter: training curves (draw_curves), reproduce.py's sweep."""
+    if not panels or not any(panel[2] for panel in panels):
+        raise ValueError("nothing to draw: no panel has a line")
+    to_axis = math.log10 if log_x else float
+    xs = [p[0] for _, _, lines in panels for points in lines.values() for p in points]
+    if x_ticks:
+        ticks = list(x_ticks)
+    elif log_x:                                                       # the powers of 10 inside
+        lo, hi = math.ceil(math.log10(min(xs)) - 1e-9), math.floor(math.log10(max(xs)) + 1e-9)
+        ticks = [10.0 ** k for k in range(lo, hi + 1)]
+    else:
+        ticks = nice_ticks(min(xs), max(xs))
+    span = [to_axis(v) for v in (min(xs + ticks), max(xs + ticks))]
+    if span[0] == span[1]:
+        span = [span[0] - 1, span[1] + 1]
+    columns = min(columns, len(panels))
+    image = Image.new("RGB", (columns * PANEL_W, -(-len(panels) // columns) * PANEL_H), "white")
+    for i, panel in enumerate(panels):
+        colour = {name: (colours or {}).get(name, PALETTE[k % len(PALETTE)])
+                  for k, name in enumerate(panel[2])}
+        _draw_panel(image, ((i % columns) * PANEL_W, (i // columns) * PANEL_H), panel, colour,
+                    (to_axis, span, ticks, x_label), y_range)
+    image.save(path)
+    return image.size
+
+
+def _draw_panel(image: Image.Image, origin: tuple[int, int], panel: Panel, colour: dict,
+                x_axis: tuple, y_range: tuple[float, float] | None) -> None:
+    """One panel of draw_panels at origin (its top-left pixel). The data sit INSET pixels inside
+    the frame, so that points at the ends of the axes stay visible."""
+    (title, y_label, lines), (to_axis, span, x_ticks, x_label) = panel, x_axis
+    draw, font, (x0, y0) = ImageDraw.Draw(image), _font(), origin
+    box = (x0 + LEFT, y0 + TOP, x0 + PANEL_W - RIGHT, y0 + PANEL_H - BOTTOM)
+    err = lambda p: p[2] if len(p) > 2 else 0.0                                       # noqa: E731
+    ys = [v for points in lines.values() for p in points for v in (p[1] - err(p), p[1] + err(p))]
+    y_ticks = nice_ticks(*(y_range or (min(ys, default=0.0), max(ys, default=1.0))))
+    lo, hi = y_ticks[0], y_ticks[-1]
+
+    def px(x: float) -> float:
+        fraction = (to_axis(x) - span[0]) / (span[1] - span[0])
+        return box[0] + INSET + (box[2] - box[0] - 2 * INSET) * fraction
+
+    def py(y: float) -> float:                                     # clipped to the plot (y_range)
+        y = min(hi, max(lo, y))
+        return box[3] - INSET - (box[3] - box[1] - 2 * INSET) * (y - lo) / (hi - lo)
+
+    for v in y_ticks:
+        draw.line([box[0], py(v), box[2], py(v)], fill=(228, 228, 228))
+        draw.text((box[0] - 6, py(v)), _tick_text(v, y_ticks), fill="black", font=font, anchor="rm")
+    for v in x_ticks:
+        draw.line([px(v), box[1], px(v), box[3]], fill=(228, 228, 228))
+        draw.text((px(v), box[3] + 5), _tick_text(v, x_ticks), fill="black", font=font, anchor="mt")
+    draw.rectangle(box, outline="black")
+    draw.text((box[0], y0 + 8), title, fill="black", font=_font(14))
+    draw.text(((box[0] + box[2]) / 2, box[3] + 24), x_label, fill="black", font=font, anchor="mt")
+    label = Image.new("RGB", (int(draw.textlength(y_label, font=font)) + 4, 16), "white")
+    ImageDraw.Draw(label).text((2, 1), y_label, fill="black", font=font)
+    label = label.rotate(90, expand=True)
+    image.paste(label, (x0 + 4, int((box[1] + box[3] - label.height) / 2)))
+    for name, points in reversed(lines.items()):        # the first line (e.g. 'main') on top
+        points = sorted(points)
+        xy = [(px(p[0]), py(p[1])) for p in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour[name], width=2, joint="curve")
+        for (x, y), p in zip(xy, points):
+            if err(p):
+                draw.line([x, py(p[1] + err(p)), x, py(p[1] - err(p))], fill=colour[name], width=2)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour[name])
+    for n, name in enumerate(lines):                    # the legend: a swatch and the label
+        top = box[1] + 4 + 18 * n
+        if top + 14 <= box[3]:
+            draw.line([box[2] + 10, top + 7, box[2] + 30, top + 7], fill=colour[name], width=3)
+            fits = draw.textlength(name, font=font) <= RIGHT - 42
+            draw.text((box[2] + 36, top), name if fits else name[:RIGHT // 8] + "...", fill="black",
+                      font=font)
+
+
+# The curves of a run: every key of the step records that is a loss, a temperature or an in-batch
+# accuracy (losses.tower_loss's names), then every evaluation metric, one panel each with a line per
+# set of embeddings (main, tower3, mix@a), against the step.
+STEP_PANELS = (("losses", "loss", "loss"), ("temperatures", "t = exp(s)", "t"),
+               ("in-batch top-1 (training)", "accuracy", "acc"))     # (title, y label, key stem)
+CURVES_COLUMNS = 4
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl; ValueError naming the file and line of one not JSON."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}, line {n}: not a JSON record ({e})") from None
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
+
+
+def curve_panels(records: Sequence[dict]) -> list[Panel]:
+    """The panels of draw_curves from metrics.jsonl records. A step logged twice (a resumed run logs
+    again the steps after its last checkpoint) keeps its latest value."""
+    number = lambda v: isinstance(v, (int, float)) and math.isfinite(v)              # noqa: E731
+    panels = []
+    for title, y_label, stem in STEP_PANELS:               # 'loss' and 'loss/fg', ...; 't/fg', ...
+        lines: dict[str, dict] = {}
+        for r in records:
+            for key, v in r.items():
+                if "eval" not in r and (key == stem or key.startswith(stem + "/")) and number(v):
+                    lines.setdefault(key, {})[r["step"]] = v
+        if lines:
+            panels.append((title, y_label,
+                           {k: sorted(v.items()) for k, v in sorted(lines.items())}))
+    metrics: dict[str, dict] = {}
+    for r in records:
+        if isinstance(r.get("eval"), dict):
+            for rec in to_records({k: v for k, v in r["eval"].items() if number(v)}):
+                view = rec["embeddings"] if rec["alpha"] is None else f"mix@{rec['alpha']:g}"
+                metric = f"{rec['task']}/{rec['metric']}"
+                metrics.setdefault(metric, {}).setdefault(view, {})[r["step"]] = rec["value"]
+    for metric, lines in metrics.items():
+        unit = " (%)" if metric.split("/")[0] in TASKS else ""
+        panels.append((metric, metric.rsplit("/", 1)[-1] + unit,
+                       {view: sorted(p.items()) for view, p in lines.items()}))
+    return panels
+
+
+def draw_curves(metrics_path: str, out: str | None = None) -> tuple[str, tuple[int, int]]:
+    """Draw a run's metrics.jsonl as small multiples against the step (curve_panels, draw_panels):
+    out, by default curves.png beside it. Returns (path, (width, height)); FileNotFoundError or
+    ValueError (one line) for a missing file or one without a record to draw."""
+    if not os.path.isfile(metrics_path):
+        raise FileNotFoundError(f"metrics file not found: {metrics_path}")
+    panels = curve_panels(read_metrics(metrics_path))
+    if not panels:
+        raise ValueError(f"{metrics_path} has no record to draw (expected JSON lines with a 'step' "
+                         f"and 'loss', 't/...' or an 'eval' dict, as train.py writes)")
+    out = out or os.path.join(os.path.dirname(os.path.abspath(metrics_path)), "curves.png")
+    return out, draw_panels(out, panels, columns=CURVES_COLUMNS)
+
+
+def curves_command(metrics_path: str, out: str | None = None) -> dict[str, float]:
+    """`python eval.py --curves METRICS_JSONL [--out PNG]`: draw_curves; a problem is one line
+    (exit 1). Returns no metrics."""
+    try:
+        path, size = draw_curves(metrics_path, out)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"eval.py: error: {' '.join(str(e).split())}") from None
+    print(f"wrote {path} ({size[0]}x{size[1]} pixels)")
+    return {}
+
+
+def write_curves(run_dir: str) -> str | None:
+    """curves.png of a finished run from its metrics.jsonl (train.py, rank 0, once the log is
+    closed). A picture must never fail a finished run: any failure is one warning line on stderr."""
+    try:
+        return draw_curves(os.path.join(run_dir, "metrics.jsonl"))[0]
+    except Exception as e:  # noqa: BLE001 - the run's checkpoint and metrics are already written
+        print(f"warning: could not draw {os.path.join(run_dir, 'curves.png')}: {type(e).__name__}: "
+              f"{' '.join(str(e).split())}", file=sys.stderr)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The command line (model.load_trained rebuilds the checkpoint's model)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -865,7 +1079,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--checkpoint", required=True, help=f"a ckpt.pt written by train.py (format '{CHECKPOINT_FORMAT}')")
+    add("--checkpoint", default=None, help="a ckpt.pt written by train.py (format "
+        f"'{CHECKPOINT_FORMAT}'); required unless --curves")
+    add("--curves", default=None, metavar="METRICS_JSONL", help="only draw a run's metrics.jsonl "
+        "(losses, temperatures, evaluations against the step) as a PNG: --out, else curves.png "
+        "beside it")
     add("--tasks", default="zeroshot,retrieval,fewshot", help=f"comma list of {TASKS}")
     add("--zeroshot-data", default="shapes", help=f"{ZEROSHOT_SPECS} (CIFAR in torchvision's format). "
         "CLASSNAMES_FILE: one name per line, the k-th naming ROOT's k-th class folder in sorted "
@@ -891,7 +1109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the training run's, else filepath,title as open_clip)")
     add("--batch-size", type=int, default=256, help="images or texts per forward pass")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    add("--out", default=None, help="JSON records (default: <ckpt dir>/eval_<ckpt stem>.json)")
+    add("--out", default=None, help="JSON records (default: <ckpt dir>/eval_<ckpt stem>.json); "
+        "with --curves the PNG")
     add("--save-grid", default=None, help="PNG: text queries above their top-5 retrieved images")
     add("--grid-queries", default=None, help="';'-separated queries for --save-grid (default: "
         "one caption of each of the first 4 retrieval images)")
@@ -916,6 +1135,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except ValueError:
             p.error(f"--{flag} {getattr(args, flag)!r}: expected comma-separated {kind.__name__}s")
     check_ranges(p, args, RANGES)
+    if (args.checkpoint is None) == (args.curves is None):
+        p.error("expected one of --checkpoint CKPT (evaluate) or --curves METRICS_JSONL (draw)")
     for flag, task in (("zeroshot_data", "zeroshot"), ("retrieval_data", "retrieval"),
                        ("fewshot_data", "fewshot")):
         try:                            # the data of every task, before any work (never skipped)
@@ -927,6 +1148,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    if args.curves:
+        return curves_command(args.curves, args.out)
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{stem}.json")
     try:

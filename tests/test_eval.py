@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -562,3 +563,84 @@ def test_build_eval_suite_never_skips_a_task():
         with pytest.raises(ValueError, match=message):
             ev.build_eval_suite(tokenizer=tok, image_size=16, tasks=(task,),
                                 **{f"{task}_data": spec})
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves: metrics.jsonl as small multiples (PIL)
+# ----------------------------------------------------------------------------------------------
+def test_nice_ticks_are_round_and_cover_the_range():
+    assert ev.nice_ticks(0, 100) == [0, 20, 40, 60, 80, 100]
+    assert ev.nice_ticks(2.48, 4.9) == pytest.approx([2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0])
+    ticks = ev.nice_ticks(9.961, 10.118)
+    assert ticks[0] <= 9.961 and ticks[-1] >= 10.118 and 4 <= len(ticks) <= 11
+    assert ev.nice_ticks(10.0, 10.0)[0] < 10.0 < ev.nice_ticks(10.0, 10.0)[-1]   # a band around it
+
+
+def write_log(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def step_record(step, loss, fg, fh, t_fg, t_fh, acc):
+    """A record as runtime.MetricsLog writes it."""
+    return {"acc/fg": acc, "loss": loss, "loss/fg": fg, "loss/fh": fh, "t/fg": t_fg, "t/fh": t_fh,
+            "step": step, "epoch": 0, "lr": 1e-4, "samples_per_s": 600.0, "data_errors": {}}
+
+
+def eval_record(step, main, tower3, mix, r1):
+    return {"step": step, "eval": {"zeroshot/object/top1": main, "retrieval/i2t/R@1": r1,
+                                   "tower3/zeroshot/object/top1": tower3,
+                                   "mix@0.5/zeroshot/object/top1": mix}}
+
+
+LOG = [step_record(5, 4.9, 5.0, 4.8, 10.0, 10.0, 0.01),
+       step_record(10, 4.1, 4.5, 3.7, 9.9, 10.2, 0.1), eval_record(10, 12.0, 20.0, 18.0, 3.0),
+       step_record(15, 3.9, 4.2, 3.5, 9.8, 10.4, 0.2),
+       step_record(15, 3.0, 3.2, 2.8, 9.7, 10.5, 0.3),                # a resumed run logs it again
+       eval_record(15, 22.0, 25.0, 28.0, 7.0)]
+
+
+def test_curve_panels_group_losses_temperatures_and_each_eval_metric():
+    panels = {title: (y_label, lines) for title, y_label, lines in ev.curve_panels(LOG)}
+    assert list(panels) == ["losses", "temperatures", "in-batch top-1 (training)",
+                            "zeroshot/object/top1", "retrieval/i2t/R@1"]
+    assert panels["losses"][1] == {"loss": [(5, 4.9), (10, 4.1), (15, 3.0)],     # the later 15
+                                   "loss/fg": [(5, 5.0), (10, 4.5), (15, 3.2)],
+                                   "loss/fh": [(5, 4.8), (10, 3.7), (15, 2.8)]}
+    assert set(panels["temperatures"][1]) == {"t/fg", "t/fh"}
+    assert panels["zeroshot/object/top1"] == ("top1 (%)", {"main": [(10, 12.0), (15, 22.0)],
+                                                           "tower3": [(10, 20.0), (15, 25.0)],
+                                                           "mix@0.5": [(10, 18.0), (15, 28.0)]})
+
+
+def test_curves_command_draws_a_metrics_log(tmp_path, capsys):
+    log = write_log(tmp_path / "metrics.jsonl", LOG)
+    assert ev.main(["--curves", log]) == {}
+    png = tmp_path / "curves.png"                                         # default: beside the log
+    assert f"wrote {png} " in capsys.readouterr().out
+    with Image.open(png) as image:
+        assert image.size == (4 * ev.PANEL_W, 2 * ev.PANEL_H)             # 5 panels, 4 columns
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(np.int64)
+    assert pixels.std() > 20                                              # not a blank canvas
+    packed = set(np.unique(pixels @ np.array([65536, 256, 1])).tolist())
+    assert {r * 65536 + g * 256 + b for r, g, b in ev.PALETTE[:3]} <= packed   # lines drawn
+    out = tmp_path / "elsewhere.png"
+    ev.main(["--curves", log, "--out", str(out)])
+    assert out.exists()
+
+
+def test_curves_command_without_records_is_one_line(tmp_path):
+    empty = write_log(tmp_path / "metrics.jsonl", [])
+    with pytest.raises(SystemExit, match=r"^eval.py: error: .*metrics.jsonl has no record to draw "
+                                         r"\(expected JSON lines with a 'step'") as stop:
+        ev.main(["--curves", empty])
+    assert "\n" not in str(stop.value.code)
+    with pytest.raises(SystemExit, match="metrics file not found: .*nope.jsonl"):
+        ev.main(["--curves", str(tmp_path / "nope.jsonl")])
+    (tmp_path / "bad.jsonl").write_text('{"step": 1, "loss": 2}\n{"step": 2, "lo\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl, line 2: not a JSON record"):
+        ev.main(["--curves", str(tmp_path / "bad.jsonl")])
+    with pytest.raises(SystemExit) as stop:
+        ev.main([])                                          # neither --checkpoint nor --curves
+    assert stop.value.code == 2
+    assert not (tmp_path / "curves.png").exists()
