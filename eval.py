@@ -22,17 +22,23 @@ score counts against it too, so a broken model gets 0. Non-finite embeddings add
 'nonfinite/embeddings' (% of embedded rows), a warning, and make eval.py exit with an error.
 
     python eval.py --checkpoint runs/NAME/ckpt.pt --tasks zeroshot,retrieval,fewshot
+    python eval.py --curves runs/NAME/metrics.jsonl         # curves.png: losses, t, evaluations
 
 The tasks' data do not depend on a model, so `build_eval_suite` builds them once -- from the shapes
 world (shapes.py: its test split, its own prompts) or from files: an ImageFolder with a class-name
-file, CIFAR-10/100, a CSV of image paths and captions. train.py calls `evaluate(...)` periodically on
-every rank, each embedding its share of the images and texts.
+file, ImageNet's validation folders, CIFAR-10/100, a CSV of image paths and captions, a Karpathy
+split of COCO or Flickr30k. A data spec that cannot serve its task stops at parse time
+(check_source): no task asked for is skipped. train.py calls `evaluate(...)` periodically on every
+rank, each embedding its share of the images and texts, and `write_curves` at the end of a run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
+import sys
 import textwrap
 import warnings
 from dataclasses import dataclass, field
@@ -92,7 +98,6 @@ class EvalSuite:
     shots: tuple[int, ...] = (1, 5, 10)
     fewshot_seeds: int = 3
     fewshot_lambda: float = FEWSHOT_LAMBDA
-    notes: list[str] = field(default_factory=list)
 
 
 def imagefolder_zeroshot(root: str, classnames_file: str, image_size: int = 224) -> tuple[Dataset, list[str]]:
@@ -138,8 +143,86 @@ def cifar_zeroshot(name: str, root: str, image_size: int = 224, download: bool =
     return LabelledImages(image_transform(image_size, train=False), names, base.targets, array=base.data), names
 
 
-ZEROSHOT_SPECS = "shapes | imagefolder:ROOT:CLASSNAMES_FILE | cifar10:ROOT | cifar100:ROOT"
-RETRIEVAL_SPECS = "shapes | a .csv/.tsv of image paths and captions"
+def cifar_folder(name: str, root: str) -> None:
+    """FileNotFoundError unless root holds torchvision's extracted CIFAR folder (checked at parse
+    time; cifar_zeroshot reads and verifies the files themselves)."""
+    from torchvision import datasets
+
+    base = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name].base_folder
+    if not os.path.isdir(os.path.join(root, base)):
+        raise FileNotFoundError(f"{name} not found: expected torchvision's folder "
+                                f"{os.path.join(root, base)}")
+
+
+# ImageNet zero-shot (the paper's headline classification task, Sec. 5): the ILSVRC-2012 validation
+# set as 1,000 class folders named by WordNet id. Sorted wnids are the class indices, the order of
+# the class names in torchvision's weight metadata.
+IMAGENET_CLASSES = 1000
+WNID = re.compile(r"n\d{8}")
+# Our own prompts for ImageNet's class names. CLIP (Radford et al. 2021, Sec. 3.1.4) ensembles many
+# templates because one bare phrasing is ambiguous (a "crane" bird or machine) and unlike the
+# captions the text tower learned from; averaging the embeddings of varied contexts -- medium,
+# quality, framing -- gives a steadier class embedding than any single template (`ensemble`).
+IMAGENET_TEMPLATES = [
+    "a photo of a {}.", "a snapshot of a {}.", "there is a {} in this image.",
+    "an example of a {}.", "a {} seen up close.", "a {} seen from far away.",
+    "a cropped image of a {}.", "an out-of-focus photo of a {}.", "a grainy photo showing a {}.",
+    "a dimly lit photo of a {}.", "a brightly lit photo of a {}.",
+    "a black-and-white photograph of a {}.", "a pencil sketch of a {}.", "an oil painting of a {}.",
+    "a cartoon drawing of a {}.", "a toy model of a {}.", "a {}, photographed outdoors.",
+    "a {}, photographed indoors.", "a {} in its usual surroundings.",
+    "my favourite picture of a {}.",
+]
+
+
+def imagenet_classnames() -> list[str]:
+    """The 1,000 ILSVRC-2012 class names in class-index (sorted wnid) order, from torchvision's
+    weight metadata (part of the package: nothing is downloaded)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def imagenet_folders(root: str) -> list[str]:
+    """The sorted wnid class folders of an ImageNet validation root; FileNotFoundError or a
+    one-line ValueError (how many found, an example) unless it holds the 1,000 of them, no other."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"ImageNet folder not found: {root}")
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    folders = [e.name for e in entries if e.is_dir()]
+    wnids = [f for f in folders if WNID.fullmatch(f)]
+    others = [f for f in folders if not WNID.fullmatch(f)]
+    if len(wnids) != IMAGENET_CLASSES or others:
+        files = [e.name for e in entries if not e.is_dir()]
+        example = (f"e.g. folder {others[0]!r}" if others else f"e.g. file {files[0]!r}" if files
+                   else f"e.g. {wnids[0]!r}" if wnids else "it is empty")
+        raise ValueError(f"{root}: expected the {IMAGENET_CLASSES:,} ILSVRC-2012 class folders "
+                         f"named by WordNet id (n + 8 digits, e.g. n01440764), found "
+                         f"{len(wnids):,} such folders, {len(others):,} other folders and "
+                         f"{len(files):,} files ({example})")
+    return wnids
+
+
+def imagenet_zeroshot(root: str, image_size: int = 224) -> tuple[Dataset, list[str]]:
+    """ImageNet's validation folders (imagenet_folders) with torchvision's class names: the image of
+    the k-th folder in sorted order has label k and is scored against name k."""
+    imagenet_folders(root)
+    data = image_folder(root, image_transform(image_size, train=False))    # labels: sorted folders
+    data.classnames = imagenet_classnames()
+    return data, data.classnames
+
+
+ZEROSHOT_SPECS = ("shapes | imagefolder:ROOT:CLASSNAMES_FILE | imagenet:ROOT | cifar10:ROOT | "
+                  "cifar100:ROOT")
+RETRIEVAL_SPECS = ("shapes | a .csv/.tsv of image paths and captions | "
+                   "karpathy:JSON:IMAGE_ROOT:SPLIT")
+FEWSHOT_SPECS = "shapes | imagefolder:ROOT | cifar10:ROOT | cifar100:ROOT"
+
+
+def _expected(specs: str) -> str:
+    """'a | b | c' -> 'use a, b or c': the accepted syntaxes, for an error line."""
+    *first, last = specs.split(" | ")
+    return "use " + (", ".join(first) + " or " if first else "") + last
 
 
 def parse_zeroshot(spec: str) -> tuple[str, str, str | None]:
@@ -151,25 +234,64 @@ def parse_zeroshot(spec: str) -> tuple[str, str, str | None]:
     if kind == "imagefolder" and ":" in rest:
         root, _, names_file = rest.rpartition(":")
         return kind, root, names_file
-    if kind in ("cifar10", "cifar100") and rest:
+    if kind in ("imagenet", "cifar10", "cifar100") and rest:
         return kind, rest, None
-    raise ValueError(f"zero-shot data {spec!r}: use shapes, imagefolder:ROOT:CLASSNAMES_FILE, "
-                     f"cifar10:ROOT or cifar100:ROOT")
+    raise ValueError(f"zero-shot data {spec!r}: {_expected(ZEROSHOT_SPECS)}")
+
+
+def parse_retrieval(spec: str) -> tuple[str, ...]:
+    """('shapes',), ('csv', path) or ('karpathy', json, image root, split) of a retrieval spec in
+    RETRIEVAL_SPECS' syntax; ValueError if it is none of them. SPLIT is the last ':' field and
+    IMAGE_ROOT the one before, so only the JSON path may hold a ':'."""
+    if spec == "shapes":
+        return ("shapes",)
+    if spec.lower().endswith((".csv", ".tsv")):
+        return "csv", spec
+    kind, _, rest = spec.partition(":")
+    parts = rest.rsplit(":", 2)
+    if kind == "karpathy" and len(parts) == 3 and all(parts):
+        return ("karpathy", *parts)
+    raise ValueError(f"retrieval data {spec!r}: {_expected(RETRIEVAL_SPECS)}")
+
+
+def parse_fewshot(spec: str) -> tuple[str, str]:
+    """(kind, root) of a few-shot spec in FEWSHOT_SPECS' syntax; ValueError if none of them."""
+    if spec == "shapes":
+        return "shapes", ""
+    kind, _, root = spec.partition(":")
+    if kind in ("imagefolder", "cifar10", "cifar100") and root:
+        return kind, root
+    raise ValueError(f"few-shot data {spec!r}: {_expected(FEWSHOT_SPECS)}")
 
 
 def check_source(task: str, spec: str) -> None:
-    """Fail fast (FileNotFoundError, ValueError) on a zero-shot or retrieval spec that cannot work: its
-    syntax, that its folders and files exist, and that an ImageFolder's class-name file names its class
-    folders -- without reading an image, so a trainer can check its flags before any work."""
+    """Fail fast (FileNotFoundError, ValueError) on a zero-shot, retrieval or few-shot spec that
+    cannot work: its syntax, that its folders and files exist, an ImageFolder's class-name file,
+    ImageNet's 1,000 class folders, a Karpathy file's split and images -- reading no image, so that
+    eval.py and train.py can check their flags before any work. No task is skipped silently."""
     if task == "retrieval":
-        if spec != "shapes" and not spec.lower().endswith((".csv", ".tsv")):
-            raise ValueError(f"retrieval data {spec!r}: use shapes or a .csv/.tsv of image paths and captions")
-        if spec != "shapes" and not os.path.isfile(spec):
+        kind, *where = parse_retrieval(spec)
+        if kind == "csv" and not os.path.isfile(spec):
             raise FileNotFoundError(f"caption file not found: {spec}")
+        if kind == "karpathy":
+            read_karpathy(*where)
         return
+    if task == "fewshot":
+        kind, root = parse_fewshot(spec)
+        if kind == "imagefolder":
+            fewshot_splits(spec, root)
+        elif kind != "shapes":
+            cifar_folder(kind, root)
+        return
+    if task != "zeroshot":
+        raise ValueError(f"unknown eval task {task!r}; choose from {TASKS}")
     kind, root, names_file = parse_zeroshot(spec)
-    if kind != "shapes" and not os.path.isdir(root):
-        raise FileNotFoundError(f"{'image folder' if names_file else kind + ' folder'} not found: {root}")
+    if kind == "imagefolder" and not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if kind == "imagenet":
+        imagenet_folders(root)
+    elif kind in ("cifar10", "cifar100"):
+        cifar_folder(kind, root)
     if names_file is not None:
         if not os.path.isfile(names_file):
             raise FileNotFoundError(f"class-name file not found: {names_file}")
@@ -184,6 +306,9 @@ def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int
         return {name: (ShapesLabelled("test", num_images, label=name, seed=seed,
                                       image_size=image_size), classes, prompts)
                 for name, (classes, prompts) in zeroshot_tasks().items()}
+    if kind == "imagenet":
+        data, classes = imagenet_zeroshot(root, image_size)
+        return {kind: (data, classes, prompts_of(classes, IMAGENET_TEMPLATES))}
     if kind == "imagefolder":
         data, classes = imagefolder_zeroshot(root, names_file, image_size)
     else:
@@ -191,30 +316,38 @@ def zeroshot_sets(spec: str, image_size: int, num_images: int, seed: int
     return {kind: (data, classes, prompts_of(classes))}
 
 
+def fewshot_splits(spec: str, root: str) -> list[str]:
+    """ROOT/train and ROOT/test (or ROOT/val) of an imagefolder few-shot spec; else
+    FileNotFoundError."""
+    splits = [os.path.join(root, s) for s in ("train", "test", "val")
+              if os.path.isdir(os.path.join(root, s))]
+    if len(splits) < 2 or not splits[0].endswith("train"):
+        raise FileNotFoundError(f"few-shot data {spec!r}: expected class folders under "
+                                f"{root}/train and {root}/test (or {root}/val)")
+    return splits[:2]
+
+
 def fewshot_sets(spec: str, image_size: int, seed: int, test: Dataset | None = None,
                  num_images: int = 500) -> dict[str, tuple[Dataset, Dataset]]:
-    """Task -> (probe-train pool, probe-test images). 'shapes': the 'object' task, pool from split 'val', test
-    images from 'test' (`test` if given), disjoint by construction. imagefolder:ROOT: ROOT/train is the pool,
-    ROOT/test (or ROOT/val) is scored, with the same class folders. cifar10:ROOT / cifar100:ROOT: the train and
-    test splits. Pools keep FEWSHOT_POOL_PER_CLASS seeded images per class: only those are embedded."""
-    if spec == "shapes":
+    """Task -> (probe-train pool, probe-test images). 'shapes': the 'object' task, pool from split
+    'val', test images from 'test' (`test` if given), disjoint by construction. imagefolder:ROOT:
+    ROOT/train is the pool, ROOT/test (or ROOT/val) is scored, with the same class folders.
+    cifar10:ROOT / cifar100:ROOT: the train and test splits. Pools keep FEWSHOT_POOL_PER_CLASS
+    seeded images per class: only those are embedded."""
+    kind, root = parse_fewshot(spec)
+    if kind == "shapes":
         test = test if test is not None else ShapesLabelled("test", num_images, label="object", seed=seed,
                                                             image_size=image_size)
         return {"object": (ShapesLabelled("val", FEWSHOT_POOL_PER_CLASS * test.num_classes, label="object",
                                           seed=seed, image_size=image_size), test)}
-    kind, _, root = spec.partition(":")
-    if kind == "imagefolder" and root:
-        splits = [os.path.join(root, s) for s in ("train", "test", "val") if os.path.isdir(os.path.join(root, s))]
-        if len(splits) < 2 or not splits[0].endswith("train"):
-            raise FileNotFoundError(f"few-shot data {spec!r}: expected class folders under {root}/train and "
-                                    f"{root}/test (or {root}/val)")
-        pool, test = (image_folder(d, image_transform(image_size, train=False)) for d in splits[:2])
+    if kind == "imagefolder":
+        splits = fewshot_splits(spec, root)
+        pool, test = (image_folder(d, image_transform(image_size, train=False)) for d in splits)
         if pool.classnames != test.classnames:
             raise ValueError(f"few-shot data {spec!r}: {splits[0]} and {splits[1]} have different class folders")
-    elif kind in ("cifar10", "cifar100") and root:
-        pool, test = (cifar_zeroshot(kind, root, image_size, train=train)[0] for train in (True, False))
     else:
-        raise ValueError(f"few-shot data {spec!r}: use shapes, imagefolder:ROOT, cifar10:ROOT or cifar100:ROOT")
+        pool, test = (cifar_zeroshot(kind, root, image_size, train=train)[0]
+                      for train in (True, False))
     targets, generator = torch.tensor(pool.targets), torch.Generator().manual_seed(seed)
     keep = [idx[torch.randperm(len(idx), generator=generator)[:FEWSHOT_POOL_PER_CLASS]]
             for idx in ((targets == c).nonzero().flatten() for c in range(pool.num_classes))]
@@ -236,6 +369,67 @@ def csv_retrieval(path: str, *, image_size: int,
     return RetrievalSet(Subset(pairs, list(first_row.values())), [c for _, c in pairs.rows], owner)
 
 
+def read_karpathy(json_path: str, image_root: str, split: str) -> tuple[list[str], list[list[str]]]:
+    """(image paths, captions of each image) of one split of a Karpathy-split file (Karpathy and
+    Fei-Fei 2015; the COCO 5k / Flickr30k 1k test sets of the paper's retrieval, Sec. 5):
+    {"images": [{"filepath" (COCO only), "filename", "split", "sentences": [{"raw"}, ...]}, ...]};
+    the image is IMAGE_ROOT/filepath/filename. The first CAPTIONS_PER_IMAGE captions of each image
+    are kept (COCO has a few images with more; the usual 5k-image protocol counts five each). Reads
+    no image, but checks that every one exists: FileNotFoundError or ValueError, one line."""
+    for what, path, exists in (("Karpathy caption file", json_path, os.path.isfile),
+                               ("image root", image_root, os.path.isdir)):
+        if not exists(path):
+            raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            entries = json.load(f)["images"]
+        splits = sorted({e["split"] for e in entries})
+        chosen = [e for e in entries if e["split"] == split]
+        paths = [os.path.join(image_root, e.get("filepath", ""), e["filename"]) for e in chosen]
+        captions = [[s["raw"] for s in e["sentences"]][:CAPTIONS_PER_IMAGE] for e in chosen]
+    except ValueError as e:                                 # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{json_path} is not valid JSON: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{json_path} is not in the Karpathy format {{'images': [{{'filename', "
+                         f"'split', 'sentences': [{{'raw'}}, ...]}}, ...]}} "
+                         f"({type(e).__name__}: {e})") from None
+    if not chosen:
+        raise ValueError(f"{json_path} has no split {split!r}; its splits: "
+                         f"{', '.join(map(str, splits))}")
+    bad = [p for p, c in zip(paths, captions) if not c or not all(isinstance(s, str) for s in c)]
+    if bad:
+        raise ValueError(f"{json_path}: {len(bad)} image(s) of split {split!r} have no text "
+                         f"captions ('sentences' with a 'raw' string), e.g. {bad[0]}")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images of split {split!r} of "
+                                f"{json_path} are missing, e.g. {', '.join(missing[:3])}")
+    return paths, captions
+
+
+def karpathy_retrieval(json_path: str, image_root: str, split: str, *,
+                       image_size: int) -> RetrievalSet:
+    """A Karpathy split (read_karpathy) as a retrieval set: each image with its captions. An image
+    that cannot be decoded stops evaluation with its name (LabelledImages: never substituted)."""
+    paths, captions = read_karpathy(json_path, image_root, split)
+    images = LabelledImages(image_transform(image_size, train=False), paths, range(len(paths)),
+                            paths=paths)
+    owner = torch.arange(len(paths)).repeat_interleave(torch.tensor([len(c) for c in captions]))
+    return RetrievalSet(images, [c for per_image in captions for c in per_image], owner)
+
+
+def retrieval_set(spec: str, image_size: int, num_images: int, seed: int,
+                  csv_keys: tuple[str, str, str | None]) -> RetrievalSet:
+    """RETRIEVAL_SPECS: the shapes world's split 'test', a caption CSV or a Karpathy split."""
+    kind, *where = parse_retrieval(spec)
+    if kind == "shapes":
+        return shapes_retrieval(num_images, CAPTIONS_PER_IMAGE, seed=seed, image_size=image_size)
+    if kind == "csv":
+        return csv_retrieval(spec, image_size=image_size, img_key=csv_keys[0],
+                             caption_key=csv_keys[1], separator=csv_keys[2])
+    return karpathy_retrieval(*where, image_size=image_size)
+
+
 def build_eval_suite(spec: str = "shapes", *, tokenizer: Tokenizer, image_size: int,
                      num_images: int = 500, seed: int = 0,
                      tasks: Sequence[str] = ("zeroshot", "retrieval"),
@@ -245,34 +439,24 @@ def build_eval_suite(spec: str = "shapes", *, tokenizer: Tokenizer, image_size: 
                      ) -> EvalSuite:
     """Build the datasets once. `spec` names the data of every task; zeroshot_data / retrieval_data /
     fewshot_data override it per task. 'shapes' = the shapes world's split 'test' (num_images images,
-    `seed`); a .csv/.tsv serves retrieval only; imagefolder:/cifar: serve zero-shot and few-shot
-    (fewshot_sets says which split does what)."""
+    `seed`); a .csv/.tsv or karpathy: serve retrieval only; imagefolder:/imagenet:/cifar: serve
+    zero-shot (imagefolder: and cifar: also few-shot: fewshot_sets says which split does what). A
+    spec that cannot serve its task raises ValueError: a task asked for is never skipped."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown eval task(s) {sorted(unknown)}; choose from {TASKS}")
     suite = EvalSuite(tokenizer)
-    zs_spec, rt_spec = zeroshot_data or spec, retrieval_data or spec
-    if "zeroshot" in tasks and zs_spec.lower().endswith((".csv", ".tsv")):
-        suite.notes.append(f"zero-shot skipped: {zs_spec} has captions, not class labels")
-    elif "zeroshot" in tasks:
+    zs_spec = zeroshot_data or spec
+    if "zeroshot" in tasks:
         suite.zeroshot = zeroshot_sets(zs_spec, image_size, num_images, seed)
-    if "retrieval" in tasks and rt_spec == "shapes":
-        suite.retrieval = shapes_retrieval(num_images, CAPTIONS_PER_IMAGE, seed=seed,
-                                           image_size=image_size)
-    elif "retrieval" in tasks and rt_spec.lower().endswith((".csv", ".tsv")):
-        suite.retrieval = csv_retrieval(rt_spec, image_size=image_size,
-                                        img_key=csv_keys[0], caption_key=csv_keys[1],
-                                        separator=csv_keys[2])
-    elif "retrieval" in tasks:
-        suite.notes.append(f"retrieval skipped: {rt_spec} has class labels, not captions")
-    if suite.retrieval is not None:
+    if "retrieval" in tasks:
+        suite.retrieval = retrieval_set(retrieval_data or spec, image_size, num_images, seed,
+                                        csv_keys)
         suite.retrieval_tokens = tokenizer.encode(suite.retrieval.captions)
-    fs_spec = fewshot_data or spec
-    if "fewshot" in tasks and fs_spec.lower().endswith((".csv", ".tsv")):
-        suite.notes.append(f"few-shot skipped: {fs_spec} has captions, not class labels")
-    elif "fewshot" in tasks:
-        shared = suite.zeroshot["object"][0] if zs_spec == "shapes" and "object" in suite.zeroshot else None
-        suite.fewshot = fewshot_sets(fs_spec, image_size, seed, shared, num_images)    # shapes: embedded once
+    if "fewshot" in tasks:
+        shared = suite.zeroshot["object"][0] if zs_spec == "shapes" and "object" in suite.zeroshot \
+            else None                                       # the shapes test images: embedded once
+        suite.fewshot = fewshot_sets(fewshot_data or spec, image_size, seed, shared, num_images)
     return suite
 
 
@@ -675,7 +859,218 @@ def save_retrieval_grid(path: str, model: ThreeTowers, tower3: FrozenTower | Non
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The command line (model.load_trained rebuilds the checkpoint's model)
+# 7. Figures: small multiples drawn with PIL (which torchvision brings), and a run's training curves
+# ----------------------------------------------------------------------------------------------
+# A panel: (title, y-axis label, {line label: [(x, y) or (x, y, error), ...]}).
+Panel = tuple[str, str, dict[str, list[tuple[float, ...]]]]
+PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+PANEL_W, PANEL_H = 560, 320             # pixels of one panel, legend included
+# margins: y ticks and label, title, legend, x ticks and label
+LEFT, TOP, RIGHT, BOTTOM = 70, 30, 160, 46
+INSET = 8                               # data <-> frame
+
+
+def _font(size: int = 12):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)        # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
+    """Round tick values, 1, 2, 2.5 or 5 x 10^k apart, from at or below lo to at or above hi."""
+    if not hi > lo:                                      # one value: a band around it
+        pad = abs(lo) * 0.05 or 1.0
+        lo, hi = lo - pad, hi + pad
+    raw = (hi - lo) / target
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [k * step for k in range(first, last + 1)]
+
+
+def _tick_text(value: float, ticks: Sequence[float]) -> str:
+    """A tick value with as many decimals as the spacing of the ticks needs (0.25 -> 2, 20 -> 0)."""
+    step = min((b - a for a, b in zip(ticks, ticks[1:])), default=1.0)
+    digits = next(d for d in range(8) if abs(round(step, d) - step) <= step * 1e-6 or d == 7)
+    return f"{value:,.{digits}f}"
+
+
+def draw_panels(path: str, panels: Sequence[Panel], *, x_label: str = "step", log_x: bool = False,
+                x_ticks: Sequence[float] | None = None, y_range: tuple[float, float] | None = None,
+                colours: dict[str, tuple[int, int, int]] | None = None,
+                columns: int = 3) -> tuple[int, int]:
+    """Save small multiples as a PNG, one panel per (title, y label, lines); return its size. The
+    panels share the x axis (x_label; log scale with log_x; ticks x_ticks, else round values);
+    each has its own y range (or y_range), tick values, a grid, its lines with markers and +- error
+    bars, and a legend. A line's colour is `colours[label]`, else PALETTE's k-th for the panel's
+    k-th line (panels listing the same lines in the same order, like curve_panels' views, colour
+    them alike). The project's one plotter: training curves (draw_curves), reproduce.py's sweep."""
+    if not panels or not any(panel[2] for panel in panels):
+        raise ValueError("nothing to draw: no panel has a line")
+    to_axis = math.log10 if log_x else float
+    xs = [p[0] for _, _, lines in panels for points in lines.values() for p in points]
+    if x_ticks:
+        ticks = list(x_ticks)
+    elif log_x:                                                       # the powers of 10 inside
+        lo, hi = math.ceil(math.log10(min(xs)) - 1e-9), math.floor(math.log10(max(xs)) + 1e-9)
+        ticks = [10.0 ** k for k in range(lo, hi + 1)]
+    else:
+        ticks = nice_ticks(min(xs), max(xs))
+    span = [to_axis(v) for v in (min(xs + ticks), max(xs + ticks))]
+    if span[0] == span[1]:
+        span = [span[0] - 1, span[1] + 1]
+    columns = min(columns, len(panels))
+    image = Image.new("RGB", (columns * PANEL_W, -(-len(panels) // columns) * PANEL_H), "white")
+    for i, panel in enumerate(panels):
+        colour = {name: (colours or {}).get(name, PALETTE[k % len(PALETTE)])
+                  for k, name in enumerate(panel[2])}
+        _draw_panel(image, ((i % columns) * PANEL_W, (i // columns) * PANEL_H), panel, colour,
+                    (to_axis, span, ticks, x_label), y_range)
+    image.save(path)
+    return image.size
+
+
+def _draw_panel(image: Image.Image, origin: tuple[int, int], panel: Panel, colour: dict,
+                x_axis: tuple, y_range: tuple[float, float] | None) -> None:
+    """One panel of draw_panels at origin (its top-left pixel). The data sit INSET pixels inside
+    the frame, so that points at the ends of the axes stay visible."""
+    (title, y_label, lines), (to_axis, span, x_ticks, x_label) = panel, x_axis
+    draw, font, (x0, y0) = ImageDraw.Draw(image), _font(), origin
+    box = (x0 + LEFT, y0 + TOP, x0 + PANEL_W - RIGHT, y0 + PANEL_H - BOTTOM)
+    err = lambda p: p[2] if len(p) > 2 else 0.0                                       # noqa: E731
+    ys = [v for points in lines.values() for p in points for v in (p[1] - err(p), p[1] + err(p))]
+    y_ticks = nice_ticks(*(y_range or (min(ys, default=0.0), max(ys, default=1.0))))
+    lo, hi = y_ticks[0], y_ticks[-1]
+
+    def px(x: float) -> float:
+        fraction = (to_axis(x) - span[0]) / (span[1] - span[0])
+        return box[0] + INSET + (box[2] - box[0] - 2 * INSET) * fraction
+
+    def py(y: float) -> float:                                     # clipped to the plot (y_range)
+        y = min(hi, max(lo, y))
+        return box[3] - INSET - (box[3] - box[1] - 2 * INSET) * (y - lo) / (hi - lo)
+
+    for v in y_ticks:
+        draw.line([box[0], py(v), box[2], py(v)], fill=(228, 228, 228))
+        draw.text((box[0] - 6, py(v)), _tick_text(v, y_ticks), fill="black", font=font, anchor="rm")
+    for v in x_ticks:
+        draw.line([px(v), box[1], px(v), box[3]], fill=(228, 228, 228))
+        draw.text((px(v), box[3] + 5), _tick_text(v, x_ticks), fill="black", font=font, anchor="mt")
+    draw.rectangle(box, outline="black")
+    draw.text((box[0], y0 + 8), title, fill="black", font=_font(14))
+    draw.text(((box[0] + box[2]) / 2, box[3] + 24), x_label, fill="black", font=font, anchor="mt")
+    label = Image.new("RGB", (int(draw.textlength(y_label, font=font)) + 4, 16), "white")
+    ImageDraw.Draw(label).text((2, 1), y_label, fill="black", font=font)
+    label = label.rotate(90, expand=True)
+    image.paste(label, (x0 + 4, int((box[1] + box[3] - label.height) / 2)))
+    for name, points in reversed(lines.items()):        # the first line (e.g. 'main') on top
+        points = sorted(points)
+        xy = [(px(p[0]), py(p[1])) for p in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour[name], width=2, joint="curve")
+        for (x, y), p in zip(xy, points):
+            if err(p):
+                draw.line([x, py(p[1] + err(p)), x, py(p[1] - err(p))], fill=colour[name], width=2)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour[name])
+    for n, name in enumerate(lines):                    # the legend: a swatch and the label
+        top = box[1] + 4 + 18 * n
+        if top + 14 <= box[3]:
+            draw.line([box[2] + 10, top + 7, box[2] + 30, top + 7], fill=colour[name], width=3)
+            fits = draw.textlength(name, font=font) <= RIGHT - 42
+            draw.text((box[2] + 36, top), name if fits else name[:RIGHT // 8] + "...", fill="black",
+                      font=font)
+
+
+# The curves of a run: every key of the step records that is a loss, a temperature or an in-batch
+# accuracy (losses.tower_loss's names), then every evaluation metric, one panel each with a line per
+# set of embeddings (main, tower3, mix@a), against the step.
+STEP_PANELS = (("losses", "loss", "loss"), ("temperatures", "t = exp(s)", "t"),
+               ("in-batch top-1 (training)", "accuracy", "acc"))     # (title, y label, key stem)
+CURVES_COLUMNS = 4
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl; ValueError naming the file and line of one not JSON."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}, line {n}: not a JSON record ({e})") from None
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
+
+
+def curve_panels(records: Sequence[dict]) -> list[Panel]:
+    """The panels of draw_curves from metrics.jsonl records. A step logged twice (a resumed run logs
+    again the steps after its last checkpoint) keeps its latest value."""
+    number = lambda v: isinstance(v, (int, float)) and math.isfinite(v)              # noqa: E731
+    panels = []
+    for title, y_label, stem in STEP_PANELS:               # 'loss' and 'loss/fg', ...; 't/fg', ...
+        lines: dict[str, dict] = {}
+        for r in records:
+            for key, v in r.items():
+                if "eval" not in r and (key == stem or key.startswith(stem + "/")) and number(v):
+                    lines.setdefault(key, {})[r["step"]] = v
+        if lines:
+            panels.append((title, y_label,
+                           {k: sorted(v.items()) for k, v in sorted(lines.items())}))
+    metrics: dict[str, dict] = {}
+    for r in records:
+        if isinstance(r.get("eval"), dict):
+            for rec in to_records({k: v for k, v in r["eval"].items() if number(v)}):
+                view = rec["embeddings"] if rec["alpha"] is None else f"mix@{rec['alpha']:g}"
+                metric = f"{rec['task']}/{rec['metric']}"
+                metrics.setdefault(metric, {}).setdefault(view, {})[r["step"]] = rec["value"]
+    for metric, lines in metrics.items():
+        unit = " (%)" if metric.split("/")[0] in TASKS else ""
+        panels.append((metric, metric.rsplit("/", 1)[-1] + unit,
+                       {view: sorted(p.items()) for view, p in lines.items()}))
+    return panels
+
+
+def draw_curves(metrics_path: str, out: str | None = None) -> tuple[str, tuple[int, int]]:
+    """Draw a run's metrics.jsonl as small multiples against the step (curve_panels, draw_panels):
+    out, by default curves.png beside it. Returns (path, (width, height)); FileNotFoundError or
+    ValueError (one line) for a missing file or one without a record to draw."""
+    if not os.path.isfile(metrics_path):
+        raise FileNotFoundError(f"metrics file not found: {metrics_path}")
+    panels = curve_panels(read_metrics(metrics_path))
+    if not panels:
+        raise ValueError(f"{metrics_path} has no record to draw (expected JSON lines with a 'step' "
+                         f"and 'loss', 't/...' or an 'eval' dict, as train.py writes)")
+    out = out or os.path.join(os.path.dirname(os.path.abspath(metrics_path)), "curves.png")
+    return out, draw_panels(out, panels, columns=CURVES_COLUMNS)
+
+
+def curves_command(metrics_path: str, out: str | None = None) -> dict[str, float]:
+    """`python eval.py --curves METRICS_JSONL [--out PNG]`: draw_curves; a problem is one line
+    (exit 1). Returns no metrics."""
+    try:
+        path, size = draw_curves(metrics_path, out)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"eval.py: error: {' '.join(str(e).split())}") from None
+    print(f"wrote {path} ({size[0]}x{size[1]} pixels)")
+    return {}
+
+
+def write_curves(run_dir: str) -> str | None:
+    """curves.png of a finished run from its metrics.jsonl (train.py, rank 0, once the log is
+    closed). A picture must never fail a finished run: any failure is one warning line on stderr."""
+    try:
+        return draw_curves(os.path.join(run_dir, "metrics.jsonl"))[0]
+    except Exception as e:  # noqa: BLE001 - the run's checkpoint and metrics are already written
+        print(f"warning: could not draw {os.path.join(run_dir, 'curves.png')}: {type(e).__name__}: "
+              f"{' '.join(str(e).split())}", file=sys.stderr)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The command line (model.load_trained rebuilds the checkpoint's model)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -683,15 +1078,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--checkpoint", required=True, help=f"a ckpt.pt written by train.py (format '{CHECKPOINT_FORMAT}')")
+    add("--checkpoint", default=None, help="a ckpt.pt written by train.py (format "
+        f"'{CHECKPOINT_FORMAT}'); required unless --curves")
+    add("--curves", default=None, metavar="METRICS_JSONL", help="only draw a run's metrics.jsonl "
+        "(losses, temperatures, evaluations against the step) as a PNG: --out, else curves.png "
+        "beside it")
     add("--tasks", default="zeroshot,retrieval,fewshot", help=f"comma list of {TASKS}")
     add("--zeroshot-data", default="shapes", help=f"{ZEROSHOT_SPECS} (CIFAR in torchvision's format). "
         "CLASSNAMES_FILE: one name per line, the k-th naming ROOT's k-th class folder in sorted "
-        "(alphabetical) order")
-    add("--fewshot-data", default="shapes", help="shapes | imagefolder:ROOT (probe trained on ROOT/train, "
-        "scored on ROOT/test or ROOT/val) | cifar10:ROOT | cifar100:ROOT (train / test split)")
-    add("--retrieval-data", default="shapes", help=f"{RETRIEVAL_SPECS} (rows with the same image "
-        "path are one image with several captions)")
+        "(alphabetical) order. imagenet:ROOT: the ILSVRC-2012 val set as 1,000 WordNet-id folders, "
+        "torchvision's class names, top-1/top-5")
+    add("--fewshot-data", default="shapes", help=f"{FEWSHOT_SPECS} (imagefolder: probe trained on "
+        "ROOT/train, scored on ROOT/test or ROOT/val; cifar: the train / test split)")
+    add("--retrieval-data", default="shapes", help=f"{RETRIEVAL_SPECS} (CSV rows with the same "
+        "image path are one image with several captions; karpathy: dataset_coco.json or "
+        "dataset_flickr30k.json, the images of SPLIT (e.g. test) at IMAGE_ROOT/filepath/filename, "
+        "five captions each)")
     add("--num-images", type=int, default=500, help="shapes test images (files are used whole)")
     add("--seed", type=int, default=0, help="shapes world seed of the evaluation images")
     add("--embeddings", default="main,tower3,mix", help="views to score with; clip and lit have "
@@ -706,7 +1108,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the training run's, else filepath,title as open_clip)")
     add("--batch-size", type=int, default=256, help="images or texts per forward pass")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    add("--out", default=None, help="JSON records (default: <ckpt dir>/eval_<ckpt stem>.json)")
+    add("--out", default=None, help="JSON records (default: <ckpt dir>/eval_<ckpt stem>.json); "
+        "with --curves the PNG")
     add("--save-grid", default=None, help="PNG: text queries above their top-5 retrieved images")
     add("--grid-queries", default=None, help="';'-separated queries for --save-grid (default: "
         "one caption of each of the first 4 retrieval images)")
@@ -731,11 +1134,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except ValueError:
             p.error(f"--{flag} {getattr(args, flag)!r}: expected comma-separated {kind.__name__}s")
     check_ranges(p, args, RANGES)
+    if (args.checkpoint is None) == (args.curves is None):
+        p.error("expected one of --checkpoint CKPT (evaluate) or --curves METRICS_JSONL (draw)")
+    for flag, task in (("zeroshot_data", "zeroshot"), ("retrieval_data", "retrieval"),
+                       ("fewshot_data", "fewshot")):
+        try:                            # the data of every task, before any work (never skipped)
+            check_source(task, getattr(args, flag))
+        except (OSError, ValueError) as e:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {' '.join(str(e).split())}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    if args.curves:
+        return curves_command(args.curves, args.out)
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{stem}.json")
     try:
@@ -766,7 +1179,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print(f"{model.mode} checkpoint {args.checkpoint} (trained on {train.get('train_data', '?')}): "
           f"scoring with {', '.join(dict.fromkeys(v for _, v, _ in view_list))}"
           + ("" if model.mode == "3t" else " (only the main embeddings exist in this mode)"))
-    print("".join(f"note: {note}\n" for note in suite.notes), end="")
     try:
         results = evaluate(model, tower3, suite, device=args.device, batch_size=args.batch_size,
                            alphas=alphas, progress=args.progress, embeddings=embeddings)

@@ -126,6 +126,8 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
             periodic_eval(args, env, model, tower3, suite, metrics_log)
     final = periodic_eval(args, env, model, tower3, suite, metrics_log)
     metrics_log.close()
+    if env.master:                     # curves.png from metrics.jsonl; a drawing failure only warns
+        evaluation.write_curves(args.out)
     env.barrier()
     return final
 
@@ -232,6 +234,8 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
         log(env, f"[eval] step {position.step}: held-out {args.label} accuracy {100 * results['test/top1']:.1f}%")
         metrics_log.write({"step": position.step, "eval": results})
     metrics_log.close()
+    if env.master:                     # curves.png from metrics.jsonl; a drawing failure only warns
+        evaluation.write_curves(args.out)
     env.barrier()
     return results
 

@@ -168,39 +168,19 @@ COLOURS = {("clip", None): (90, 90, 90), ("lit", "object"): (31, 119, 180), ("3t
 
 def draw_scaling(path: str, sweep: dict[int, dict], metrics: list[str]) -> None:
     """One panel per metric: the number of distinct training pairs (log scale) against the metric,
-    one line per method, mean over seeds with +- 1 std error bars."""
-    from PIL import Image, ImageDraw
-    pairs = sorted(sweep)
-    w, h, left, top, right, bottom = 460, 360, 60, 40, 20, 50
-    image = Image.new("RGB", (w * len(metrics), h + 30 * len(METHODS) // 2 + 20), "white")
-    draw = ImageDraw.Draw(image)
-    lx, hx = math.log(pairs[0]), math.log(pairs[-1])
-    for p, key in enumerate(metrics):
-        x0 = p * w
-        xs = lambda n: x0 + left + (w - left - right) * (math.log(n) - lx) / max(hx - lx, 1e-9)  # noqa: E731
-        ys = lambda v: top + (h - top - bottom) * (1 - v / 100)                                     # noqa: E731
-        draw.rectangle([x0 + left, top, x0 + w - right, h - bottom], outline="black")
-        draw.text((x0 + left, 12), f"{COLUMNS[key]} (%) vs distinct training pairs", fill="black")
-        for v in range(0, 101, 20):
-            draw.line([x0 + left - 4, ys(v), x0 + left, ys(v)], fill="black")
-            draw.text((x0 + left - 28, ys(v) - 6), f"{v}", fill="black")
-        for n in pairs:
-            draw.line([xs(n), h - bottom, xs(n), h - bottom + 4], fill="black")
-            draw.text((xs(n) - 14, h - bottom + 8), f"{n:,}", fill="black")
+    one line per method, mean over seeds with +- 1 std error bars (eval.draw_panels draws it)."""
+    from eval import draw_panels
+    pairs, panels = sorted(sweep), []
+    for key in metrics:
+        lines = {}
         for method in METHODS:
-            points = []
-            for n in pairs:
-                values = [r[key] for r in sweep[n][method]]
-                m = statistics.mean(values)
-                s = statistics.stdev(values) if len(values) > 1 else 0.0
-                draw.line([xs(n), ys(min(100, m + s)), xs(n), ys(max(0, m - s))], fill=COLOURS[method], width=2)
-                points.append((xs(n), ys(m)))
-            draw.line(points, fill=COLOURS[method], width=3)
-    for i, method in enumerate(METHODS):
-        x, y = 20 + (i % 3) * 300, h + 10 + 30 * (i // 3)
-        draw.line([x, y + 7, x + 30, y + 7], fill=COLOURS[method], width=4)
-        draw.text((x + 38, y), label(*method), fill="black")
-    image.save(path)
+            values = [[r[key] for r in sweep[n][method]] for n in pairs]
+            lines[label(*method)] = [(n, statistics.mean(v), statistics.stdev(v) if len(v) > 1
+                                      else 0.0) for n, v in zip(pairs, values)]
+        panels.append((f"{COLUMNS[key]} vs distinct training pairs", f"{COLUMNS[key]} (%)", lines))
+    draw_panels(path, panels, x_label="distinct training pairs (log scale)", log_x=True,
+                x_ticks=pairs, y_range=(0, 100), columns=len(panels),
+                colours={label(*m): c for m, c in COLOURS.items()})
 
 
 def sweep_claims(sweep: dict[int, dict]) -> list[str]:

@@ -2,7 +2,9 @@
 the ridge probe, and `main([...])` end to end on tiny clip / lit / 3t checkpoints."""
 import json
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from PIL import Image
 import data
 import shapes
 import eval as ev
+import train
 from shapes import ShapesPairs
 from tokenizer import Tokenizer
 from losses import tower_loss
@@ -338,3 +341,306 @@ def test_views_compare_what_training_paired():
     assert {m: ev.view_pair(m, "main") for m in ("clip", "lit", "3t")} == \
         {"clip": ("f", "g"), "lit": ("h", "g"), "3t": ("f", "g")}
     assert ev.view_pair("3t", "tower3") == ("h_g", "g_h")
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet zero-shot: 1,000 WordNet-id folders, torchvision's class names, folder k is class k
+# ----------------------------------------------------------------------------------------------
+def colour_of(k):
+    """A distinct solid colour per class index k < 1000 (levels 25 apart survive any
+    normalisation)."""
+    return (25 * (k % 10), 25 * (k // 10 % 10), 25 * (k // 100))
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory):
+    """1,000 class folders named like WordNet ids (n + 8 digits, uneven gaps), made in shuffled
+    order, one tiny PNG each whose colour encodes the folder's rank in sorted order."""
+    root = tmp_path_factory.mktemp("imagenet") / "val"
+    wnids = [f"n{1_000_000 + 7 * k * k + k:08d}" for k in range(1000)]       # sorted = k order
+    for k in torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist():
+        (root / wnids[k]).mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour_of(k)).save(root / wnids[k] / f"ILSVRC2012_val_{k:08d}.png")
+    return root, wnids
+
+
+class ColourModel(torch.nn.Module):
+    """A 'clip' model that knows the answer: an image's embedding is the one-hot of the class whose
+    colour it shows (nearest calibrated colour), a prompt's the one-hot of the class name it holds.
+    So the image of folder k scores top-1 iff the suite pairs it with the prompts of name k."""
+    mode = "clip"
+
+    def __init__(self, names, templates, image_size):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        solid = torch.tensor([colour_of(k) for k in range(len(names))], dtype=torch.uint8)
+        transform = data.image_transform(image_size, train=False)
+        self.colours = torch.stack([transform(c.view(3, 1, 1).expand(3, 8, 8)).mean((1, 2))
+                                    for c in solid])
+        self.prompt_class = {t.format(name): k for k, name in enumerate(names) for t in templates}
+        self.tokenizer, self.n = Tokenizer(128), len(names)
+
+    def encode_image(self, image, h=None):
+        k = torch.cdist(image.mean((2, 3)), self.colours).argmin(1)
+        return {"f": F.one_hot(k, self.n).float()}
+
+    def encode_text(self, ids):
+        k = torch.tensor([self.prompt_class[self.tokenizer.decode(row)] for row in ids])
+        return {"g": F.one_hot(k, self.n).float()}
+
+
+def test_imagenet_folder_k_is_class_k_named_by_torchvision(imagenet_root):
+    from torchvision.models import ResNet50_Weights
+    root, wnids = imagenet_root
+    categories = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    ds, names = ev.imagenet_zeroshot(str(root), image_size=16)
+    assert names == categories and len(set(names)) == 1000 and ds.classnames == names
+    assert ds.targets == list(range(1000))
+    assert [os.path.basename(os.path.dirname(p)) for p in ds.paths] == wnids   # image k: folder k
+    templates = ev.IMAGENET_TEMPLATES
+    assert 16 <= len(templates) <= 24 and all(t.count("{}") == 1 for t in templates)
+    # End to end: the suite's prompts, images, labels and scoring, with a model that knows which
+    # name each folder's colour belongs to.
+    suite = ev.build_eval_suite(tokenizer=Tokenizer(128), image_size=16, tasks=("zeroshot",),
+                                zeroshot_data=f"imagenet:{root}")
+    _, classes, prompts = suite.zeroshot["imagenet"]
+    assert classes == categories and prompts[3] == [t.format(categories[3]) for t in templates]
+    model = ColourModel(categories, templates, 16)
+    results = ev.evaluate(model, None, suite, device="cpu", batch_size=500)
+    assert results == {"zeroshot/imagenet/top1": 100.0, "zeroshot/imagenet/top5": 100.0}
+    # The same model reading the names shifted by one class scores nothing: the check can fail.
+    shifted = ColourModel(categories[1:] + categories[:1], templates, 16)
+    assert ev.evaluate(shifted, None, suite, device="cpu", batch_size=500) == {
+        "zeroshot/imagenet/top1": 0.0, "zeroshot/imagenet/top5": 0.0}
+
+
+def test_imagenet_folder_of_the_wrong_shape_is_one_line_naming_it(tmp_path):
+    few = tmp_path / "few"
+    for name in ("n01440764", "n01443537", "readme"):
+        (few / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"few: expected the 1,000 ILSVRC-2012 class folders named "
+                                         r"by WordNet id \(n \+ 8 digits.*found 2 such folders, 1 "
+                                         r"other folders .*'readme'"):
+        ev.check_source("zeroshot", f"imagenet:{few}")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"found 0 such folders, 0 other folders and 1 files "
+                                         r"\(e.g. file 'ILSVRC2012_val_00000001.JPEG'\)"):
+        ev.imagenet_zeroshot(str(flat))
+    with pytest.raises(SystemExit) as stop:
+        ev.parse_args(["--checkpoint", "x.pt", "--zeroshot-data", f"imagenet:{few}"])
+    assert stop.value.code == 2
+    with pytest.raises(SystemExit):
+        train.parse_args(["--zeroshot-data", f"imagenet:{tmp_path / 'none'}"])
+
+
+def test_imagenet_spec_is_accepted_by_eval_and_train(imagenet_root):
+    spec = f"imagenet:{imagenet_root[0]}"
+    assert ev.parse_args(["--checkpoint", "x.pt", "--zeroshot-data", spec]).zeroshot_data == spec
+    assert train.eval_sources(train.parse_args(["--zeroshot-data", spec]))[0] == spec
+    assert "imagenet:ROOT" in ev.ZEROSHOT_SPECS
+
+
+# ----------------------------------------------------------------------------------------------
+# Karpathy splits (dataset_coco.json with filepath, dataset_flickr30k.json without)
+# ----------------------------------------------------------------------------------------------
+def karpathy_files(root, coco: bool):
+    """Four images (test, val, test, restval) of distinct colours; the first has seven captions
+    (COCO has such images), the others five. Returns (json path, image root)."""
+    entries, colours = [], ["red", "blue", "green", "white"]
+    for i, (split, colour) in enumerate(zip(["test", "val", "test", "restval"], colours)):
+        folder = root / "images" / ("val2014" if coco else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), colour).save(folder / f"{i}.jpg")
+        sentences = [{"raw": f"{colour} picture, caption {c}."} for c in range(7 if i == 0 else 5)]
+        entry = {"filename": f"{i}.jpg", "split": split, "sentences": sentences}
+        entries.append({"filepath": "val2014", **entry} if coco else entry)
+    path = root / ("dataset_coco.json" if coco else "dataset_flickr30k.json")
+    path.write_text(json.dumps({"images": entries, "dataset": "coco" if coco else "flickr30k"}))
+    return str(path), str(root / "images")
+
+
+@pytest.mark.parametrize("coco", [True, False])
+def test_karpathy_split_groups_five_captions_per_image(tmp_path, coco):
+    path, images = karpathy_files(tmp_path, coco)
+    r = ev.karpathy_retrieval(path, images, "test", image_size=16)
+    assert len(r.images) == 2 and len(r.captions) == 10             # image 0's extra two dropped
+    assert r.captions[:5] == [f"red picture, caption {c}." for c in range(5)]
+    assert r.captions[5:] == [f"green picture, caption {c}." for c in range(5)]
+    assert r.caption_image.tolist() == [0] * 5 + [1] * 5
+    red, green = r.images[0]["image"], r.images[1]["image"]
+    assert red[0].mean() > red[1].mean() and green[1].mean() > green[0].mean()  # the right files
+    assert os.path.dirname(r.images.paths[0]).endswith("val2014") == coco
+
+
+def test_karpathy_retrieval_end_to_end_in_eval_and_train(ckpts, tmp_path):
+    path, images = karpathy_files(tmp_path, coco=True)
+    spec = f"karpathy:{path}:{images}:test"
+    results = ev.main(["--checkpoint", ckpts["clip"], "--tasks", "retrieval", "--retrieval-data",
+                       spec, "--out", str(tmp_path / "r.json")] + FAST)
+    assert set(results) == {f"retrieval/{d}/R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    # 2 images x 5 captions: an image's best caption has at most 5 negatives above it, a caption 1
+    assert results["retrieval/i2t/R@10"] == results["retrieval/t2i/R@5"] == 100.0
+    assert train.eval_sources(train.parse_args(["--retrieval-data", spec]))[1] == spec
+    suite = ev.build_eval_suite(spec, tokenizer=Tokenizer(128), image_size=16, tasks=["retrieval"])
+    assert len(suite.retrieval_tokens) == 10
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no json", r"Karpathy caption file not found: .*nope.json"),
+    ("no root", r"image root not found: .*nowhere"),
+    ("not json", r"dataset_coco.json is not valid JSON"),
+    ("no images key", r"dataset_coco.json is not in the Karpathy format .*KeyError: 'images'"),
+    ("unknown split", r"dataset_coco.json has no split 'tset'; its splits: restval, test, val"),
+    ("missing images", r"2 of 2 images of split 'test' of .*dataset_coco.json are missing, e.g. "
+                       r".*0.jpg, .*2.jpg"),
+])
+def test_karpathy_errors_are_one_line_before_any_work(tmp_path, capsys, case, message):
+    path, images = karpathy_files(tmp_path, coco=True)
+    split = "tset" if case == "unknown split" else "test"
+    if case == "no json":
+        path = str(tmp_path / "nope.json")
+    if case == "no root":
+        images = str(tmp_path / "nowhere")
+    if case == "not json":
+        open(path, "w").write("{'images': ")
+    if case == "no images key":
+        open(path, "w").write(json.dumps({"imgs": []}))
+    if case == "missing images":
+        for name in ("0.jpg", "2.jpg"):
+            os.remove(os.path.join(images, "val2014", name))
+    spec = f"karpathy:{path}:{images}:{split}"
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        ev.check_source("retrieval", spec)
+    with pytest.raises(SystemExit) as stop:       # before the (missing) checkpoint is looked for
+        ev.main(["--checkpoint", str(tmp_path / "not_loaded.pt"), "--retrieval-data", spec])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and f"error: --retrieval-data {spec}: " in err, err
+    assert re.search(message, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# No silent skip: an unknown or unusable --zeroshot-data / --retrieval-data / --fewshot-data stops
+# eval.py at parse time (exit 2), naming the flag, the spec and the syntaxes accepted
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag,spec,accepted", [
+    ("--retrieval-data", "typo:data.json", "karpathy:JSON:IMAGE_ROOT:SPLIT"),
+    ("--retrieval-data", "cifar10:/data", "a .csv/.tsv of image paths and captions"),
+    ("--retrieval-data", "karpathy:only.json:test", "karpathy:JSON:IMAGE_ROOT:SPLIT"),
+    ("--zeroshot-data", "captions.csv", "imagenet:ROOT"),
+    ("--zeroshot-data", "imagenet", "imagefolder:ROOT:CLASSNAMES_FILE"),
+    ("--fewshot-data", "captions.csv", "imagefolder:ROOT, cifar10:ROOT or cifar100:ROOT"),
+    ("--fewshot-data", "mnist:/data", "imagefolder:ROOT, cifar10:ROOT or cifar100:ROOT"),
+])
+def test_unknown_eval_data_stops_at_parse_time(tmp_path, capsys, flag, spec, accepted):
+    """The checkpoint does not exist: the flag must be rejected before it is looked for."""
+    with pytest.raises(SystemExit) as stop:
+        ev.main(["--checkpoint", str(tmp_path / "not_loaded.pt"), flag, spec])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2
+    assert f"error: {flag} {spec}: " in err[-1] and accepted in err[-1], err[-1]
+
+
+@pytest.mark.parametrize("flag,spec,message", [
+    ("--zeroshot-data", "cifar10:{tmp}", "cifar10 not found: .*cifar-10-batches-py"),
+    ("--fewshot-data", "cifar100:{tmp}", "cifar100 not found: .*cifar-100-python"),
+    ("--fewshot-data", "imagefolder:{tmp}", "expected class folders under .*/train"),
+])
+def test_unusable_eval_data_stops_at_parse_time(tmp_path, capsys, flag, spec, message):
+    spec = spec.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        ev.main(["--checkpoint", str(tmp_path / "not_loaded.pt"), flag, spec])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and f"error: {flag} {spec}: " in err and re.search(message, err)
+
+
+def test_build_eval_suite_never_skips_a_task():
+    tok = Tokenizer(128)
+    for task, spec, message in (("retrieval", "cifar10:/x", "retrieval data 'cifar10:/x'"),
+                                ("zeroshot", "pairs.csv", "zero-shot data 'pairs.csv'"),
+                                ("fewshot", "pairs.csv", "few-shot data 'pairs.csv'")):
+        with pytest.raises(ValueError, match=message):
+            ev.build_eval_suite(tokenizer=tok, image_size=16, tasks=(task,),
+                                **{f"{task}_data": spec})
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves: metrics.jsonl as small multiples (PIL)
+# ----------------------------------------------------------------------------------------------
+def test_nice_ticks_are_round_and_cover_the_range():
+    assert ev.nice_ticks(0, 100) == [0, 20, 40, 60, 80, 100]
+    assert ev.nice_ticks(2.48, 4.9) == pytest.approx([2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0])
+    ticks = ev.nice_ticks(9.961, 10.118)
+    assert ticks[0] <= 9.961 and ticks[-1] >= 10.118 and 4 <= len(ticks) <= 11
+    assert ev.nice_ticks(10.0, 10.0)[0] < 10.0 < ev.nice_ticks(10.0, 10.0)[-1]   # a band around it
+
+
+def write_log(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def step_record(step, loss, fg, fh, t_fg, t_fh, acc):
+    """A record as runtime.MetricsLog writes it."""
+    return {"acc/fg": acc, "loss": loss, "loss/fg": fg, "loss/fh": fh, "t/fg": t_fg, "t/fh": t_fh,
+            "step": step, "epoch": 0, "lr": 1e-4, "samples_per_s": 600.0, "data_errors": {}}
+
+
+def eval_record(step, main, tower3, mix, r1):
+    return {"step": step, "eval": {"zeroshot/object/top1": main, "retrieval/i2t/R@1": r1,
+                                   "tower3/zeroshot/object/top1": tower3,
+                                   "mix@0.5/zeroshot/object/top1": mix}}
+
+
+LOG = [step_record(5, 4.9, 5.0, 4.8, 10.0, 10.0, 0.01),
+       step_record(10, 4.1, 4.5, 3.7, 9.9, 10.2, 0.1), eval_record(10, 12.0, 20.0, 18.0, 3.0),
+       step_record(15, 3.9, 4.2, 3.5, 9.8, 10.4, 0.2),
+       step_record(15, 3.0, 3.2, 2.8, 9.7, 10.5, 0.3),                # a resumed run logs it again
+       eval_record(15, 22.0, 25.0, 28.0, 7.0)]
+
+
+def test_curve_panels_group_losses_temperatures_and_each_eval_metric():
+    panels = {title: (y_label, lines) for title, y_label, lines in ev.curve_panels(LOG)}
+    assert list(panels) == ["losses", "temperatures", "in-batch top-1 (training)",
+                            "zeroshot/object/top1", "retrieval/i2t/R@1"]
+    assert panels["losses"][1] == {"loss": [(5, 4.9), (10, 4.1), (15, 3.0)],     # the later 15
+                                   "loss/fg": [(5, 5.0), (10, 4.5), (15, 3.2)],
+                                   "loss/fh": [(5, 4.8), (10, 3.7), (15, 2.8)]}
+    assert set(panels["temperatures"][1]) == {"t/fg", "t/fh"}
+    assert panels["zeroshot/object/top1"] == ("top1 (%)", {"main": [(10, 12.0), (15, 22.0)],
+                                                           "tower3": [(10, 20.0), (15, 25.0)],
+                                                           "mix@0.5": [(10, 18.0), (15, 28.0)]})
+
+
+def test_curves_command_draws_a_metrics_log(tmp_path, capsys):
+    log = write_log(tmp_path / "metrics.jsonl", LOG)
+    assert ev.main(["--curves", log]) == {}
+    png = tmp_path / "curves.png"                                         # default: beside the log
+    assert f"wrote {png} " in capsys.readouterr().out
+    with Image.open(png) as image:
+        assert image.size == (4 * ev.PANEL_W, 2 * ev.PANEL_H)             # 5 panels, 4 columns
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(np.int64)
+    assert pixels.std() > 20                                              # not a blank canvas
+    packed = set(np.unique(pixels @ np.array([65536, 256, 1])).tolist())
+    assert {r * 65536 + g * 256 + b for r, g, b in ev.PALETTE[:3]} <= packed   # lines drawn
+    out = tmp_path / "elsewhere.png"
+    ev.main(["--curves", log, "--out", str(out)])
+    assert out.exists()
+
+
+def test_curves_command_without_records_is_one_line(tmp_path):
+    empty = write_log(tmp_path / "metrics.jsonl", [])
+    with pytest.raises(SystemExit, match=r"^eval.py: error: .*metrics.jsonl has no record to draw "
+                                         r"\(expected JSON lines with a 'step'") as stop:
+        ev.main(["--curves", empty])
+    assert "\n" not in str(stop.value.code)
+    with pytest.raises(SystemExit, match="metrics file not found: .*nope.jsonl"):
+        ev.main(["--curves", str(tmp_path / "nope.jsonl")])
+    (tmp_path / "bad.jsonl").write_text('{"step": 1, "loss": 2}\n{"step": 2, "lo\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl, line 2: not a JSON record"):
+        ev.main(["--curves", str(tmp_path / "bad.jsonl")])
+    with pytest.raises(SystemExit) as stop:
+        ev.main([])                                          # neither --checkpoint nor --curves
+    assert stop.value.code == 2
+    assert not (tmp_path / "curves.png").exists()

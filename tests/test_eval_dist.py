@@ -171,7 +171,7 @@ def test_train_evaluates_files_every_n_steps_on_two_ranks_as_eval_py_scores_its_
     ("--zeroshot-data", "imagefolder:{folder}/val:{swapped}", "name 1 is 'green', the name of class folder 2"),
     ("--zeroshot-data", "{folder}/val", "use shapes, imagefolder:ROOT:CLASSNAMES_FILE"),
     ("--retrieval-data", "{folder}/missing.csv", "caption file not found: .*missing.csv"),
-    ("--retrieval-data", "imagefolder:{folder}/val:{names}", "use shapes or a .csv/.tsv"),
+    ("--retrieval-data", "imagefolder:{folder}/val:{names}", "use shapes, a .csv/.tsv"),
 ])
 def test_bad_eval_flags_stop_at_parse_time_naming_the_flag(sets, tmp_path, capsys, flag, value, message):
     (tmp_path / "few.txt").write_text("blue\ngreen\n")

@@ -6,9 +6,12 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import eval as evaluation
 import runtime
 from model import CHECKPOINT_FORMAT
 import shapes
@@ -58,6 +61,24 @@ def test_main_end_to_end(tmp_path, tower3_file, mode):
     assert {k.split("/")[1] for k in train_lines[0] if k.startswith("loss/")} == terms
     assert "zeroshot/object/top1" in result and "retrieval/i2t/R@1" in result
     assert any(k.startswith("tower3/") for k in result) == (mode == "3t")
+    # curves.png at the end: losses, temperatures, in-batch accuracy, a panel per evaluation metric
+    metrics = {k.split("/", 1)[1] if k.startswith(("tower3/", "mix@")) else k for k in result}
+    panels = 3 + len(metrics)
+    with Image.open(tmp_path / "run" / "curves.png") as image:
+        assert image.size == (4 * evaluation.PANEL_W, -(-panels // 4) * evaluation.PANEL_H)
+        assert np.asarray(image.convert("L")).std() > 20                   # not a blank canvas
+
+
+def test_a_curves_drawing_failure_only_warns(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise OSError("no room for a picture")
+    monkeypatch.setattr(evaluation, "draw_panels", broken)
+    train.main(tiny(tmp_path, "--mode", "clip", "--steps", "1", "--eval-data", "none"))
+    run = tmp_path / "run"
+    assert (run / "ckpt.pt").exists() and not (run / "curves.png").exists()
+    warning = [line for line in capsys.readouterr().err.splitlines() if "curves.png" in line]
+    assert warning == [f"warning: could not draw {tmp_path / 'run' / 'curves.png'}: OSError: "
+                       f"no room for a picture"]
 
 
 def test_auto_tower3_is_pretrained_once_then_reused(tmp_path, capsys):
