@@ -445,3 +445,65 @@ def test_train_data_flag_dispatch(tmp_path, capsys):
     assert "--caption-noise 0.1: only for the shapes world and CSV files" in capsys.readouterr().err
     assert train.labelled_dataset(flags("--mode", "supervised", "--label", "scene",
                                            "--train-samples", "5")).num_classes == 6
+
+
+# ----------------------------------------------------------------------------- the GPU path's batches
+def test_items_are_uint8_and_the_device_normalisation_is_the_old_worker_pipeline(tmp_path):
+    """Workers ship uint8 views (4x fewer bytes than float32); the towers normalise on the device.
+    Shapes: the same formula moved, bitwise. Files: the worker's old float pipeline (seeded crop, then
+    ToDtype + Normalize) to float rounding."""
+    from torchvision.transforms import v2
+    from model import normalize
+    pairs = shapes.ShapesPairs("train", 8, image_size=16)
+    raw = torch.stack([pairs[i]["image"] for i in range(8)])
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    assert raw.dtype == torch.uint8 and torch.equal(normalize(raw), (raw.float() / 255.0 - mean) / std)
+    ds = data.CsvPairs(make_csv(tmp_path), image_size=24, seed=3)
+    ds.set_epoch(2)
+    old = v2.Compose([v2.RandomResizedCrop(24, scale=(0.9, 1.0), antialias=True), v2.ToDtype(torch.float32, scale=True),
+                      v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    for i in range(len(ds)):
+        image = data.decode_rgb(open(ds.rows[i][0], "rb").read())
+        item = ds[i]["image"]
+        assert item.dtype == torch.uint8 and item.nbytes == 3 * 24 * 24
+        torch.testing.assert_close(normalize(item), data.seeded(old, image, 3, 2, i), atol=1e-6, rtol=0)
+
+
+def test_persistent_workers_follow_the_epoch(tmp_path):
+    """Loader workers persist across epochs; each epoch's random crops are those the main process's
+    dataset gives for that epoch (SharedEpoch), with 2 workers as with none."""
+    ds = data.CsvPairs(make_csv(tmp_path), image_size=16, seed=1)
+    loader = data.make_loader(ds, 1, workers=2, shuffle=False, drop_last=False)
+    assert loader.persistent_workers
+    epochs = []
+    for epoch in range(2):
+        data.set_epoch(loader, epoch)
+        epochs.append(torch.cat([b["image"] for b in loader]))
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        assert torch.equal(epochs[epoch], torch.stack([ds[i]["image"] for i in range(len(ds))]))
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_workers_read_h_rows_and_the_step_only_copies(tmp_path, monkeypatch):
+    """The training thread does no file I/O per step: the loader workers read h's cached rows (and trim
+    the token ids), and train.step_inputs hands the batch's own tensors to the device (on the CPU: the
+    very same objects, no host-side slice or copy that a pinned transfer would have to wait for)."""
+    pairs = shapes.ShapesPairs("train", 16, image_size=16)
+    path = str(tmp_path / "h.bin")
+    runtime.RowTable.create(path, 16, 6)
+    rows = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    runtime.RowTable.open(path, 16, 6, writable=True).write(0, rows)
+    table = runtime.RowTable.open(path, 16, 6)
+    main, reads, real = os.getpid(), [], os.pread
+    monkeypatch.setattr(os, "pread", lambda *a: (reads.append(1) if os.getpid() == main else None) or real(*a))
+    tok = Tokenizer(64)
+    batches = list(data.make_loader(pairs, 8, tokenizer=tok, workers=2, rows=table))
+    assert reads == [] and len(batches) == 2
+    args = train.parse_args(["--mode", "3t"])
+    env, parts = runtime.Env(), train.Parts(None, None, None, None, None, {})
+    for batch in batches:
+        assert torch.equal(batch["h"], rows[batch["index"]])
+        image, text, h = train.step_inputs(args, env, parts, batch)
+        assert image is batch["image"] and text is batch["text"] and h is batch["h"]
+        assert text.is_contiguous() and (text[:, -1] != tok.PAD).any()     # cut after the longest caption
