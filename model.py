@@ -1,12 +1,17 @@
 """The three towers of 3T (Kossen et al. 2023, Sec. 3 and Fig. 2), and the CLIP and LiT baselines.
 
-    f    image tower, trained from scratch   (torchvision ViT or ResNet, head -> embed_dim)
+    f    image tower, trained from scratch   (a ViT, a small conv net or a torchvision ResNet,
+         with a linear head to embed_dim)
     g    text tower, trained from scratch    (causal Transformer over BPE tokens, pooled at EOS)
     h    third tower: a FROZEN pretrained image classifier, classification layer removed;
          its output is the pre-logits embedding of dimension D_h
     f_h, g_h   linear adaptor heads on f and g, for the alignment with h
     h_f, h_g   linear heads on h, one per pairing (drop them with tower3_heads=False, then
                f_h and g_h map straight into D_h)
+
+Read first: `ThreeTowers` (what each mode trains; `encode_image` / `encode_text` as in CLIP), then
+`Block`, the one Transformer block of both towers, and the towers built from it, `ViT` (f) and
+`TextTower` (g).
 
 `ThreeTowers` holds every *trainable* part (f, g, heads, temperatures). The frozen tower h is a
 separate `FrozenTower`: the trainer runs it under no_grad (or reads its cached output) and passes
@@ -36,7 +41,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
 
 from data import IMAGENET_MEAN, IMAGENET_STD, View
 from losses import PAIRS
@@ -121,17 +125,66 @@ def use_linear_(net: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
+# The Transformer block of both towers
+# ----------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Pre-norm Transformer block (Vaswani et al. 2017; the norm before each sublayer, as in GPT-2
+    and CLIP): x + attention(LN(x)), then x + MLP(LN(x)), the MLP 4 x width with GELU. Attention
+    is one q/k/v matmul and one fused `scaled_dot_product_attention` call, batch-first. `causal`:
+    a position attends only to itself and earlier ones (text); the image tower attends to every
+    patch. Like openai/CLIP's model.py, both towers use this one block, differing only by the mask.
+    Linears and norms keep PyTorch's default init (nn.Linear: Kaiming-uniform, U(+-1/sqrt(fan_in))),
+    one init for both towers."""
+
+    def __init__(self, width: int, heads: int, causal: bool):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = Linear(width, 3 * width), Linear(width, width)
+        self.mlp = nn.Sequential(Linear(width, 4 * width), nn.GELU(),
+                                 Linear(4 * width, width))
+
+    def forward(self, x: Tensor) -> Tensor:                          # (B, L, W) -> (B, L, W)
+        B, L, W = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(B, L, 3, self.heads, W // self.heads).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=self.causal)     # (B, heads, L, W / heads)
+        x = x + self.out(y.transpose(1, 2).reshape(B, L, W))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Blocks(nn.Sequential):
+    """Transformer blocks run in order. With `checkpointing` on, each block keeps only its input
+    while training and recomputes its activations in backward (Chen et al. 2016, "Training deep
+    nets with sublinear memory cost"): activation memory per block falls from O(B L W x ~10
+    tensors) to one (B, L, W) tensor, for ~1/3 more compute. The gradients are those of the plain
+    run (tests/test_model.py). ThreeTowers.set_grad_checkpointing switches it."""
+
+    def __init__(self, blocks):
+        super().__init__(OrderedDict(blocks))
+        self.checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:                          # (B, L, W) -> (B, L, W)
+        for block in self:
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
 # Image tower f (also the classifier that `train.py --mode supervised` pretrains as a tower h)
 # ----------------------------------------------------------------------------------------------
 # ViT sizes: patch, width, depth, heads (MLP = 4 x width), conv stem, pooling. vit-b/16 and vit-b/32
 # are ViT-Base (Dosovitskiy et al. 2021, Table 1); the small ones are for the shapes world on a CPU.
 # From tiny up, heads are 64 wide, as in ViT-Base and CLIP's text tower.
 # Conv stem: the patchify layer becomes stride-2 3x3 convolutions (norm, ReLU) with these channels,
-# then a 1x1 projection to the width (Xiao et al. 2021, "Early convolutions help transformers see
-# better"): small ViTs learn shape, not only colour, within a CPU budget (README, "Where this project chooses").
-# GroupNorm, not the paper's BatchNorm: per-sample statistics keep N processes x batch B exactly
-# equal to one process x batch N*B.
-# Pooling: "token" is torchvision's class token; "mean" averages the patch tokens (MeanPooledViT).
+# down to the patch size, then a 1x1 projection to the width (Xiao et al. 2021, "Early convolutions
+# help transformers see better"): small ViTs learn shape, not only colour, within a CPU budget
+# (README, "Where this project chooses"). GroupNorm, not the paper's BatchNorm: per-sample
+# statistics keep N processes x batch B exactly equal to one process x batch N*B.
+# Pooling: "token" reads a class token (the ViT paper's); "mean" averages the patch tokens.
 VIT_PRESETS: dict[str, tuple[int, int, int, int, tuple[int, ...], str]] = {
     "vit-micro": (8, 32, 1, 2, (8, 16, 32), "mean"),     # unit tests
     "vit-tiny": (8, 128, 4, 2, (16, 32, 64), "mean"),
@@ -140,12 +193,6 @@ VIT_PRESETS: dict[str, tuple[int, int, int, int, tuple[int, ...], str]] = {
     "vit-b/16": (16, 768, 12, 12, (), "token"),
     "vit-l/16": (16, 1024, 24, 16, (), "token"),
 }
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(4, channels)
-
-
 # Small convolutional towers for the CPU default: 3x3 convolutions (strides downsample) with
 # BatchNorm and ReLU, global average pooling, a linear head. Channels and strides per layer.
 CNN_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -157,114 +204,79 @@ IMAGE_ARCHS = tuple(CNN_PRESETS) + tuple(VIT_PRESETS) + RESNETS
 
 
 def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = False) -> nn.Module:
-    """A torchvision ViT/ResNet from scratch whose classifier is a linear map to `out_dim`
-    (embed_dim for f; the number of classes for a supervised classifier). (B,3,S,S) -> (B,out_dim)."""
-    if arch in VIT_PRESETS:
-        patch, width, depth, heads, stem, pool = VIT_PRESETS[arch]       # image_size % patch: train.finish_args
-        net = (MeanPooledViT if pool == "mean" else VisionTransformer)(
-            image_size=image_size, patch_size=patch, num_layers=depth, num_heads=heads, hidden_dim=width,
-            mlp_dim=4 * width, conv_stem_configs=[ConvStemConfig(c, 3, 2, norm_layer=_group_norm) for c in stem] or None)
-        # torchvision zero-initialises the classifier; a zero embedding has no direction to
-        # normalise, so the projection gets a CLIP-like width^-0.5 init instead.
-        net.heads = nn.Linear(width, out_dim, bias=bias)
-        nn.init.normal_(net.heads.weight, std=width ** -0.5)
-        for block in net.encoder.layers:       # the same parameters, run by the fused kernel
-            block.self_attention = ViTSelfAttention(block.self_attention)
-        net.encoder.layers = Blocks(net.encoder.layers.named_children())   # same names, same state_dict
-        return use_linear_(net)
+    """An image tower from scratch whose last layer is a linear map to `out_dim` (embed_dim for f;
+    the number of classes for a supervised classifier). (B, 3, S, S) -> (B, out_dim)."""
+    if arch in VIT_PRESETS:                         # image_size % patch: train.finish_args
+        return use_linear_(ViT(image_size, *VIT_PRESETS[arch], out_dim=out_dim, bias=bias))
     if arch in CNN_PRESETS:
         layers, width = [], 3
         for channels, stride in zip(*CNN_PRESETS[arch]):
-            layers += [nn.Conv2d(width, channels, 3, stride, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(width, channels, 3, stride, 1, bias=False),
+                       nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
             width = channels
-        return ConvTower(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), Linear(width, out_dim, bias=bias))
+        return ConvTower(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         Linear(width, out_dim, bias=bias))
     if arch in RESNETS:
         return use_linear_(getattr(torchvision.models, arch)(weights=None, num_classes=out_dim))
     raise ValueError(f"unknown image architecture {arch!r}; choose one of {', '.join(IMAGE_ARCHS)}")
 
 
+class ViT(nn.Module):
+    """f as a Vision Transformer (Dosovitskiy et al. 2021, "An image is worth 16x16 words"): the
+    image cut into patches, each mapped to a width-W token (one patch-sized convolution, or the
+    conv stem of Xiao et al. 2021), position embeddings added, `Block`s without a causal mask, a
+    final LayerNorm, then one vector per image -- the class token's, or the mean of the patch
+    tokens ("Better plain ViT baselines", Beyer et al. 2022: the mean sees every patch's gradient
+    from the first step, where a class token can hold a small ViT on the contrastive loss's plateau
+    for long; README, "Where this project chooses") -- and a linear head to out_dim.
+
+    Init: PyTorch's defaults for the convolutions, linears and norms (those of `Block`); position
+    embeddings normal(0, 0.02) and the class token zero, as the ViT paper's code and torchvision's
+    ViT do; the head normal(0, W^-0.5) as CLIP's projections, not zero as a classifier's often is:
+    a zero embedding has no direction to normalise."""
+
+    def __init__(self, image_size: int, patch: int, width: int, depth: int, heads: int,
+                 stem: tuple[int, ...], pool: str, out_dim: int, bias: bool = False):
+        super().__init__()
+        self.patchify = conv_stem(stem, width) if stem else nn.Conv2d(3, width, patch, patch)
+        tokens = (image_size // patch) ** 2 + (pool == "token")
+        # "mean": no class token and no position for it, so DDP finds no unused parameter
+        self.class_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "token" else None
+        self.positional_embedding = nn.Parameter(torch.randn(tokens, width) * 0.02)
+        self.blocks = Blocks((str(i), Block(width, heads, causal=False)) for i in range(depth))
+        self.ln_final = nn.LayerNorm(width)
+        self.head = Linear(width, out_dim, bias=bias)
+        nn.init.normal_(self.head.weight, std=width ** -0.5)
+
+    def forward(self, image: Tensor) -> Tensor:                  # (B, 3, S, S) -> (B, out_dim)
+        x = self.patchify(image).flatten(2).transpose(1, 2)         # (B, N, W), N = (S / patch)^2
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)   # (B, 1 + N, W)
+        x = self.ln_final(self.blocks(x + self.positional_embedding))               # (B, L, W)
+        return self.head(x[:, 0] if self.class_token is not None else x.mean(dim=1))  # (B, W) ->
+
+
+def conv_stem(channels: tuple[int, ...], width: int) -> nn.Sequential:
+    """Xiao et al. 2021: stride-2 3x3 convolutions with GroupNorm(4, c) and ReLU, then a 1x1
+    convolution to the width. (B, 3, S, S) -> (B, W, S / 2^n, S / 2^n), n = len(channels)."""
+    layers, c_in = [], 3
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.GroupNorm(4, c),
+                   nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers, nn.Conv2d(c_in, width, 1))
+
+
 class ConvTower(nn.Sequential):
-    """The CNN presets: conv-BN-ReLU layers, global average pooling, a linear head; (B,3,S,S) -> (B, out_dim).
-    The input is laid out channels-last (NHWC), for which the CPU's oneDNN convolutions run ~1.25x
-    faster forward and backward at these widths (results/README.md); the same model and weights, equal
-    to float rounding (not bitwise: another kernel sums in another order; tests/test_model.py). ReLU
-    runs in place on BatchNorm's output, which BatchNorm's backward does not read."""
+    """The CNN presets: conv-BN-ReLU layers, global average pooling, a linear head;
+    (B, 3, S, S) -> (B, out_dim). The input is laid out channels-last (NHWC), for which the CPU's
+    oneDNN convolutions run faster forward and backward at these widths (results/README.md); the
+    same model and weights, equal to float rounding (not bitwise: another kernel sums in another
+    order; tests/test_model.py). ReLU runs in place on BatchNorm's output, which BatchNorm's
+    backward does not read."""
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.contiguous(memory_format=torch.channels_last))
-
-
-class MeanPooledViT(VisionTransformer):
-    """torchvision's ViT pooled by the mean of its patch tokens (global average pooling) instead of
-    a class token, as in "Better plain ViT baselines" (Beyer et al. 2022), which trains small ViTs
-    from scratch on short budgets: the mean sees every patch's gradient from the first step, where a
-    class token can leave a small ViT on the contrastive loss plateau (~ln B) for long (README, "Where
-    this project chooses"). No class token, and no position for it, so DDP finds no unused parameter. The position embeddings are torchvision's own draw without the
-    class token's row. (B,3,S,S) -> (B, out_dim)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.class_token = None
-        self.encoder.pos_embedding = nn.Parameter(self.encoder.pos_embedding.detach()[:, 1:].clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self._process_input(x) + self.encoder.pos_embedding               # (B, patches, W)
-        return self.heads(self.encoder.ln(self.encoder.layers(x)).mean(dim=1))
-
-
-class Blocks(nn.Sequential):
-    """Transformer blocks run in order (an nn.Sequential: the same state_dict names). With
-    `checkpointing` on, each block keeps only its input while training and recomputes its
-    activations in backward (Chen et al. 2016, "Training deep nets with sublinear memory cost"):
-    activation memory per block falls from O(B L W x ~10 tensors) to one (B, L, W) tensor, for
-    ~1/3 more compute. The gradients are those of the plain run (tests/test_model.py)."""
-
-    def __init__(self, blocks):
-        super().__init__(OrderedDict(blocks))
-        self.checkpointing = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self:
-            if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
-
-
-def fused_self_attention(x: Tensor, weight: Tensor, bias: Tensor | None, heads: int, causal: bool) -> Tensor:
-    """Multi-head self-attention up to its output projection, batch-first: one q/k/v matmul and
-    one fused `scaled_dot_product_attention` call, no layout copies but the final merge of heads.
-    (B, L, W) -> (B, L, W). Used by both towers."""
-    B, L, W = x.shape
-    q, k, v = linear(x, weight, bias).view(B, L, 3, heads, W // heads).unbind(2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=causal)                  # (B, heads, L, W/heads)
-    return y.transpose(1, 2).reshape(B, L, W)
-
-
-class ViTSelfAttention(nn.Module):
-    """Self-attention of torchvision's ViT blocks through `fused_self_attention`.
-
-    It takes over the parameters of the block's nn.MultiheadAttention -- the same tensors under
-    the same names, so initialisation, state_dicts and torchvision weights are unchanged -- and
-    runs them batch-first in one kernel call; nn.MultiheadAttention's training path runs
-    sequence-first and copies the input, q/k/v and the output between layouts. torchvision's
-    EncoderBlock calls it as self_attention(x, x, x, need_weights=False)."""
-
-    def __init__(self, attention: nn.MultiheadAttention):
-        super().__init__()
-        if not attention.batch_first or attention.dropout or not attention._qkv_same_embed_dim:
-            raise ValueError("ViTSelfAttention: batch-first self-attention without dropout only")
-        self.num_heads = attention.num_heads
-        self.in_proj_weight, self.in_proj_bias = attention.in_proj_weight, attention.in_proj_bias
-        self.out_proj = attention.out_proj
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False) -> tuple[Tensor, None]:
-        if need_weights or not (query is key is value):
-            raise ValueError("ViTSelfAttention: self-attention without attention weights only")
-        x = fused_self_attention(query, self.in_proj_weight, self.in_proj_bias, self.num_heads, causal=False)
-        return self.out_proj(x), None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,27 +291,11 @@ TEXT_PRESETS: dict[str, tuple[int, int, int]] = {   # width, depth, heads
 }
 
 
-class Block(nn.Module):
-    """Pre-norm Transformer block with causal self-attention through the fused
-    `scaled_dot_product_attention` kernel."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.out = Linear(width, 3 * width), Linear(width, width)
-        self.mlp = nn.Sequential(Linear(width, 4 * width), nn.GELU(), Linear(4 * width, width))
-
-    def forward(self, x: Tensor) -> Tensor:                                  # x: (B, L, W)
-        y = fused_self_attention(self.ln_1(x), self.qkv.weight, self.qkv.bias, self.heads, causal=True)
-        x = x + self.out(y)
-        return x + self.mlp(self.ln_2(x))
-
-
 class TextTower(nn.Module):
     """g. Causal attention + pooling at the first EOS token (as CLIP does) means the PAD tokens
     after EOS never influence the embedding, so no padding mask is needed and a batch may be
-    cut to its longest caption."""
+    cut to its longest caption. Token embeddings normal(0, 0.02), position embeddings
+    normal(0, 0.01) and the projection normal(0, W^-0.5), as CLIP initialises its text tower."""
 
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int,
                  out_dim: int, eos_id: int):
@@ -307,14 +303,15 @@ class TextTower(nn.Module):
         self.eos_id = eos_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.blocks = Blocks((str(i), Block(width, heads)) for i in range(depth))
+        self.blocks = Blocks((str(i), Block(width, heads, causal=True)) for i in range(depth))
         self.ln_final = nn.LayerNorm(width)
         self.proj = Linear(width, out_dim, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.proj.weight, std=width ** -0.5)
 
     def forward(self, ids: Tensor) -> Tensor:                         # (B, L) -> (B, out_dim)
-        x = self.blocks(self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]])
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]   # (B, L, W)
+        x = self.blocks(x)
         eos = (ids == self.eos_id).int().argmax(dim=1)                   # first EOS per caption
         x = x[torch.arange(ids.shape[0], device=ids.device), eos]        # (B, W)
         return self.proj(self.ln_final(x))
@@ -366,7 +363,7 @@ class FrozenTower(nn.Module):
 
 # Known classification heads, by attribute: torchvision's ResNets/RegNets/Inception (fc), ViTs
 # (heads), Swin/MaxViT-style (head), AlexNet/VGG/ConvNeXt/EfficientNet/MobileNet (classifier, last
-# layer), and this project's classifiers (ConvTower's last layer, ViT heads).
+# layer), and this project's classifiers (ConvTower's last layer, the ViT's head).
 HEADS = ("fc", "heads", "head", "classifier")
 
 
@@ -576,9 +573,9 @@ class ThreeTowers(nn.Module):
 
     # -- public API: CLIP's names; each returns every embedding of its side, keyed by symbol -----
     def encode_image(self, image: Tensor | None, h: Tensor | None = None) -> dict[str, Tensor]:
-        """Image-side embeddings, normalised, (B, D) each: f (clip, 3t); h (lit, pass h = tower3(I));
-        3t also f_h(f), h_f(h), h_g(h). The head f_h reads f's unnormalised output (as g_h reads g's).
-        At test time f (or h for lit) is the image embedding, as in CLIP."""
+        """Image-side embeddings, normalised, (B, D) each: f (clip, 3t); h (lit, pass
+        h = tower3(I)); 3t also f_h(f), h_f(h), h_g(h). The head f_h reads f's unnormalised output
+        (as g_h reads g's). At test time f (or h for lit) is the image embedding, as in CLIP."""
         out = {}
         if self.image is not None:
             f = self.image(normalize(image))           # uint8 from the loader: normalised here
@@ -614,9 +611,9 @@ class ThreeTowers(nn.Module):
             s.clamp_(max=math.log(MAX_TEMPERATURE))
 
     def set_grad_checkpointing(self, enabled: bool = True) -> list[str]:
-        """Recompute the Transformer blocks' activations in backward (train.py --grad-checkpointing):
-        the ViT blocks of f and the text blocks of g; conv towers have none. Returns the names of
-        the block stacks switched."""
+        """Recompute the Transformer blocks' activations in backward (train.py
+        --grad-checkpointing): the ViT blocks of f and the text blocks of g; conv towers have none.
+        Returns the names of the block stacks switched."""
         stacks = [name for name, m in self.named_modules() if isinstance(m, Blocks)]
         for name in stacks:
             self.get_submodule(name).checkpointing = enabled

@@ -569,15 +569,18 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
     """The default run's third tower: a classifier pretrained by `pretrain` on the shapes world's
     --tower3-label labels, once, then reused from --cache-dir -- a genuinely pretrained tower,
     never a random one. The file name holds everything the tower depends on, including a digest
-    of the preset's shape and of a rendered image, so a changed preset or world is never reused. Runs that
-    start together with the same --cache-dir pretrain it once: the first holds a lock on the file beside the
-    tower (PATH.lock, left in place: a lock file is never removed while another run may wait on it), the
-    others wait for it and reuse the tower it wrote."""
+    of the preset, of the tower's parameter names and shapes and of a rendered image, so a changed preset,
+    model layout or world is never reused. Runs that start together with the same --cache-dir pretrain it
+    once: the first holds a lock on the file beside the tower (PATH.lock, left in place: a lock file is
+    never removed while another run may wait on it), the others wait for it and reuse the tower it wrote."""
     recipe = ["--label", args.tower3_label, "--image-arch", args.image_arch, "--image-size", str(args.image_size),
               "--steps", str(args.tower3_steps), "--batch-size", str(args.tower3_batch_size), "--lr", "4e-3",
               "--warmup", "20", "--seed", str(args.seed)]
+    with torch.device("meta"):                    # the parameter layout, without allocating the weights
+        tower = build_image_tower(args.image_arch, args.image_size, 1)
+    layout = [(k, list(v.shape)) for k, v in tower.state_dict().items()]
     digest = hashlib.sha256(json.dumps([recipe, env.world, shapes.ShapesWorld(args.seed, args.image_size).digest(),
-                                        CNN_PRESETS.get(args.image_arch), VIT_PRESETS.get(args.image_arch)]
+                                        CNN_PRESETS.get(args.image_arch), VIT_PRESETS.get(args.image_arch), layout]
                                        ).encode()).hexdigest()[:8]
     path = os.path.abspath(os.path.join(args.cache_dir, f"tower3-shapes-{args.tower3_label}-{args.image_arch}-"
                                                         f"{args.image_size}px-s{args.seed}-{digest}.pt"))

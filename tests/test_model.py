@@ -9,6 +9,7 @@ from torch import nn
 
 import data
 import model as model_lib
+import runtime
 from losses import tower_loss
 from model import FrozenTower, ThreeTowers, build_image_tower, load_tower3, strip_classifier, summary
 from test_losses import tiny_batch, tiny_model
@@ -70,50 +71,128 @@ def small_resnet_tower() -> FrozenTower:
     return FrozenTower(net, data.View(crop=32, resize=32), "test")
 
 
-def test_vit_attention_equals_torchvision_multihead_attention():
-    """f's ViT blocks swap nn.MultiheadAttention's forward for the fused batch-first one; the
-    reference is torchvision's own module with the same weights: same outputs and gradients in
-    train mode, and the same state_dict keys (so torchvision weights still load)."""
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_attention_equals_nn_multihead_attention(causal):
+    """Block's attention (one q/k/v matmul, one fused scaled_dot_product_attention call) against
+    PyTorch's nn.MultiheadAttention holding the same weights, with the same mask: the block's
+    output and the gradients of its input and of the q/k/v and output projections."""
     torch.manual_seed(0)
-    net = build_image_tower("vit-micro", 32, 8)
-    ref = build_image_tower("vit-micro", 32, 8)
-    for block in ref.encoder.layers:       # torchvision's own module around the same tensors
-        fused = block.self_attention
-        block.self_attention = nn.MultiheadAttention(32, fused.num_heads, batch_first=True)
-    ref.load_state_dict(net.state_dict())
-    assert isinstance(net.encoder.layers[0].self_attention, model_lib.ViTSelfAttention)
-    image = torch.randn(3, 3, 32, 32)
-    out, out_ref = net(image), ref(image)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
-    weight = torch.randn_like(out)
-    (out * weight).sum().backward()
-    (out_ref * weight).sum().backward()
-    for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
-    with pytest.raises(ValueError, match="self-attention"):
-        net.encoder.layers[0].self_attention(image.new_zeros(1, 4, 32), image.new_zeros(1, 4, 32),
-                                             image.new_zeros(1, 4, 32))
-    with pytest.raises(ValueError, match="without dropout"):
-        model_lib.ViTSelfAttention(nn.MultiheadAttention(32, 2, dropout=0.1, batch_first=True))
+    block = model_lib.Block(32, 4, causal=causal)
+    attention = nn.MultiheadAttention(32, 4, batch_first=True)
+    with torch.no_grad():
+        for a, b in ((attention.in_proj_weight, block.qkv.weight), (attention.in_proj_bias, block.qkv.bias),
+                     (attention.out_proj.weight, block.out.weight), (attention.out_proj.bias, block.out.bias)):
+            a.copy_(b)
+    mask = nn.Transformer.generate_square_subsequent_mask(7) if causal else None
+
+    def reference(x):
+        y = block.ln_1(x)
+        x = x + attention(y, y, y, attn_mask=mask, need_weights=False)[0]
+        return x + block.mlp(block.ln_2(x))
+
+    x, weight = torch.randn(3, 7, 32), torch.randn(3, 7, 32)
+    results = []
+    for forward, params in ((block, [block.qkv, block.out]), (reference, None)):
+        x_ = x.clone().requires_grad_(True)
+        out = forward(x_)
+        (out * weight).sum().backward()
+        params = params or [attention, attention.out_proj]
+        weights = [getattr(p, "in_proj_weight", getattr(p, "weight", None)) for p in params]
+        results.append([out.detach(), x_.grad] + [w.grad for w in weights])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_shared_block_is_causal_for_text_and_not_for_images():
+    """One Block class in both towers: in g a later token cannot change an earlier position's
+    output; in f every patch sees every other."""
+    torch.manual_seed(0)
+    model = tiny_model("clip")
+    assert type(model.text.blocks[0]) is type(model.image.blocks[0]) is model_lib.Block
+    assert model.text.blocks[0].causal and not model.image.blocks[0].causal
+    x = torch.randn(2, 6, 32)
+    later = x.clone()
+    later[:, 4] = torch.randn(2, 32)                           # change position 4 only
+    for causal in (True, False):
+        block = model_lib.Block(32, 2, causal=causal)
+        y, y_later = block(x), block(later)
+        if causal:
+            torch.testing.assert_close(y[:, :4], y_later[:, :4], rtol=0, atol=1e-6)
+        else:
+            assert not torch.allclose(y[:, :4], y_later[:, :4], atol=1e-3)
+        assert not torch.allclose(y[:, 4:], y_later[:, 4:], atol=1e-3)
+
+
+@pytest.mark.parametrize("pool", ["mean", "token"])
+def test_vit_sees_where_each_patch_is(pool):
+    """The ViT on 4 x 4 patches of 8 px (patchify convolution, no stem): one (out_dim,) embedding
+    per image with either pooling; shuffling an image's patches changes it through the position
+    embeddings alone -- with them zeroed, attention without a mask and either pooling are blind
+    to patch order, so the same embedding comes out."""
+    torch.manual_seed(0)
+    net = model_lib.ViT(32, 8, 32, 2, 2, (), pool, out_dim=8)
+    assert (net.class_token is not None) == (pool == "token")
+    assert net.positional_embedding.shape == (16 + (pool == "token"), 32)
+    x = torch.randn(3, 3, 32, 32)
+    grid = x.view(3, 3, 4, 8, 4, 8).permute(0, 1, 2, 4, 3, 5).reshape(3, 3, 16, 8, 8)   # (B, C, patch, 8, 8)
+    shuffled = grid[:, :, torch.randperm(16)].view(3, 3, 4, 4, 8, 8).permute(0, 1, 2, 4, 3, 5).reshape(3, 3, 32, 32)
+    out = net(x)
+    assert out.shape == (3, 8)
+    assert not torch.allclose(net(shuffled), out, atol=1e-3)
+    with torch.no_grad():
+        net.positional_embedding.zero_()
+    torch.testing.assert_close(net(shuffled), net(x), rtol=1e-5, atol=1e-5)
 
 
 def test_small_vits_pool_the_mean_of_their_patch_tokens_and_train_every_parameter():
-    """The small presets (MeanPooledViT): the encoder sees only the (S/patch)^2 patch tokens (no
-    class token), the embedding is the head applied to their mean, and one backward reaches every
-    parameter -- an unused one would stop DDP. The large presets keep torchvision's class token."""
+    """The small presets: a conv stem (GroupNorm, ReLU, 1x1 projection), then only the
+    (S/patch)^2 patch tokens (no class token), the embedding is the head applied to their mean,
+    and one backward reaches every parameter -- an unused one would stop DDP. The large presets
+    read a class token. Position embeddings and the class token take no weight decay (their
+    names say so to runtime.build_optimizer)."""
+    import argparse
+    import runtime
     torch.manual_seed(0)
     net = build_image_tower("vit-micro", 32, 8)
     assert net.class_token is None and "class_token" not in net.state_dict()
+    assert [type(m) for m in net.patchify] == [nn.Conv2d, nn.GroupNorm, nn.ReLU] * 3 + [nn.Conv2d]
     tokens = []
-    net.encoder.ln.register_forward_hook(lambda module, inputs, out: tokens.append(out))
+    net.ln_final.register_forward_hook(lambda module, inputs, out: tokens.append(out))
     image = torch.randn(3, 3, 32, 32)
     out = net(image)
     assert tokens[0].shape == (3, (32 // 8) ** 2, 32)
-    torch.testing.assert_close(out, net.heads(tokens[0].mean(dim=1)))
+    torch.testing.assert_close(out, net.head(tokens[0].mean(dim=1)))
     out.square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     big = build_image_tower("vit-b/32", 64, 8)
-    assert type(big) is torchvision.models.VisionTransformer and big.class_token.shape == (1, 1, 768)
+    assert big.class_token.shape == (1, 1, 768) and big.positional_embedding.shape == (5, 768)
+    optimizer = runtime.build_optimizer(big, argparse.Namespace(lr=1e-3, wd=0.1, beta2=0.98))
+    no_decay = {id(p) for p in optimizer.param_groups[1]["params"]}
+    assert id(big.class_token) in no_decay and id(big.positional_embedding) in no_decay
+    assert id(big.head.weight) not in no_decay and id(big.blocks[0].qkv.weight) not in no_decay
+
+
+def test_default_towers_keep_their_state_dict_layout():
+    """The default towers (cnn-tiny + mini text) and the heads: the same state_dict names and
+    shapes as before the towers were rewritten, so their checkpoints still load."""
+    m = ThreeTowers("3t", image_arch="cnn-tiny", image_size=32, text_arch="mini", vocab_size=300,
+                    context_length=40, embed_dim=24, tower3_dim=20)
+    want = {}
+    for i, (c_in, c) in enumerate(zip((3, 16, 32, 32, 64), (16, 32, 32, 64, 128))):
+        want[f"image.{3 * i}.weight"] = (c, c_in, 3, 3)
+        want.update({f"image.{3 * i + 1}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")})
+        want[f"image.{3 * i + 1}.num_batches_tracked"] = ()
+    want["image.17.weight"] = (24, 128)
+    want.update({"text.token_embedding.weight": (300, 64), "text.positional_embedding": (40, 64),
+                 "text.ln_final.weight": (64,), "text.ln_final.bias": (64,), "text.proj.weight": (24, 64)})
+    for i in range(2):
+        block = {"ln_1.weight": (64,), "ln_1.bias": (64,), "ln_2.weight": (64,), "ln_2.bias": (64,),
+                 "qkv.weight": (192, 64), "qkv.bias": (192,), "out.weight": (64, 64), "out.bias": (64,),
+                 "mlp.0.weight": (256, 64), "mlp.0.bias": (256,), "mlp.2.weight": (64, 256), "mlp.2.bias": (64,)}
+        want.update({f"text.blocks.{i}.{k}": shape for k, shape in block.items()})
+    want.update({"f_h.weight": (24, 24), "g_h.weight": (24, 24), "h_f.weight": (24, 20), "h_g.weight": (24, 20)})
+    want.update({f"log_temperature.{t}": () for t in ("fg", "fh", "gh")})
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == want
 
 
 def test_third_tower_unchanged_by_training_in_train_mode():
@@ -173,7 +252,7 @@ def test_tower3_from_a_supervised_checkpoint(tmp_path):
     x = torch.randn(3, 3, 16, 16)
     net.eval()
     logits = net(x)
-    torch.testing.assert_close(tower3(x) @ net.heads.weight.T + net.heads.bias, logits)
+    torch.testing.assert_close(tower3(x) @ net.head.weight.T + net.head.bias, logits)
 
 
 def test_tower3_from_an_older_preset_fails_clearly(tmp_path, monkeypatch):
@@ -310,8 +389,8 @@ def test_linear_routes_through_onednn_only_on_a_cpu_with_avx512(monkeypatch):
 
 
 def test_every_linear_of_the_towers_runs_through_model_linear_with_state_dicts_unchanged():
-    """use_linear_ switches the class of every nn.Linear -- torchvision's ViT MLPs and attention
-    output projections, ResNet's fc, our text blocks and heads -- to model.Linear; the state_dict
+    """use_linear_ switches the class of every nn.Linear -- the ViT's q/k/v and output projections
+    and MLPs, ResNet's fc, our text blocks and heads -- to model.Linear; the state_dict
     names and values of a tower are those of the plain torchvision build."""
     for arch in ("vit-micro", "resnet18", "cnn-tiny"):
         net = build_image_tower(arch, 32, 8)
