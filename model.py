@@ -11,7 +11,8 @@
 
 Read first: `ThreeTowers` (what each mode trains; `encode_image` / `encode_text` as in CLIP), then
 `Block`, the one Transformer block of both towers, and the towers built from it, `ViT` (f) and
-`TextTower` (g).
+`TextTower` (g). This file is plain PyTorch: faster CPU kernels are applied to a built model by
+runtime.py (`cpu_kernels`), as torch.compile is.
 
 `ThreeTowers` holds every *trainable* part (f, g, heads, temperatures). The frozen tower h is a
 separate `FrozenTower`: the trainer runs it under no_grad (or reads its cached output) and passes
@@ -45,84 +46,6 @@ from torch.utils.checkpoint import checkpoint
 from data import IMAGENET_MEAN, IMAGENET_STD, View
 from losses import PAIRS
 
-# ----------------------------------------------------------------------------------------------
-# Linear layers: on an AVX-512 CPU through oneDNN (a speed choice only; the same function as nn.Linear)
-# ----------------------------------------------------------------------------------------------
-ONEDNN_OP = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")   # the kernel exists
-ONEDNN_MIN_MACS = 2 ** 26        # multiply-adds of one call below which F.linear is faster (see `linear`)
-
-
-def prefers_onednn(capability: str) -> bool:
-    """Whether oneDNN's matmul beats MKL's on a CPU of this vector capability (PyTorch's
-    torch.backends.cpu.get_cpu_capability()): only with AVX-512, which MKL leaves unused on AMD
-    processors. On an AVX2-only processor MKL's AVX2 kernel is the fastest there is (a Zen 3: oneDNN's
-    2048^2 matmul at ~0.87x MKL's, the vit-small step 0.92-0.95x; results/README.md)."""
-    return capability.startswith("AVX512")
-
-
-_ONEDNN = ONEDNN_OP and prefers_onednn(torch.backends.cpu.get_cpu_capability())   # `linear` routes through it
-
-
-def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ weight.T + bias by oneDNN's matmul, for x of any leading shape."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """Forward and input gradient by oneDNN; the weight gradient (a long inner dimension, which
-    oneDNN runs slower here) and the bias gradient as nn.Linear computes them."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        grad2 = grad.reshape(-1, grad.shape[-1])
-        grad_x = onednn_linear(grad, weight.t(), None).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = grad2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_b = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, through oneDNN for large float32 matmuls on a CPU with AVX-512. Why: PyTorch's
-    float32 matmul calls MKL, whose kernels on AMD processors stop at AVX2, while oneDNN (inside
-    PyTorch already; it runs the convolutions) uses what the processor has. On a 2-core AMD EPYC with
-    AVX-512 a 2048^2 matmul runs at ~190 GFLOP/s against MKL's ~135; a linear layer's forward and
-    backward at 1.1-1.26x from 2^26 multiply-adds up (8,320 x 192 -> 768: 1.26x), and the vit-small
-    training step at 1.17-1.24x (results/README.md). Below 2^26 oneDNN's per-call cost eats the
-    gain (128 x 512 -> 128: 0.82x), so small layers keep F.linear; so does every layer on a CPU
-    without AVX-512 (`prefers_onednn`). Results agree with F.linear to float rounding
-    (tests/test_model.py). CUDA, other dtypes and torch.compile take F.linear."""
-    if (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and not torch.compiler.is_compiling()):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return _OneDNNLinear.apply(x, weight, bias)
-        return onednn_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear through `linear`: the same parameters, names and state_dict."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def use_linear_(net: nn.Module) -> nn.Module:
-    """Run every nn.Linear of `net` (torchvision's included) through `linear`, in place, by
-    switching its class to `Linear`; parameters and state_dict are untouched."""
-    for m in net.modules():
-        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-            m.__class__ = Linear
-    return net
-
 
 # ----------------------------------------------------------------------------------------------
 # The Transformer block of both towers
@@ -140,9 +63,9 @@ class Block(nn.Module):
         super().__init__()
         self.heads, self.causal = heads, causal
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.out = Linear(width, 3 * width), Linear(width, width)
-        self.mlp = nn.Sequential(Linear(width, 4 * width), nn.GELU(),
-                                 Linear(4 * width, width))
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
 
     def forward(self, x: Tensor) -> Tensor:                          # (B, L, W) -> (B, L, W)
         B, L, W = x.shape
@@ -207,7 +130,7 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
     """An image tower from scratch whose last layer is a linear map to `out_dim` (embed_dim for f;
     the number of classes for a supervised classifier). (B, 3, S, S) -> (B, out_dim)."""
     if arch in VIT_PRESETS:                         # image_size % patch: train.finish_args
-        return use_linear_(ViT(image_size, *VIT_PRESETS[arch], out_dim=out_dim, bias=bias))
+        return ViT(image_size, *VIT_PRESETS[arch], out_dim=out_dim, bias=bias)
     if arch in CNN_PRESETS:
         layers, width = [], 3
         for channels, stride in zip(*CNN_PRESETS[arch]):
@@ -215,9 +138,9 @@ def build_image_tower(arch: str, image_size: int, out_dim: int, bias: bool = Fal
                        nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
             width = channels
         return ConvTower(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         Linear(width, out_dim, bias=bias))
+                         nn.Linear(width, out_dim, bias=bias))
     if arch in RESNETS:
-        return use_linear_(getattr(torchvision.models, arch)(weights=None, num_classes=out_dim))
+        return getattr(torchvision.models, arch)(weights=None, num_classes=out_dim)
     raise ValueError(f"unknown image architecture {arch!r}; choose one of {', '.join(IMAGE_ARCHS)}")
 
 
@@ -245,7 +168,7 @@ class ViT(nn.Module):
         self.positional_embedding = nn.Parameter(torch.randn(tokens, width) * 0.02)
         self.blocks = Blocks((str(i), Block(width, heads, causal=False)) for i in range(depth))
         self.ln_final = nn.LayerNorm(width)
-        self.head = Linear(width, out_dim, bias=bias)
+        self.head = nn.Linear(width, out_dim, bias=bias)
         nn.init.normal_(self.head.weight, std=width ** -0.5)
 
     def forward(self, image: Tensor) -> Tensor:                  # (B, 3, S, S) -> (B, out_dim)
@@ -305,7 +228,7 @@ class TextTower(nn.Module):
         self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
         self.blocks = Blocks((str(i), Block(width, heads, causal=True)) for i in range(depth))
         self.ln_final = nn.LayerNorm(width)
-        self.proj = Linear(width, out_dim, bias=False)
+        self.proj = nn.Linear(width, out_dim, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.proj.weight, std=width ** -0.5)
 
@@ -559,11 +482,11 @@ class ThreeTowers(nn.Module):
                               out_dim=text_dim, eos_id=eos_id)
         if mode == "3t":
             head_dim = embed_dim if tower3_heads else tower3_dim
-            self.f_h = Linear(embed_dim, head_dim, bias=False)
-            self.g_h = Linear(embed_dim, head_dim, bias=False)
+            self.f_h = nn.Linear(embed_dim, head_dim, bias=False)
+            self.g_h = nn.Linear(embed_dim, head_dim, bias=False)
             if tower3_heads:
-                self.h_f = Linear(tower3_dim, embed_dim, bias=False)
-                self.h_g = Linear(tower3_dim, embed_dim, bias=False)
+                self.h_f = nn.Linear(tower3_dim, embed_dim, bias=False)
+                self.h_g = nn.Linear(tower3_dim, embed_dim, bias=False)
         # t = exp(s), s learnable, init t = 10 (README, "Where this project chooses"); one per term.
         self.log_temperature = nn.ParameterDict(
             {term: nn.Parameter(torch.tensor(math.log(init_temperature))) for term in PAIRS[mode]})

@@ -1,5 +1,5 @@
-"""What every run needs besides the method: processes and devices, run folders, the optimiser and its
-update, the run's position and checkpoints, the metrics log.
+"""What every run needs besides the method: processes and devices, the CPU's kernels for linear layers,
+run folders, the optimiser and its update, the run's position and checkpoints, the metrics log.
 
 train.run (CLIP, LiT, 3T) and train.pretrain (a third tower's pretraining) share all of it, so both resume
 exactly, write checkpoints atomically and stop together on every rank. Nothing here knows which
@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -246,11 +247,94 @@ def autocast(args: argparse.Namespace, env: Env):
 
 
 def wrap(model: torch.nn.Module, args: argparse.Namespace, env: Env) -> torch.nn.Module:
-    """What the step calls: the model, compiled if asked (before DDP, so DDP sees the compiled
-    graph), in DDP when there are several processes. Checkpoints and evaluation keep the raw model."""
+    """What the step calls: the model, compiled if asked (before DDP, so DDP sees the compiled graph), in DDP
+    when there are several processes. Checkpoints and evaluation keep the raw model, whose linear layers
+    `cpu_kernels` first puts on this CPU's faster kernel, in place (the same state_dict)."""
+    cpu_kernels(model, env.device)
     if args.compile:
         model = torch.compile(model)
     return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.world > 1 else model
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU kernels: linear layers through oneDNN on an AVX-512 CPU (a speed choice; the same function as nn.Linear)
+# ----------------------------------------------------------------------------------------------
+ONEDNN_OP = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")   # the kernel exists
+ONEDNN_MIN_MACS = 2 ** 26        # multiply-adds of one call below which F.linear is faster (see `linear`)
+
+
+def prefers_onednn(capability: str) -> bool:
+    """Whether oneDNN's matmul beats MKL's on a CPU of this vector capability (PyTorch's
+    torch.backends.cpu.get_cpu_capability()): only with AVX-512, which MKL leaves unused on AMD
+    processors. On an AVX2-only processor MKL's AVX2 kernel is the faster one (results/README.md)."""
+    return capability.startswith("AVX512")
+
+
+def cpu_kernels(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`net` with every linear layer on oneDNN (`use_onednn_linears`, in place) when it runs on a CPU whose
+    capability prefers it (`prefers_onednn`); otherwise untouched. Called by `wrap` on the built model."""
+    if device.type == "cpu" and ONEDNN_OP and prefers_onednn(torch.backends.cpu.get_cpu_capability()):
+        use_onednn_linears(net)
+    return net
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight.T + bias by oneDNN's matmul, for x of any leading shape."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """Forward and input gradient by oneDNN; the weight gradient (a long inner dimension, which
+    oneDNN runs slower here) and the bias gradient as nn.Linear computes them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = onednn_linear(grad, weight.t(), None).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear, through oneDNN for large float32 matmuls on the CPU. Why: PyTorch's float32 matmul
+    calls MKL, whose kernels on AMD processors stop at AVX2, while oneDNN (inside PyTorch already; it
+    runs the convolutions) uses the AVX-512 the processor has (results/README.md has the measurements).
+    Below ONEDNN_MIN_MACS multiply-adds oneDNN's per-call cost eats the gain, so small layers keep
+    F.linear. Results agree with F.linear to float rounding (tests/test_model.py). CUDA, other dtypes
+    and torch.compile take F.linear."""
+    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and not torch.compiler.is_compiling()):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _OneDNNLinear.apply(x, weight, bias)
+        return onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """nn.Linear through `linear`: the same parameters, names and state_dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(net: torch.nn.Module) -> torch.nn.Module:
+    """Run every nn.Linear of a built `net` (towers, heads, the fused q/k/v projections; torchvision's
+    layers too) through `linear`, in place, by switching its class to OneDNNLinear, as torch.compile is
+    applied to a built model; parameters and state_dict are untouched."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward:
+            m.__class__ = OneDNNLinear
+    return net
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ import runtime  # noqa: E402
 import train  # noqa: E402
 import losses  # noqa: E402
 from losses import contrastive_loss, default_weights  # noqa: E402
-from model import ONEDNN_OP, FrozenTower, ThreeTowers, build_image_tower, onednn_linear  # noqa: E402
+from model import FrozenTower, ThreeTowers, build_image_tower  # noqa: E402
+from runtime import ONEDNN_OP, onednn_linear  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -60,7 +61,7 @@ FLOP_FORMULAS = {
         lambda q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_flop_count(q, k, v),
     **{getattr(torch.ops.aten, name): lambda g, q, k, v, *_, out_shape=None, **__: 2 * flop_counter.sdpa_flop_count(q, k, v)
        for name in _ATTENTION_BACKWARD if hasattr(torch.ops.aten, name)},
-    # model.linear's oneDNN matmul, x (M, K) @ weight (N, K)^T, which the flop counter does not know either
+    # runtime.linear's oneDNN matmul, x (M, K) @ weight (N, K)^T, which the flop counter does not know either
     **({torch.ops.mkldnn._linear_pointwise: lambda x, w, *_, out_shape=None, **__: 2 * x.numel() * w[0]}
        if ONEDNN_OP else {}),
 }
@@ -68,7 +69,7 @@ FLOP_FORMULAS = {
 
 def kernel_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """FLOP/s of a square matmul (a short burst) by each kernel the step's matmuls may use: torch.mm
-    (MKL on a CPU, cuBLAS on CUDA) and, on a CPU, oneDNN's (model.linear's kernel on AVX-512: on an AMD
+    (MKL on a CPU, cuBLAS on CUDA) and, on a CPU, oneDNN's (runtime.linear's kernel on AVX-512: on an AMD
     processor ~1.4x MKL's, as MKL's kernels there stop at AVX2; on an AVX2-only one ~0.87x, unused)."""
     size, repeats = (8192, 10) if device.type == "cuda" else (2048, 2)
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
@@ -119,6 +120,7 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
     tokenizer = train.build_tokenizer(args, env, dataset, None)
     model = ThreeTowers(**train.model_config(args, tokenizer, tower3_net)).to(env.device).train()
     model.set_grad_checkpointing(args.grad_checkpointing)
+    runtime.cpu_kernels(model, env.device)                       # as runtime.wrap does in train.py
     optimizer, scheduler, _ = runtime.schedule(args, env, model, dataset)
     h_rows = runtime.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
     parts = train.Parts(model, model, optimizer, scheduler, tower3_net, default_weights(mode))

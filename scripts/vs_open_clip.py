@@ -277,7 +277,8 @@ def steps(a: argparse.Namespace) -> None:
     tok, oc_tok = our_tokenizer(context_length=64), open_clip.get_tokenizer(OC_STEPS_MODEL)
     towers = dict(image_arch="vit-6x192", image_size=64, text_arch="4x192", vocab_size=49408 if equal else tok.vocab_size,
                   context_length=64, eos_id=tok.EOS, embed_dim=128)
-    ours = {mode: ThreeTowers(mode, **towers, tower3_dim=192 if mode == "3t" else None) for mode in ("clip", "3t")}
+    ours = {mode: runtime.cpu_kernels(ThreeTowers(mode, **towers, tower3_dim=192 if mode == "3t" else None), torch.device("cpu"))
+            for mode in ("clip", "3t")}                                                  # as runtime.wrap does
     theirs = open_clip.create_model(OC_STEPS_MODEL, precision="fp32", output_dict=True)   # as its trainer
     world, B, oc_loss = shapes.ShapesWorld(seed=0, image_size=64), a.batch, open_clip.ClipLoss()
     captions = [[world.captions(i, "train", 1)[0] for i in range(k * B, (k + 1) * B)] for k in range(4)]

@@ -1,5 +1,6 @@
 """The towers: shapes of each mode, the frozen third tower, loading it offline, temperatures."""
 import math
+import types
 import urllib.error
 
 import pytest
@@ -326,21 +327,25 @@ def test_conv_towers_run_channels_last_and_equal_the_plain_layout():
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)     # float rounding of ~1e-3 grads
 
 
+# ---------------------------------------------------------------- runtime's oneDNN linears on a built model
+needs_onednn = pytest.mark.skipif(not runtime.ONEDNN_OP, reason="this PyTorch has no oneDNN linear")
+
+
+@needs_onednn
 @pytest.mark.parametrize("shape,bias,transposed", [((7, 12), True, False), ((3, 5, 12), True, True),
                                                     ((4, 12), False, False), ((12,), True, False)])
 def test_linear_equals_nn_linear_forward_and_gradients(shape, bias, transposed, monkeypatch):
-    """model.linear (oneDNN on the CPU in float32) computes F.linear: output and the gradients of
+    """runtime.linear (oneDNN on the CPU in float32) computes F.linear: output and the gradients of
     input, weight and bias agree to float rounding, for 1-d, 2-d and 3-d, strided input, with and
     without a bias. Each is checked against a float64 F.linear, an independent reference."""
-    monkeypatch.setattr(model_lib, "ONEDNN_MIN_MACS", 0)              # these shapes are far below it
-    monkeypatch.setattr(model_lib, "_ONEDNN", model_lib.ONEDNN_OP)    # whatever this CPU's vector width
+    monkeypatch.setattr(runtime, "ONEDNN_MIN_MACS", 0)                 # these shapes are far below it
     torch.manual_seed(0)
     x = torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2) if transposed else torch.randn(*shape)
     x.requires_grad_(True)
     w = torch.randn(9, 12, requires_grad=True)
     b = torch.randn(9, requires_grad=True) if bias else None
     grad = torch.randn(*shape[:-1], 9)
-    out = model_lib.linear(x, w, b)
+    out = runtime.linear(x, w, b)
     out.backward(grad)
     leaves = [x, w] + ([b] if bias else [])
     got = [out.detach()] + [t.grad for t in leaves]
@@ -350,87 +355,89 @@ def test_linear_equals_nn_linear_forward_and_gradients(shape, bias, transposed, 
     for g, r in zip(got, [ref.detach()] + [t.grad for t in ref_leaves]):
         assert g.dtype == torch.float32 and g.shape == r.shape
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
-    if model_lib.ONEDNN_OP:                                  # the oneDNN path ran, not F.linear
-        assert out.grad_fn.name() == "_OneDNNLinearBackward"
+    assert out.grad_fn.name() == "_OneDNNLinearBackward"      # the oneDNN path ran, not F.linear
 
 
+@needs_onednn
 def test_linear_takes_the_oneDNN_path_only_where_it_should(monkeypatch):
     """float64, no-grad and empty inputs: the same values as F.linear (float64 exactly: F.linear
     itself runs); only float32 with a gradient builds the custom backward, and only from
     ONEDNN_MIN_MACS multiply-adds up."""
-    monkeypatch.setattr(model_lib, "_ONEDNN", model_lib.ONEDNN_OP)
     torch.manual_seed(0)
-    small = model_lib.linear(torch.randn(4, 6, requires_grad=True), torch.randn(3, 6))
+    small = runtime.linear(torch.randn(4, 6, requires_grad=True), torch.randn(3, 6))
     assert small.grad_fn.name() != "_OneDNNLinearBackward"                # 72 multiply-adds: F.linear
-    monkeypatch.setattr(model_lib, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(runtime, "ONEDNN_MIN_MACS", 0)
     x, w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True), torch.randn(3, 6, dtype=torch.float64)
-    assert torch.equal(model_lib.linear(x, w), torch.nn.functional.linear(x, w))
+    assert torch.equal(runtime.linear(x, w), torch.nn.functional.linear(x, w))
     with torch.no_grad():
         x32, w32 = torch.randn(4, 6), torch.randn(3, 6)
-        out = model_lib.linear(x32, w32)
+        out = runtime.linear(x32, w32)
         assert out.grad_fn is None
         torch.testing.assert_close(out, torch.nn.functional.linear(x32, w32))
-    assert model_lib.linear(torch.randn(0, 6), torch.randn(3, 6, requires_grad=True)).shape == (0, 3)
+    assert runtime.linear(torch.randn(0, 6), torch.randn(3, 6, requires_grad=True)).shape == (0, 3)
     w_only, x_plain = torch.randn(3, 6, requires_grad=True), torch.randn(4, 6)    # no input gradient (a head on h)
-    model_lib.linear(x_plain, w_only).sum().backward()
+    runtime.linear(x_plain, w_only).sum().backward()
     torch.testing.assert_close(w_only.grad, x_plain.sum(0).expand(3, 6))
 
-def test_linear_routes_through_onednn_only_on_a_cpu_with_avx512(monkeypatch):
+
+def test_cpu_kernels_switch_linears_only_on_a_cpu_with_avx512(monkeypatch):
     """oneDNN's matmul beats MKL's only where MKL leaves AVX-512 unused; on an AVX2-only CPU (MKL's
-    widest kernel there) even a large linear keeps F.linear. The switch is read from this CPU's
-    capability at import, and `linear` follows it."""
+    widest kernel there) the built model keeps nn.Linear, as it does on CUDA. runtime.wrap applies
+    cpu_kernels to the model it wraps, following this CPU's capability."""
     for capability, onednn in (("AVX512", True), ("AVX2", False), ("DEFAULT", False), ("SVE256", False)):
-        assert model_lib.prefers_onednn(capability) is onednn, capability
-    here = torch.backends.cpu.get_cpu_capability()
-    assert model_lib._ONEDNN == (model_lib.ONEDNN_OP and model_lib.prefers_onednn(here))
-    monkeypatch.setattr(model_lib, "ONEDNN_MIN_MACS", 0)                  # every call is "large"
-    out = model_lib.linear(torch.randn(4, 6, requires_grad=True), torch.randn(3, 6))
-    assert (out.grad_fn.name() == "_OneDNNLinearBackward") == model_lib._ONEDNN
+        assert runtime.prefers_onednn(capability) is onednn, capability
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def switched(m):
+        return any(type(x) is runtime.OneDNNLinear for x in m.modules())
+
+    here = runtime.ONEDNN_OP and runtime.prefers_onednn(torch.backends.cpu.get_cpu_capability())
+    env = types.SimpleNamespace(device=cpu, world=1)
+    assert switched(runtime.wrap(tiny_model("clip"), types.SimpleNamespace(compile=False), env)) == here
+    for capability, device, want in (("AVX512", cpu, runtime.ONEDNN_OP), ("AVX2", cpu, False), ("AVX512", cuda, False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert switched(runtime.cpu_kernels(tiny_model("3t"), device)) == want, (capability, device)
 
 
-def test_every_linear_of_the_towers_runs_through_model_linear_with_state_dicts_unchanged():
-    """use_linear_ switches the class of every nn.Linear -- the ViT's q/k/v and output projections
-    and MLPs, ResNet's fc, our text blocks and heads -- to model.Linear; the state_dict
-    names and values of a tower are those of the plain torchvision build."""
+@needs_onednn
+def test_every_linear_of_a_built_tower_becomes_onednn_with_state_dicts_unchanged():
+    """use_onednn_linears switches the class of every nn.Linear of a built model -- the ViT's fused
+    q/k/v and output projections and MLPs, ResNet's fc, the text blocks and heads -- to
+    runtime.OneDNNLinear; state_dict names and values stay those of the plain build, and outputs
+    agree with it to float rounding."""
     for arch in ("vit-micro", "resnet18", "cnn-tiny"):
-        net = build_image_tower(arch, 32, 8)
+        torch.manual_seed(0)
+        plain = build_image_tower(arch, 32, 8).eval()
+        torch.manual_seed(0)
+        net = runtime.use_onednn_linears(build_image_tower(arch, 32, 8).eval())
         linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-        assert linears and all(type(m) is model_lib.Linear for m in linears), arch
-    m = tiny_model("3t")
-    assert all(type(x) is model_lib.Linear for x in m.modules() if isinstance(x, nn.Linear))
-    torch.manual_seed(0)
-    plain = torchvision.models.resnet18(weights=None, num_classes=8)
-    torch.manual_seed(0)
-    ours = build_image_tower("resnet18", 32, 8)
-    assert list(plain.state_dict()) == list(ours.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ours.state_dict().values()))
-    x = torch.randn(2, 3, 32, 32)
-    plain.eval(), ours.eval()
-    torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
+        assert linears and all(type(m) is runtime.OneDNNLinear for m in linears), arch
+        assert list(plain.state_dict()) == list(net.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), net.state_dict().values()))
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(net(x), plain(x), rtol=1e-5, atol=1e-5)
+    m = runtime.use_onednn_linears(tiny_model("3t"))
+    assert all(type(x) is runtime.OneDNNLinear for x in m.modules() if isinstance(x, nn.Linear))
 
 
+@needs_onednn
 @pytest.mark.parametrize("mode", ["clip", "lit", "3t"])
 def test_a_training_step_through_onednn_equals_the_f_linear_step(mode, monkeypatch):
-    """The whole model with every linear on the oneDNN path (threshold 0) against the same model
-    with none (F.linear throughout): the same loss and every parameter's gradient, to float
-    rounding -- the ViT's q/k/v and output projections, MLPs, text blocks and heads alike."""
+    """The whole model with every linear switched to oneDNN (threshold 0) against the same plain
+    model (F.linear throughout): the same loss and every parameter's gradient, to float rounding
+    -- the ViT's q/k/v and output projections, MLPs, text blocks and heads alike."""
     from losses import default_weights
-    if not model_lib.ONEDNN_OP:
-        pytest.skip("this PyTorch has no oneDNN linear")
 
-    def loss_and_grads():
-        m = tiny_model(mode)
+    def loss_and_grads(m):
         loss = tower_loss(m(*tiny_batch(6)), mode, default_weights(mode))[0]
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
-    monkeypatch.setattr(model_lib, "_ONEDNN", False)
-    plain_loss, plain = loss_and_grads()
-    monkeypatch.setattr(model_lib, "_ONEDNN", True)
-    monkeypatch.setattr(model_lib, "ONEDNN_MIN_MACS", 0)
+    plain_loss, plain = loss_and_grads(tiny_model(mode))
+    monkeypatch.setattr(runtime, "ONEDNN_MIN_MACS", 0)
     seen = []
-    monkeypatch.setattr(model_lib._OneDNNLinear, "backward", _counting(model_lib._OneDNNLinear.backward, seen))
-    loss, grads = loss_and_grads()
+    monkeypatch.setattr(runtime._OneDNNLinear, "backward", _counting(runtime._OneDNNLinear.backward, seen))
+    loss, grads = loss_and_grads(runtime.use_onednn_linears(tiny_model(mode)))
     assert seen, "no linear took the oneDNN path"
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == plain.keys()
