@@ -176,7 +176,8 @@ class ViT(nn.Module):
         if self.class_token is not None:
             x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)   # (B, 1 + N, W)
         x = self.ln_final(self.blocks(x + self.positional_embedding))               # (B, L, W)
-        return self.head(x[:, 0] if self.class_token is not None else x.mean(dim=1))  # (B, W) ->
+        pooled = x[:, 0] if self.class_token is not None else x.mean(dim=1)          # (B, W)
+        return self.head(pooled)                                                     # (B, out_dim)
 
 
 def conv_stem(channels: tuple[int, ...], width: int) -> nn.Sequential:
