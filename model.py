@@ -56,8 +56,8 @@ class Block(nn.Module):
     is one q/k/v matmul and one fused `scaled_dot_product_attention` call, batch-first. `causal`:
     a position attends only to itself and earlier ones (text); the image tower attends to every
     patch. Like openai/CLIP's model.py, both towers use this one block, differing only by the mask.
-    Linears and norms keep PyTorch's default init (nn.Linear: Kaiming-uniform, U(+-1/sqrt(fan_in))),
-    one init for both towers."""
+    Linears and norms start at PyTorch's defaults (nn.Linear: Kaiming-uniform, U(+-1/sqrt(fan_in))),
+    which the text tower keeps; the ViT re-initialises its blocks (`ViT._init_weights`)."""
 
     def __init__(self, width: int, heads: int, causal: bool):
         super().__init__()
@@ -153,10 +153,10 @@ class ViT(nn.Module):
     from the first step, where a class token can hold a small ViT on the contrastive loss's plateau
     for long; README, "Where this project chooses") -- and a linear head to out_dim.
 
-    Init: PyTorch's defaults for the convolutions, linears and norms (those of `Block`); position
-    embeddings normal(0, 0.02) and the class token zero, as the ViT paper's code and torchvision's
-    ViT do; the head normal(0, W^-0.5) as CLIP's projections, not zero as a classifier's often is:
-    a zero embedding has no direction to normalise."""
+    Init (`_init_weights`): torchvision's ViT init, which follows the ViT paper's code, rather than
+    the PyTorch defaults the text tower keeps, which left this ViT at a higher loss on the shapes
+    world (results/README.md, "History"); the head normal(0, W^-0.5) as CLIP's projections, not
+    zero as a classifier's often is: a zero embedding has no direction to normalise."""
 
     def __init__(self, image_size: int, patch: int, width: int, depth: int, heads: int,
                  stem: tuple[int, ...], pool: str, out_dim: int, bias: bool = False):
@@ -165,11 +165,31 @@ class ViT(nn.Module):
         tokens = (image_size // patch) ** 2 + (pool == "token")
         # "mean": no class token and no position for it, so DDP finds no unused parameter
         self.class_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "token" else None
-        self.positional_embedding = nn.Parameter(torch.randn(tokens, width) * 0.02)
+        self.positional_embedding = nn.Parameter(torch.empty(tokens, width))
         self.blocks = Blocks((str(i), Block(width, heads, causal=False)) for i in range(depth))
         self.ln_final = nn.LayerNorm(width)
         self.head = nn.Linear(width, out_dim, bias=bias)
-        nn.init.normal_(self.head.weight, std=width ** -0.5)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Position embeddings normal(0, 0.02), the class token zero; in each block the q/k/v and
+        MLP weights Xavier-uniform (Glorot & Bengio 2010), the output projection's PyTorch's
+        default, every bias zero; the stem's 1x1 projection He-normal over its fan-out (He et al.
+        2015), or the patchify convolution LeCun-normal over its fan-in."""
+        nn.init.normal_(self.positional_embedding, std=0.02)
+        for block in self.blocks:
+            for layer in (block.qkv, block.mlp[0], block.mlp[2]):
+                nn.init.xavier_uniform_(layer.weight)
+            for layer in (block.qkv, block.out, block.mlp[0], block.mlp[2]):
+                nn.init.zeros_(layer.bias)
+        if isinstance(self.patchify, nn.Sequential):
+            last = self.patchify[-1]
+            nn.init.normal_(last.weight, std=math.sqrt(2.0 / last.out_channels))
+        else:
+            last = self.patchify
+            nn.init.trunc_normal_(last.weight, std=math.sqrt(1.0 / last.weight[0].numel()))
+        nn.init.zeros_(last.bias)
+        nn.init.normal_(self.head.weight, std=self.head.in_features ** -0.5)
 
     def forward(self, image: Tensor) -> Tensor:                  # (B, 3, S, S) -> (B, out_dim)
         x = self.patchify(image).flatten(2).transpose(1, 2)         # (B, N, W), N = (S / patch)^2

@@ -173,6 +173,23 @@ def test_small_vits_pool_the_mean_of_their_patch_tokens_and_train_every_paramete
     assert id(big.head.weight) not in no_decay and id(big.blocks[0].qkv.weight) not in no_decay
 
 
+def test_vit_starts_from_torchvision_s_init_and_the_text_tower_from_pytorch_s_defaults():
+    """The shared Block, initialised per tower: the ViT's q/k/v and MLP weights Xavier-uniform
+    (their largest entry near sqrt(6 / (fan_in + fan_out))) and zero biases, position embeddings
+    std 0.02; the text tower's linears PyTorch's U(+-1/sqrt(fan_in)), biases included."""
+    torch.manual_seed(0)
+    vit, text = build_image_tower("vit-tiny", 32, 8), tiny_model("clip").text
+    for block in vit.blocks:
+        for layer in (block.qkv, block.mlp[0], block.mlp[2]):
+            bound = math.sqrt(6 / sum(layer.weight.shape))
+            assert 0.95 * bound < layer.weight.abs().max() <= bound
+        assert all(not layer.bias.any() for layer in (block.qkv, block.out, block.mlp[0], block.mlp[2]))
+    assert vit.positional_embedding.std().item() == pytest.approx(0.02, rel=0.1)
+    for layer in (text.blocks[0].qkv, text.blocks[0].mlp[2]):
+        bound = layer.in_features ** -0.5
+        assert 0.95 * bound < layer.weight.abs().max() <= bound and layer.bias.any()
+
+
 def test_default_towers_keep_their_state_dict_layout():
     """The default towers (cnn-tiny + mini text) and the heads: the same state_dict names and
     shapes as before the towers were rewritten, so their checkpoints still load."""
