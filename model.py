@@ -153,10 +153,10 @@ class ViT(nn.Module):
     from the first step, where a class token can hold a small ViT on the contrastive loss's plateau
     for long; README, "Where this project chooses") -- and a linear head to out_dim.
 
-    Init (`_init_weights`): torchvision's ViT init, which follows the ViT paper's code, rather than
-    the PyTorch defaults the text tower keeps, which left this ViT at a higher loss on the shapes
-    world (results/README.md, "History"); the head normal(0, W^-0.5) as CLIP's projections, not
-    zero as a classifier's often is: a zero embedding has no direction to normalise."""
+    Init (`_init_weights`): torchvision's ViT init, which follows the ViT paper's code, so that f
+    starts as the ViT the results were made with (results/README.md, "History"); the head
+    normal(0, W^-0.5) as CLIP's projections, not zero as a classifier's often is: a zero embedding
+    has no direction to normalise."""
 
     def __init__(self, image_size: int, patch: int, width: int, depth: int, heads: int,
                  stem: tuple[int, ...], pool: str, out_dim: int, bias: bool = False):
