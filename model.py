@@ -371,17 +371,20 @@ HEADS = ("fc", "heads", "head", "classifier")
 
 
 def strip_classifier(net: nn.Module) -> str | None:
-    """Remove a known classification head of `net` in place (an nn.Linear replaced by Identity) and
-    return its name, or None when there is none: then the model is taken whole, since cutting the last
-    nn.Linear of a headless trunk would cut into its last block."""
+    """Remove a known classification head of `net` in place -- the last nn.Linear inside one of the
+    HEADS attributes (or that attribute itself), replaced by Identity -- and return its name, or None
+    when there is none: then the model is taken whole, since cutting the last nn.Linear of a headless
+    trunk would cut into its last block."""
     for name in HEADS:
-        module = getattr(net, name, None)
-        if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Linear):
-            module[-1] = nn.Identity()
-            return f"{name}.{len(module) - 1}"
-        if isinstance(module, nn.Linear):
+        head = getattr(net, name, None)
+        if isinstance(head, nn.Linear):
             setattr(net, name, nn.Identity())
             return name
+        linears = [n for n, m in head.named_modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
+        if linears:
+            parent, _, child = linears[-1].rpartition(".")
+            setattr(head.get_submodule(parent) if parent else head, child, nn.Identity())
+            return f"{name}.{linears[-1]}"
     if isinstance(net, ConvTower) and isinstance(net[-1], nn.Linear):
         net[-1] = nn.Identity()
         return str(len(net) - 1)
