@@ -64,9 +64,9 @@ def test_the_parity_check_fails_on_a_faulty_gather(tmp_path, monkeypatch, fault)
         real = losses._GatherRows.backward
         monkeypatch.setattr(losses._GatherRows, "backward", staticmethod(lambda ctx, grad: 2 * real(ctx, grad)))
     status = load_script("gpu_dist_check").main([
-        "--result", str(tmp_path / "dist.json"), "--sync-free-steps", "1", "--mode", "clip", "--image-arch", "vit-micro",
-        "--image-size", "16", "--text-arch", "micro", "--batch-size", "8", "--train-samples", "64", "--precision",
-        "fp32", "--steps", "8", "--quiet", "--eval-data", "none", "--cache-dir", str(tmp_path / "cache")])
+        "--result", str(tmp_path / "dist.json"), "--sync-free-steps", "1", "--mode", "clip", "--image-arch",
+        "vit-micro", "--image-size", "16", "--text-arch", "micro", "--batch-size", "8", "--train-samples", "64",
+        "--precision", "fp32", "--steps", "8", "--quiet", "--eval-data", "none", "--cache-dir", str(tmp_path / "cache")])
     rows = json.loads((tmp_path / "dist.json").read_text())["rows"]
     assert status == 1 and [r["ok"] for r in rows if r["check"] == "parity"] == [False, False]
     assert not losses.GATHER_ON_ONE_RANK                                   # switched off again
