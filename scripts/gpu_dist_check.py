@@ -187,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
     for r in rows:
         verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[r["ok"]]
-        detail = (f"loss rel diff {r['loss_rel_diff']:.2g}, grads max rel diff {r['grad_rel_diff']:.2g} "
-                  f"(tolerance {TOLERANCE:g}), gather fwd/bwd {r['gather_calls']['forward']}/{r['gather_calls']['backward']}"
+        calls = r.get("gather_calls", {})
+        detail = (f"loss rel diff {r['loss_rel_diff']:.2g}, grads max rel diff {r['grad_rel_diff']:.2g} (tolerance "
+                  f"{TOLERANCE:g}), gather fwd/bwd {calls.get('forward')}/{calls.get('backward')}"
                   if r["check"] == "parity" else f"steps {r['steps']}" + (f": {r['error']}" if r["error"] else ""))
         print(f"[dist] {verdict} {r['check']} ({r['variant']}; {backend}): {detail}", flush=True)
     if own.result:
