@@ -119,6 +119,7 @@ def test_gpu_step_mfu_counts_model_flops_not_the_recomputed_forward(monkeypatch)
     so the FLOPs per sample behind each row's MFU are the same with and without checkpointing."""
     bench = load_script("bench")
     monkeypatch.setattr(bench, "GPU_PRESET", TINY_GPU_PRESET)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: 1e12)   # any peak: FLOPs = MFU x peak x time
     plain, checkpointed = bench.bench_gpu_step([4], repeats=1, device=torch.device("cpu"))
     assert checkpointed["checkpointing"] and not plain["checkpointing"]
     used = [r["mfu_measured_peak"] * r["matmul_peak_tflops"] * 1e12 * r["step_ms"] / 1e3 / r["batch"]
@@ -134,6 +135,7 @@ def test_gpu_step_memory_of_a_case_holds_no_earlier_case(monkeypatch):
     would count two models."""
     bench = load_script("bench")
     monkeypatch.setattr(bench, "GPU_PRESET", TINY_GPU_PRESET)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: 1e12)
     live = weakref.WeakSet()
 
     class Counted(bench.ThreeTowers):
