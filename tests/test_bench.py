@@ -99,9 +99,11 @@ TINY_GPU_PRESET = ["--image-arch", "vit-micro", "--image-size", "16", "--text-ar
                    "--context-length", "16"]
 
 
-def test_gpu_step_rows_on_the_cpu_with_tiny_towers(monkeypatch):
-    """bench_gpu_step (what scripts/gpu_check.sh prints as its step table) on tiny towers: one row per
-    batch size and checkpointing setting, and checkpointing really switched on where the row says so."""
+def test_gpu_step_rows_on_the_cpu_with_tiny_towers_count_model_flops(monkeypatch):
+    """bench_gpu_step (what scripts/gpu_check.sh prints as its step table) on tiny towers: one row per batch size
+    and checkpointing setting, checkpointing really switched on where the row says so -- and, since MFU counts
+    model FLOPs (PaLM, App. B), not the forward that checkpointing recomputes, the FLOPs per sample behind each
+    row's MFU are the same with and without it."""
     bench = load_script("bench")
     monkeypatch.setattr(bench, "GPU_PRESET", TINY_GPU_PRESET)
     switched = []
@@ -112,27 +114,18 @@ def test_gpu_step_rows_on_the_cpu_with_tiny_towers(monkeypatch):
     assert [(r["batch"], r["checkpointing"]) for r in rows] == [(4, False), (4, True), (8, False), (8, True)]
     assert switched == [False, True, False, True]
     assert all(r["samples_per_s"] > 0 and 0 < r["mfu_measured_peak"] < 2 and r["peak_mem_gib"] is None for r in rows)
-
-
-def test_gpu_step_mfu_counts_model_flops_not_the_recomputed_forward(monkeypatch):
-    """With --grad-checkpointing the step recomputes the blocks' forward; MFU counts model FLOPs (PaLM, App. B),
-    so the FLOPs per sample behind each row's MFU are the same with and without checkpointing."""
-    bench = load_script("bench")
-    monkeypatch.setattr(bench, "GPU_PRESET", TINY_GPU_PRESET)
-    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: 1e12)   # any peak: FLOPs = MFU x peak x time
-    plain, checkpointed = bench.bench_gpu_step([4], repeats=1, device=torch.device("cpu"))
-    assert checkpointed["checkpointing"] and not plain["checkpointing"]
     used = [r["mfu_measured_peak"] * r["matmul_peak_tflops"] * 1e12 * r["step_ms"] / 1e3 / r["batch"]
-            for r in (plain, checkpointed)]                            # FLOPs/sample = MFU x peak x step time
-    assert used[1] == pytest.approx(used[0], rel=1e-9) and used[0] > 0
-    assert checkpointed["gflops_per_sample"] == plain["gflops_per_sample"] == pytest.approx(used[0] / 1e9)
+            for r in rows]                                             # FLOPs/sample = MFU x peak x step time
+    for plain, checkpointed in ((0, 1), (2, 3)):
+        assert used[checkpointed] == pytest.approx(used[plain], rel=1e-9) and used[plain] > 0
+        assert rows[checkpointed]["gflops_per_sample"] == rows[plain]["gflops_per_sample"] == \
+            pytest.approx(used[plain] / 1e9)
 
 
 def test_gpu_step_memory_of_a_case_holds_no_earlier_case(monkeypatch):
     """Each case's peak memory is counted once the previous case's model and optimiser are gone. The CPU has
     no allocator peaks, so a fake stands in for torch.cuda's: the bytes of the ThreeTowers alive when the
-    count starts and when it is read. A case that still held the previous (here: larger) case's model
-    would count two models."""
+    count starts and when it is read. A case that still held the previous case's model would count two."""
     bench = load_script("bench")
     monkeypatch.setattr(bench, "GPU_PRESET", TINY_GPU_PRESET)
     monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: 1e12)
@@ -148,8 +141,8 @@ def test_gpu_step_memory_of_a_case_holds_no_earlier_case(monkeypatch):
     monkeypatch.setattr(bench, "ThreeTowers", Counted)
     monkeypatch.setattr(bench, "reset_peak_memory", lambda device: peak.__setitem__(0, held()))
     monkeypatch.setattr(bench, "peak_memory_gib", lambda device: max(peak[0], held()) / 2**30)
-    rows = bench.bench_gpu_step([8, 4], repeats=1, device=torch.device("cpu"))
-    assert [r["batch"] for r in rows] == [8, 8, 4, 4]
+    rows = bench.bench_gpu_step([8], repeats=1, device=torch.device("cpu"))
+    assert [r["checkpointing"] for r in rows] == [False, True]
     assert [r["peak_mem_gib"] * 2**30 for r in rows] == [4 * r["trainable_params"] for r in rows]   # one model, fp32
 
 
