@@ -125,7 +125,10 @@ def parity(args: argparse.Namespace, env: runtime.Env, built: dict, name: str) -
     parts, calls = make_parts(args, env, built, ddp=True), {"forward": 0, "backward": 0}
     with counting_gather(calls):
         loss_d, grads_d = step_of(exact, env, parts, batches)
-    rel = lambda a, b: (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)    # noqa: E731
+    # A tensor's difference against its own largest entry, floored at a millionth of the largest gradient: a
+    # gradient that is zero up to rounding (a softmax's shift direction) has no digits to compare.
+    floor = 1e-6 * max((g.abs().max().item() for g in grads.values()), default=0.0) + 1e-30
+    rel = lambda a, b: (a - b).abs().max().item() / max(b.abs().max().item(), floor)    # noqa: E731
     grad_diff = max((rel(grads_d[k], g) for k, g in grads.items() if k in grads_d), default=float("inf"))
     loss_diff = abs(loss_d - loss) / max(abs(loss), 1e-30)
     ok = grads.keys() == grads_d.keys() and loss_diff <= TOLERANCE and grad_diff <= TOLERANCE \
