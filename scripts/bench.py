@@ -228,9 +228,9 @@ def bench_loss(sizes: list[int], world: int, dim: int = 128) -> list[dict]:
 
 
 class _TinyImages(torch.utils.data.Dataset):
-    """`rows` images made on the fly at almost no cost (3 x size x size, float32) under `key`, with the sample's
-    index and, given `captions`, one of them: what reads the items costs, not decoding. The default items are
-    third-tower views at 4 px, for the h cache's own cost."""
+    """`rows` images made on the fly at almost no cost (3 x size x size, uint8 as the loaders give them)
+    under `key`, with the sample's index and, given `captions`, one of them: what reads the items costs,
+    not decoding. The default items are third-tower views at 4 px, for the h cache's own cost."""
 
     def __init__(self, rows: int, size: int = 4, key: str = "image_h", captions: list[str] | None = None):
         self.rows, self.size, self.key, self.captions = rows, size, key, captions
@@ -239,7 +239,7 @@ class _TinyImages(torch.utils.data.Dataset):
         return self.rows
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        values = torch.tensor(indices, dtype=torch.float32).view(-1, 1, 1, 1) % 251 / 251
+        values = (torch.tensor(indices).view(-1, 1, 1, 1) % 251).to(torch.uint8)
         views = values.expand(-1, 3, self.size, self.size)
         items = [{self.key: v, "index": i} for v, i in zip(views, indices)]
         for item in items if self.captions else []:
@@ -543,7 +543,7 @@ def bench_loader(shards: int = 4, per_shard: int = 256, short_side: tuple[int, i
         pattern = os.path.join(tmp, "*.tar")
         tokenizer = Tokenizer.learn(data.TarShards(pattern).sample_captions(train.VOCAB_CAPTIONS), 8192, 77)
         for name, h in (("f", None), ("f+h", h_size)):
-            dataset = data.TarShards(pattern, image_size=image_size, tower3_image_size=h)
+            dataset = data.TarShards(pattern, image_size=image_size, tower3_view=h and data.View(h, h))
             loader = data.make_loader(dataset, batch, tokenizer=tokenizer, workers=workers)
             samples, shipped, start = 0, 0, time.perf_counter()
             for epoch in range(epochs):
@@ -567,16 +567,16 @@ def bench_step_input(rows: int = 512 * 24, batch: int = 512, image_size: int = 2
     env = runtime.Env()
     captions = [shapes.ShapesWorld(0, 32).captions(i)[0] for i in range(256)]
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, dim))      # h of the 4 px views: the table
-    tower = FrozenTower(net, dim, 4, "bench").to(env.device)
+    tower = FrozenTower(net, data.View(4, 4), "bench").to(env.device)
     args = argparse.Namespace(mode="3t", precision="auto", cache_tower3=True, train_data="bench-input", seed=0,
                               image_size=image_size, workers=0, quiet=True)
     with tempfile.TemporaryDirectory() as tmp:
         args.cache_dir = tmp
         table = runtime.tower3_cache(args, env, tower, _TinyImages(rows))
-        parts = train.Parts(None, None, None, None, tower, table, {})
+        parts = train.Parts(None, None, None, None, tower, {})
         dataset = _TinyImages(rows, image_size, "image", captions)
         loader = data.make_loader(dataset, batch, tokenizer=Tokenizer.learn(captions, 8192, 77), workers=workers,
-                                  pin_memory=env.device.type == "cuda")
+                                  pin_memory=env.device.type == "cuda", rows=table)
         fetch, inputs, batches = [], [], iter(loader)
         for _ in range(min(steps, rows // batch)):
             start = time.perf_counter()

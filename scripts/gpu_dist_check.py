@@ -68,10 +68,10 @@ def build(args: argparse.Namespace, env: runtime.Env) -> dict:
     cached = runtime.uses_tower3_cache(args, env)
     dataset = train.pairs_dataset(args, env, None if cached else tower3)
     tokenizer = train.build_tokenizer(args, env, dataset, None)
-    h_cache = (runtime.tower3_cache(args, env, tower3, data.with_tower3_view(dataset, tower3.image_size))
-               if cached else None)
-    loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, seed=args.seed)
-    return dict(config=train.model_config(args, tokenizer, tower3), dataset=dataset, tower3=tower3, h_cache=h_cache,
+    h_rows = (runtime.tower3_cache(args, env, tower3, data.with_tower3_view(dataset, tower3.view))
+              if cached else None)
+    loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, seed=args.seed, rows=h_rows)
+    return dict(config=train.model_config(args, tokenizer, tower3), dataset=dataset, tower3=tower3,
                 batches=[pinned(b, env) for b in itertools.islice(loader, 4)])
 
 
@@ -85,7 +85,7 @@ def make_parts(args: argparse.Namespace, env: runtime.Env, built: dict, ddp: boo
     forward = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if ddp else model
     weights = (dict(zip(losses.PAIRS[args.mode], args.loss_weights)) if args.loss_weights
                else losses.default_weights(args.mode))
-    return train.Parts(model, forward, optimizer, scheduler, built["tower3"], built["h_cache"], weights)
+    return train.Parts(model, forward, optimizer, scheduler, built["tower3"], weights)
 
 
 @contextlib.contextmanager
