@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import CHECKPOINT_FORMAT, FrozenTower, checksum, read_checkpoint, save_checkpoint
+from model import CHECKPOINT_FORMAT, FrozenTower, checkpoint_pieces, checksum, read_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,25 +68,14 @@ def raise_if_disk_full(error: OSError, flag: str, folder: str, what: str, needed
                    f"{free}; free some space there or give another {flag}") from None
 
 
-def tensor_bytes(obj: Any) -> int:
-    """The bytes of the tensors in a (nested) checkpoint: about the size its file needs."""
-    if isinstance(obj, Tensor):
-        return obj.nelement() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
 def append_whole(f: BinaryIO, line: bytes) -> None:
     """Append `line` to the unbuffered binary file `f` whole or not at all: a write that fails part-way is cut
     back off, so the file never ends in half a record. Re-raises the error."""
     start = f.seek(0, os.SEEK_END)
     try:
-        done = 0
-        while done < len(line):
-            done += os.write(f.fileno(), line[done:])
+        view, done = memoryview(line), 0          # slices of a view copy nothing
+        while done < len(view):
+            done += os.write(f.fileno(), view[done:])
     except OSError:
         with contextlib.suppress(OSError):
             os.ftruncate(f.fileno(), start)
@@ -94,27 +83,36 @@ def append_whole(f: BinaryIO, line: bytes) -> None:
 
 
 def checkpoint_to(path: str, ckpt: dict, flag: str) -> None:
-    """save_checkpoint (atomic: a failed save leaves the previous file intact and no temporary file), with a
-    full disk said in one line (DiskFull) naming the folder `flag` gave."""
-    try:
-        save_checkpoint(ckpt, path)
-    except OSError as e:
-        raise_if_disk_full(e, flag, os.path.dirname(path) or ".", os.path.basename(path), tensor_bytes(ckpt))
-        raise
+    """Write a checkpoint whole or not at all (write_file): a failed save leaves the previous file
+    intact and no temporary file, and a full disk is said in one line (DiskFull) naming the folder
+    `flag` gave and the bytes needed. It is serialised in memory first (model.checkpoint_pieces,
+    whose docstring gives the memory cost), so that a full disk reaches us as an OSError."""
+    write_file(path, checkpoint_pieces(ckpt), flag)
 
 
-def write_file(path: str, content: bytes, flag: str) -> None:
-    """Write a small file whole or not at all (a temporary file beside it, then a rename), with a full disk said
-    in one line (DiskFull) naming the folder `flag` gave."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+def write_file(path: str, content: bytes | list[bytes], flag: str) -> None:
+    """Write a file whole or not at all: a temporary file beside it (this host's name: one writer
+    per path, since --out and the auto tower are locked, so a writer killed mid-write leaves a file
+    that the next write here replaces), written in full, flushed to the disk, then renamed into
+    place. A full disk is said in one line (DiskFull) naming the folder `flag` gave. A list of
+    pieces is consumed, each freed once written, so the content is held in memory at most until the
+    write."""
+    pieces = [content] if isinstance(content, (bytes, bytearray)) else content
+    size = sum(len(p) for p in pieces)
+    tmp = f"{path}.tmp.{socket.gethostname()}"
     try:
         with open(tmp, "wb", buffering=0) as f:
-            append_whole(f, content)
+            pieces.reverse()
+            while pieces:
+                append_whole(f, pieces.pop())
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
+        pieces.clear()
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise_if_disk_full(e, flag, os.path.dirname(path) or ".", os.path.basename(path), len(content))
+        if isinstance(e, OSError):
+            raise_if_disk_full(e, flag, os.path.dirname(path) or ".", os.path.basename(path), size)
         raise
 
 
