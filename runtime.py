@@ -244,11 +244,15 @@ def autocast(args: argparse.Namespace, env: Env):
 
 
 def wrap(model: torch.nn.Module, args: argparse.Namespace, env: Env) -> torch.nn.Module:
-    """What the step calls: the model, compiled if asked (before DDP, so DDP sees the compiled
-    graph), in DDP when there are several processes. Checkpoints and evaluation keep the raw model."""
-    if args.compile:
-        model = torch.compile(model)
-    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.world > 1 else model
+    """What the step calls: the model in DDP when there are several processes, then compiled if
+    asked. Compiling the DDP module, not wrapping a compiled one, is the order PyTorch's DDP and
+    torch.compile notes give: the compiler then splits the graph at DDP's gradient buckets
+    (DDPOptimizer), so each bucket's all-reduce overlaps the rest of backward. Checkpoints,
+    evaluation and the no-grad pass of --accum-freq use the raw model, so no '_orig_mod.' or
+    'module.' prefix reaches a checkpoint."""
+    if env.world > 1:
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,8 +53,9 @@ from tokenizer import Tokenizer
 @dataclass
 class Parts:
     """What a training step touches, built once by `run`."""
-    model: ThreeTowers                  # the raw model: clipping, temperature clamp, checkpoints, eval
-    forward: torch.nn.Module            # what the step calls: the model, compiled and/or in DDP
+    model: ThreeTowers                  # the raw model: clipping, temperature clamp, checkpoints,
+                                        # eval, and the no-grad pass of --accum-freq
+    forward: torch.nn.Module            # what the step calls: the model, in DDP and/or compiled
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     tower3: FrozenTower | None
@@ -160,10 +161,9 @@ def accumulated_backward(args: argparse.Namespace, env: Env, parts: Parts, input
       3. per micro-batch: embed again with activations and backpropagate its rows of that gradient,
          under DDP's no_sync but for the last (one gradient all-reduce per step). The temperatures
          take 1/K of theirs in each pass, so every parameter has a gradient in every pass."""
-    raw = getattr(parts.forward, "module", parts.forward)       # without grad nothing to synchronise
     saved = [b.clone() for b in parts.model.buffers()]
-    with torch.no_grad(), autocast(args, env):
-        cached = [raw(*x) for x in inputs]
+    with torch.no_grad(), autocast(args, env):        # the raw model: nothing to synchronise
+        cached = [parts.model(*x) for x in inputs]
     with torch.no_grad():
         for b, s in zip(parts.model.buffers(), saved):             # the recompute updates them once
             b.copy_(s)
@@ -390,7 +390,8 @@ def optimisation_flags(a: Callable) -> None:
     a("--max-nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast + TF32 on CUDA, fp32 on CPU (bf16 is far slower on most CPUs)")
-    a("--compile", action="store_true", help="torch.compile the towers (before DDP)")
+    a("--compile", action="store_true",
+      help="torch.compile the towers (after DDP, so that gradient all-reduces overlap backward)")
     a("--seed", type=int, default=0, help="seeds the towers, the data order and the shapes world")
     a("--out", default=None, help="run folder (default runs/<mode>-s<seed>)")
     a("--resume", default=None, help="'latest' (the run folder's ckpt.pt, if any) or a checkpoint path")
