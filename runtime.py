@@ -125,6 +125,22 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def take_lock(f: Any, flag: str, folder: str) -> bool:
+    """An exclusive flock on the open file `f`, without waiting: True when this process now holds
+    it, False when another process does -- which only EWOULDBLOCK (BlockingIOError) means. Any other
+    error says the filesystem cannot lock at all (Lustre mounted without -o flock answers ENOSYS;
+    others EOPNOTSUPP or ENOLCK): RunError naming `folder`, since such a folder cannot keep two runs
+    apart."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        raise RunError(f"{flag} {folder!r}: the filesystem does not support file locks (flock: "
+                       f"{e}); mount it with -o flock or use another {flag}") from None
+    return True
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags: one range per numeric flag, checked at parse time
 # ----------------------------------------------------------------------------------------------
@@ -199,12 +215,16 @@ class Env:
         return None
 
     def lock(self, folder: str) -> str | None:
-        """Hold an exclusive flock on folder/.lock (it names the holder) until close(); or say who holds
-        it. The kernel drops the lock when its process dies: no stale locks after a crash."""
+        """Hold an exclusive flock on folder/.lock (it names the holder) until close(); or say who
+        holds it, or that the folder's filesystem cannot lock (take_lock). The kernel drops the lock
+        when its process dies: no stale locks after a crash."""
         f = open(os.path.join(folder, ".lock"), "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            held = take_lock(f, "--out", folder)
+        except RunError as e:
+            f.close()
+            return str(e)
+        if not held:
             f.seek(0)
             holder = f.read().strip() or "holder unknown"
             f.close()

@@ -42,7 +42,8 @@ from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTo
                    checksum, load_tower3, read_checkpoint, summary)
 from runtime import (Env, MetricsLog, RowTable, RunError, StepBatches, apply_gradients, autocast, check_ranges,
                      check_resumable, checkpoint_to, claim_folders, endless, every_rank, find_checkpoint, log, one_line,
-                     resume, save, schedule, sync_step, tower3_cache, uses_tower3_cache, wrap, write_file)
+                     resume, save, schedule, sync_step, take_lock, tower3_cache, uses_tower3_cache, wrap,
+                     write_file)
 from shapes import ShapesLabelled
 from tokenizer import Tokenizer
 
@@ -579,13 +580,12 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
 def exclusive(lock_path: str, env: Env, holder_busy: str) -> Iterator[None]:
     """Rank 0 holds an exclusive flock on `lock_path` for the block; while another run holds it, rank 0 says so
     (`holder_busy` and who) and waits, and the other ranks wait at a barrier. The kernel drops the lock when its
-    holder dies, so a crashed run never blocks the next one."""
+    holder dies, so a crashed run never blocks the next one; a filesystem that cannot lock stops the run
+    with one line (take_lock)."""
     f = open(lock_path, "a+") if env.master else None
     try:
         if f is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not take_lock(f, "--cache-dir", os.path.dirname(lock_path)):
                 f.seek(0)
                 log(env, f"{holder_busy} ({f.read().strip() or 'holder unknown'}): waiting for it")
                 fcntl.flock(f, fcntl.LOCK_EX)
