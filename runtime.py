@@ -24,7 +24,8 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator, Sequence
+from datetime import timedelta
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -163,8 +164,12 @@ def check_ranges(p: argparse.ArgumentParser, args: argparse.Namespace, ranges: d
 # ----------------------------------------------------------------------------------------------
 
 
+DIST_TIMEOUT = 1800.0       # seconds: --dist-timeout's default, torch's for gloo (NCCL's is 600)
+WAIT_LOG_EVERY = 60.0       # seconds between rank 0's lines about the ranks it waits for
+
+
 class Env:
-    def __init__(self):
+    def __init__(self, dist_timeout: float = DIST_TIMEOUT):
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -183,8 +188,11 @@ class Env:
         self.locks = contextlib.ExitStack()                                           # run folders held
         self.owns_group = self.world > 1 and not dist.is_initialized()
         if self.owns_group:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=dist_timeout))
         self.master = self.rank == 0
+        self.dist_timeout = dist_timeout
+        self.phases: Counter = Counter()                   # how often each phase began (Env.phase)
 
     def workers(self, args: argparse.Namespace) -> int:
         """DataLoader workers per rank: --workers, else 0 on CPU and up to 8 per GPU."""
@@ -207,6 +215,76 @@ class Env:
         if flags.any():
             raise SystemExit(problem or f"rank {self.rank}: stopping with rank(s) "
                                         f"{flags.nonzero().flatten().tolist()}, see their error")
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[Callable[[], None]]:
+        """A stretch of the run in which the ranks may drift further apart than a collective waits
+        (each decodes its share of the h cache; rank 0 waits for another run's lock). It yields
+        `meet`: call it where the stretch ends, before the next collective. Ranks meet through the
+        process group's store, polling it rather than waiting inside a backend collective (NCCL's
+        watchdog ends a collective that waits past its timeout with a traceback). The meeting's
+        outcome is decided once for all ranks: met, or the first stop note -- from a rank that
+        waited --dist-timeout seconds (naming the phase and whom it waited for), or from a rank
+        that failed inside, so the others stop at once rather than at the timeout. A collective
+        that fails inside (a peer died) ends in one line naming the phase."""
+        self.phases[name] += 1
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")   # apart from earlier attempts'
+        key = f"3t-phase/{restart}/{name}/{self.phases[name]}"
+        try:
+            yield lambda: self._meet(name, key)
+        except BaseException as e:
+            note = one_line(e) or type(e).__name__
+            own = note if note.startswith(f"rank {self.rank}:") else f"rank {self.rank}: {note}"
+            if self.world > 1:
+                with contextlib.suppress(Exception):
+                    self._decide(dist.distributed_c10d._get_default_store(), key, own)
+            if isinstance(e, dist.DistError) or type(e) is RuntimeError and "gloo" in str(e):
+                detail = re.sub(r"^\[[^\]]*\]\s*", "", note).split(". ")[0][:200]  # no "[file:N] "
+                raise RunError(f"rank {self.rank}: lost the other ranks in {name!r} ({detail}); "
+                               f"a peer stopped, or waited past --dist-timeout "
+                               f"{self.dist_timeout:g} s") from None
+            raise
+
+    @staticmethod
+    def _decide(store: dist.Store, key: str, outcome: str) -> str:
+        """The meeting's outcome, 'met' or a stop note: the first offered, alike for all ranks."""
+        return store.compare_set(f"{key}/state", "", outcome).decode()
+
+    def _meet(self, name: str, key: str) -> None:
+        """A phase's meeting: mark this rank arrived (the last to arrive decides 'met'), then poll
+        the outcome; after --dist-timeout offer a stop note instead."""
+        if self.world == 1:
+            return
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{key}/rank{self.rank}", "")
+        if store.add(f"{key}/arrived", 1) == self.world:
+            self._decide(store, key, "met")
+        start, pause, said = time.monotonic(), 0.01, 0.0
+        while True:
+            state = store.get(f"{key}/state").decode() if store.check([f"{key}/state"]) else ""
+            waited = time.monotonic() - start
+            if not state and waited >= self.dist_timeout:
+                state = self._decide(store, key, f"rank {self.rank}: timed out after "
+                                                 f"{self.dist_timeout:g} s waiting for "
+                                                 f"{self._absent(store, key)} in {name!r} "
+                                                 f"(--dist-timeout)")
+            if state == "met":
+                return
+            if state:
+                raise RunError(state if state.startswith(f"rank {self.rank}:") else
+                               f"rank {self.rank}: stopping in {name!r} with the others; {state}")
+            if self.master and waited - said >= WAIT_LOG_EVERY:
+                said = waited
+                log(self, f"[wait] {name}: waiting for {self._absent(store, key)} ({waited:.0f} s "
+                          f"of --dist-timeout {self.dist_timeout:g} s)")
+            time.sleep(pause)
+            pause = min(2 * pause, 1.0)
+
+    def _absent(self, store: dist.Store, key: str) -> str:
+        """The ranks that have not reached the meeting `key`: 'rank 1', 'ranks 1, 3 and 9 more'."""
+        missing = [r for r in range(self.world) if not store.check([f"{key}/rank{r}"])]
+        return (("rank " if len(missing) == 1 else "ranks ") + ", ".join(map(str, missing[:8]))
+                + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
 
     def orphaned(self) -> str | None:
         """Why this worker should stop when torchrun's agent died (it was re-parented), else None."""
@@ -492,11 +570,13 @@ def save(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, 
 # What a resumed run may set otherwise than the run that wrote its checkpoint: how long it runs (--steps, --epochs:
 # the schedule follows the new total), where and how often it saves, logs and evaluates (and on what data), how
 # many loader workers read map-style data (each sample's crop is seeded by the sample, so the order and the pixels stay the same), and
-# where the third tower's cache lives. Everything else decides which samples come in which order, or how a step
-# computes, and must match, or the resumed run would not continue the one it resumes.
+# where the third tower's cache lives. How long ranks wait for each other (--dist-timeout) may
+# change too.
+# Everything else decides which samples come in which order, or how a step computes, and must match,
+# or the resumed run would not continue the one it resumes.
 RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "eval_every", "log_every", "quiet", "workers", "out",
                      "eval_data", "eval_images", "max_nonfinite", "compile", "cache_dir", "cache_tower3",
-                     "grad_checkpointing", "zeroshot_data", "retrieval_data")
+                     "grad_checkpointing", "zeroshot_data", "retrieval_data", "dist_timeout")
 # Flags judged by the model they build instead (check_resumable: the model's configuration and the frozen tower's
 # weights, so a third tower moved to another path still resumes); the learned temperature replaces the initial one.
 RESUME_BY_MODEL = ("mode", "image_arch", "image_size", "text_arch", "embed_dim", "no_tower3_heads", "loss",
