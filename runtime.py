@@ -801,6 +801,11 @@ class RowTable:
         """Write rows (B, dim) at rows start..start+B-1."""
         os.pwrite(self.fd, rows.float().contiguous().numpy().tobytes(), self.HEADER + start * 4 * self.dim)
 
+    def flush(self) -> None:
+        """Flush what this process wrote to the disk (fsync), so that processes on other nodes of a
+        shared filesystem read it, and a crash after the rename cannot leave a table with holes."""
+        os.fsync(self.fd)
+
     def _digest(self, block: int) -> bytes:
         width, lo = 4 * self.dim, block * self.BLOCK
         count = min(self.BLOCK, self.rows - lo)
@@ -862,12 +867,11 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
         log(env, f"[tower3] cache {path} is stale: recomputing")
     del table
     try:
-        build_cache(args, env, tower3, dataset, path, key)
+        return build_cache(args, env, tower3, dataset, path, key)
     except OSError as e:
         raise_if_disk_full(e, "--cache-dir", args.cache_dir, f"the third tower's cache {os.path.basename(path)}",
                            RowTable.size(key["rows"], key["dim"]))
         raise
-    return RowTable.open(path, **key)
 
 
 def cache_key(args: argparse.Namespace, tower3: FrozenTower, dataset) -> dict[str, Any]:
@@ -879,11 +883,15 @@ def cache_key(args: argparse.Namespace, tower3: FrozenTower, dataset) -> dict[st
     return dict(rows=len(dataset), dim=tower3.dim, fingerprint=fingerprint)
 
 
-def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, path: str, key: dict) -> None:
-    """Compute the table at `path`. Rank r of W computes only rows [r N/W, (r+1) N/W) into a temporary file
-    that every rank writes, each rank seals (checksums) its share of the blocks, and rank 0 renames the file
-    into place once each rank sees the others' rows -- so --cache-dir must be on a filesystem that all nodes
-    share. A failed build leaves no file behind."""
+def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, path: str,
+                key: dict) -> RowTable:
+    """Compute the table at `path` and return it, open. Rank r of W computes only rows [r N/W, (r+1)
+    N/W) into a temporary file that every rank writes and flushes to disk, each rank seals
+    (checksums) its share of the blocks, and rank 0 renames the file into place once each rank sees
+    the others' rows -- so --cache-dir must be on a filesystem that all nodes share. Every rank
+    keeps the descriptor it wrote through, which the rename carries along, rather than opening the
+    path again (on a shared filesystem another node's view of a fresh name may lag). A failed build
+    leaves no file behind."""
     token = [f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"]     # rank 0's: every rank names one file
     if env.world > 1:
         dist.broadcast_object_list(token, src=0)
@@ -895,24 +903,41 @@ def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset
             RowTable.create(tmp, **key)
         env.barrier()
         table = RowTable.open(tmp, writable=True, **key)     # None where rank 0's file is not visible
-        first = cache_share(args, env, tower3, dataset, table) if table is not None else None
-        # Every rank must see every rank's rows: each compares the first row of every share in its own view.
-        firsts = [first]
-        if env.world > 1:
-            firsts = [None] * env.world
-            dist.all_gather_object(firsts, first)
-        seen = table is not None and all(torch.equal(table[[i]][0], row) for i, row in filter(None, firsts))
-        if not every_rank(env, seen):
-            raise SystemExit(f"--cache-dir {args.cache_dir}: the ranks do not see each other's rows of {tmp}; use a "
-                             f"folder on a filesystem that every node shares, or --no-cache-tower3")
-        table.seal(env.rank, env.world)
-        env.barrier()
-        if env.master:
-            os.replace(tmp, path)
-        env.barrier()
+        if not every_rank(env, table is not None):
+            raise SystemExit(f"--cache-dir {args.cache_dir}: not every rank could open {tmp}, "
+                             f"which rank 0 created; use a folder on a filesystem that every node "
+                             f"shares, or --no-cache-tower3")
+        with env.phase("building the h cache") as meet:     # shares may take unequal times
+            first = cache_share(args, env, tower3, dataset, table)
+            table.flush()
+            meet()
+            check_rows_seen(args, env, table, first, tmp)
+            table.seal(env.rank, env.world)         # balanced: each digests 1/W of the blocks
+            table.flush()
+            env.barrier()
+            if env.master:
+                os.replace(tmp, path)
+            env.barrier()
+        table.path = path
+        return table
     finally:
         if env.master and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_rows_seen(args: argparse.Namespace, env: Env, table: RowTable,
+                    first: tuple[int, Tensor] | None, tmp: str) -> None:
+    """SystemExit on every rank unless every rank sees every rank's rows: each compares the first
+    row of every share (`first`, gathered) in its own view of the file."""
+    firsts = [first]
+    if env.world > 1:
+        firsts = [None] * env.world
+        dist.all_gather_object(firsts, first)
+    seen = all(torch.equal(table[[i]][0], row) for i, row in filter(None, firsts))
+    if not every_rank(env, seen):
+        raise SystemExit(f"--cache-dir {args.cache_dir}: the ranks do not see each other's rows of "
+                         f"{tmp}; use a folder on a filesystem that every node shares, or "
+                         f"--no-cache-tower3")
 
 
 def cache_share(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, table: RowTable
