@@ -1,8 +1,9 @@
-"""The runtime where ranks and files meet, before the GPU path first runs: ranks that drift apart meet
-through the store and stop with one line naming the phase (--dist-timeout, Env.phase); --compile wraps
-the DDP module and trains like eager; the h cache is used through the descriptor that built it, flushed
-to disk, and every rank agrees it opened; a filesystem without locks is said, not read as 'in use'.
-Multi-rank cases run 2 gloo processes (conftest.run_ranks), each calling train.main as torchrun would."""
+"""The runtime where ranks and files meet, before the GPU path first runs: ranks that drift apart
+meet through the store and stop with one line naming the phase (--dist-timeout, Env.phase);
+--compile wraps the DDP module and trains like eager; the h cache is used through the descriptor
+that built it, flushed to disk, and every rank agrees it opened; a filesystem without locks is said,
+not read as 'in use'. Multi-rank cases run 2 gloo processes (conftest.run_ranks), each calling
+train.main as torchrun would."""
 import argparse
 import contextlib
 import errno
@@ -27,10 +28,12 @@ from test_train import free_port
 WORLD = 2
 LIT = ["--mode", "lit", "--image-arch", "vit-micro", "--image-size", "16", "--text-arch", "micro",
        "--embed-dim", "16", "--batch-size", "8", "--train-samples", "32", "--workers", "0",
-       "--tokenizer", "bytes", "--steps", "1", "--warmup", "1", "--eval-data", "none", "--quiet"]
+       "--tokenizer", "bytes", "--steps", "1", "--warmup", "1", "--eval-data", "none", "--quiet",
+       "--dist-timeout", "120"]     # a rank that fails cannot keep the other waiting for long
 CLIP = ["--mode", "clip", "--image-arch", "vit-micro", "--image-size", "16", "--text-arch", "micro",
         "--embed-dim", "16", "--batch-size", "8", "--train-samples", "64", "--workers", "0",
-        "--tokenizer", "bytes", "--steps", "3", "--warmup", "2", "--eval-data", "none", "--quiet"]
+        "--tokenizer", "bytes", "--steps", "3", "--warmup", "2", "--eval-data", "none", "--quiet",
+        "--dist-timeout", "120"]
 
 
 def tower3_file(folder: str) -> str:
@@ -60,8 +63,8 @@ def outcome(argv: list[str]) -> str | None:
 
 @contextlib.contextmanager
 def watching_the_cache(patch: pytest.MonkeyPatch):
-    """Record every RowTable.open (path, fd or None), every fsync of a cache file, and the table that
-    runtime.tower3_cache hands to training (path, fd)."""
+    """Record every RowTable.open (path, fd or None), every fsync of a cache file, and the table
+    that runtime.tower3_cache hands to training (path, fd)."""
     seen = {"opened": [], "fsynced": [], "returned": []}
     real_open, real_fsync, real_cache = runtime.RowTable.open, os.fsync, train.tower3_cache
 
@@ -86,11 +89,10 @@ def watching_the_cache(patch: pytest.MonkeyPatch):
 
 
 def assert_built_and_used_through_one_descriptor(seen: dict, cache_dir: str) -> None:
-    """The one successful open is of the temporary file; training gets that table (same fd), now named
-    by the final path; rows and digests were flushed to disk (two fsyncs of that fd)."""
+    """The one successful open is of the temporary file; training gets that table (same fd), now
+    named by the final path; rows and digests were flushed to disk (two fsyncs of that fd)."""
     [(final, fd)] = seen["returned"]
-    assert [p for p, f in seen["opened"] if f is not None] == [p for p, f in seen["opened"] if p.endswith(".tmp")]
-    [(tmp, built_fd)] = [(p, f) for p, f in seen["opened"] if f is not None]
+    [(tmp, built_fd)] = [(p, f) for p, f in seen["opened"] if f is not None]   # one open, the tmp
     assert fd == built_fd and tmp.startswith(final + ".") and os.path.exists(final)
     assert seen["fsynced"].count(fd) >= 2
     assert not [f for f in os.listdir(cache_dir) if f.endswith(".tmp")]
@@ -100,9 +102,11 @@ def assert_built_and_used_through_one_descriptor(seen: dict, cache_dir: str) -> 
 # 2 gloo ranks: the cache through one descriptor; a rank that could not open it; a slow rank
 # ----------------------------------------------------------------------------------------------
 def join(rank: int, port: int) -> None:
-    """torchrun's environment for rank `rank` of WORLD on this host; train.main's Env joins the group."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
+    """torchrun's environment for rank `rank` of WORLD on this host; train.main's Env joins the
+    group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                      OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
 
 
@@ -126,13 +130,14 @@ def cache_worker(rank: int, tmp: str) -> None:
     # 3. rank 1 computes its share for longer than --dist-timeout: one line each, naming the phase
     join(rank, ports[2])
     with pytest.MonkeyPatch.context() as patch:
-        if rank == 0:    # keep rank 0's store serving after its run ends, as torchrun's agent store does
+        if rank == 0:    # rank 0's store serves on after its run, as torchrun's agent store does
             stores, real_store = [], torch.distributed.distributed_c10d._get_default_store
             patch.setattr(torch.distributed.distributed_c10d, "_get_default_store",
                           lambda: stores.append(real_store()) or stores[-1])
         else:
             real_share = runtime.cache_share
-            patch.setattr(runtime, "cache_share", lambda *a, **k: time.sleep(6) or real_share(*a, **k))
+            patch.setattr(runtime, "cache_share",
+                          lambda *a, **k: time.sleep(6) or real_share(*a, **k))
         res["slow"] = outcome(lit(tmp, "slow", "--dist-timeout", "4"))
         done = os.path.join(tmp, "rank1-done")
         if rank == 1:
@@ -170,12 +175,15 @@ def test_a_rank_that_cannot_open_the_cache_stops_every_rank_before_any_row(cache
 
 def test_a_rank_slower_than_dist_timeout_in_the_cache_build_stops_both_with_one_line(cache_ranks):
     _, ranks = cache_ranks
-    waited = "rank 0: timed out after 4 s waiting for rank 1 in 'building the h cache' (--dist-timeout)"
+    phase = "'building the h cache'"
+    waited = f"rank 0: timed out after 4 s waiting for rank 1 in {phase} (--dist-timeout)"
     assert ranks[0]["slow"] == f"train.py: error: {waited}"
-    assert ranks[1]["slow"] == f"train.py: error: rank 1: stopping in 'building the h cache' with the others; {waited}"
+    assert ranks[1]["slow"] == (f"train.py: error: rank 1: stopping in {phase} with the others; "
+                                f"{waited}")
 
 
-def test_one_process_trains_on_the_cache_through_the_descriptor_that_built_it(tmp_path, monkeypatch):
+def test_one_process_trains_on_the_cache_through_the_descriptor_that_built_it(tmp_path,
+                                                                              monkeypatch):
     with watching_the_cache(monkeypatch) as seen:
         assert outcome(lit(str(tmp_path), "single")) is None
     assert_built_and_used_through_one_descriptor(seen, str(tmp_path / "cache-single"))
@@ -184,11 +192,12 @@ def test_one_process_trains_on_the_cache_through_the_descriptor_that_built_it(tm
 # ----------------------------------------------------------------------------------------------
 # --dist-timeout
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value,message", [("0", "--dist-timeout 0: expected a value in (0, inf)"),
-                                           ("-5", "--dist-timeout -5: expected a value in (0, inf)"),
-                                           ("inf", "--dist-timeout inf: expected a value in (0, inf)"),
-                                           ("nan", "--dist-timeout nan: expected a value in (0, inf)"),
-                                           ("soon", "argument --dist-timeout: invalid float value: 'soon'")])
+@pytest.mark.parametrize("value,message", [
+    ("0", "--dist-timeout 0: expected a value in (0, inf)"),
+    ("-5", "--dist-timeout -5: expected a value in (0, inf)"),
+    ("inf", "--dist-timeout inf: expected a value in (0, inf)"),
+    ("nan", "--dist-timeout nan: expected a value in (0, inf)"),
+    ("soon", "argument --dist-timeout: invalid float value: 'soon'")])
 def test_bad_dist_timeouts_are_one_line_errors(value, message, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--dist-timeout", value])
@@ -199,7 +208,8 @@ def test_bad_dist_timeouts_are_one_line_errors(value, message, capsys):
 def test_dist_timeout_may_change_on_resume():
     was, now = train.parse_args([]), train.parse_args(["--dist-timeout", "60"])
     assert was.dist_timeout == runtime.DIST_TIMEOUT and now.dist_timeout == 60
-    assert runtime.changed_settings({"args": vars(was)}, now, "ckpt.pt") == ["--dist-timeout 1800.0 -> 60.0"]
+    changed = runtime.changed_settings({"args": vars(was)}, now, "ckpt.pt")
+    assert changed == ["--dist-timeout 1800.0 -> 60.0"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,16 +217,16 @@ def test_dist_timeout_may_change_on_resume():
 # ----------------------------------------------------------------------------------------------
 def compile_worker(rank: int, tmp: str) -> None:
     from torch._dynamo.backends.distributed import DDPOptimizer
-    join(rank, json.load(open(os.path.join(tmp, "ports.json")))[0])
-    res, wrapped, splits = {}, [], []
+    ports, res, wrapped, splits = json.load(open(os.path.join(tmp, "ports.json"))), {}, [], []
     with pytest.MonkeyPatch.context() as patch:
         # aot_eager: dynamo's graphs, DDPOptimizer's split and AOT autograd's backward as inductor
-        # has them, without generating C++ (inductor takes minutes on 2 busy cores)
+        # has them, without generating and compiling C++, which is far slower on a small CPU runner
         patch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
         real_wrap, real_split = runtime.wrap, DDPOptimizer.compile_fn
         patch.setattr(train, "wrap", lambda *a: wrapped.append(real_wrap(*a)) or wrapped[-1])
         patch.setattr(DDPOptimizer, "compile_fn", lambda *a: splits.append(1) or real_split(*a))
-        for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        for port, name, extra in zip(ports, ("eager", "compiled"), ([], ["--compile"])):
+            join(rank, port)                # a fresh store per run: none of the last run's keys
             res[name] = outcome(CLIP + ["--out", os.path.join(tmp, name), *extra])
     compiled = wrapped[-1]
     res["layers"] = [type(compiled).__name__, type(getattr(compiled, "_orig_mod", None)).__name__]
@@ -225,17 +235,18 @@ def compile_worker(rank: int, tmp: str) -> None:
 
 
 def test_compile_wraps_ddp_and_trains_like_eager_on_two_ranks(tmp_path):
-    json.dump([free_port()], open(tmp_path / "ports.json", "w"))
+    json.dump([free_port(), free_port()], open(tmp_path / "ports.json", "w"))
     ranks = run_ranks(compile_worker, str(tmp_path), WORLD)
     assert all(r["eager"] is None and r["compiled"] is None for r in ranks)
-    assert ranks[0]["layers"] == ["OptimizedModule", "DistributedDataParallel"]   # compile(DDP(model))
+    assert ranks[0]["layers"] == ["OptimizedModule", "DistributedDataParallel"]  # compile(DDP(m))
     assert ranks[0]["splits"] > 0                       # dynamo compiled it as a DDP module's graph
     eager, compiled = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"]
                        for name in ("eager", "compiled"))
     assert compiled.keys() == eager.keys()
-    assert not [k for k in compiled if k.startswith(("_orig_mod.", "module.")) or "._orig_mod." in k]
+    assert not [k for k in compiled if "_orig_mod." in k or k.startswith("module.")]
     for k in eager:
-        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{k}: {m}")
 
 
 class NoGradCounter(torch.nn.Module):
@@ -251,8 +262,8 @@ class NoGradCounter(torch.nn.Module):
 
 
 def test_accumulation_embeds_without_grad_through_the_raw_model():
-    """parts.forward may be compiled and/or DDP; the no-grad pass must use parts.model, the raw model,
-    and the gradient is still that of the whole batch."""
+    """parts.forward may be compiled and/or DDP; the no-grad pass must use parts.model, the raw
+    model, and the gradient is still that of the whole batch."""
     model, reference = model_of("3t"), model_of("3t")
     x = inputs_of("3t", 6)
     forward = NoGradCounter(model)
@@ -280,10 +291,11 @@ def test_a_filesystem_without_locks_is_said_not_read_as_in_use(tmp_path, monkeyp
     monkeypatch.setattr(fcntl, "flock", flock_failing_with(OSError(code, os.strerror(code))))
     env = Env()
     assert env.lock(str(tmp_path)) == (
-        f"--out {str(tmp_path)!r}: the filesystem does not support file locks (flock: [Errno {code}] "
-        f"{os.strerror(code)}); mount it with -o flock or use another --out")
-    with pytest.raises(RunError, match=rf"^--cache-dir '.*{tmp_path.name}': the filesystem does not support "
-                                       rf"file locks \(flock: \[Errno {code}\].*use another --cache-dir$"):
+        f"--out {str(tmp_path)!r}: the filesystem does not support file locks (flock: "
+        f"[Errno {code}] {os.strerror(code)}); mount it with -o flock or use another --out")
+    with pytest.raises(RunError, match=rf"^--cache-dir '.*{tmp_path.name}': the filesystem does "
+                                       rf"not support file locks \(flock: \[Errno {code}\].*use "
+                                       rf"another --cache-dir$"):
         with train.exclusive(str(tmp_path / "tower.pt.lock"), env, "busy"):
             pass
     with pytest.raises(SystemExit, match=r"^--out .*: the filesystem does not support file locks"):
@@ -291,5 +303,6 @@ def test_a_filesystem_without_locks_is_said_not_read_as_in_use(tmp_path, monkeyp
 
 
 def test_a_lock_held_elsewhere_is_still_in_use(tmp_path, monkeypatch):
-    monkeypatch.setattr(fcntl, "flock", flock_failing_with(BlockingIOError(errno.EWOULDBLOCK, "busy")))
+    busy = BlockingIOError(errno.EWOULDBLOCK, "busy")
+    monkeypatch.setattr(fcntl, "flock", flock_failing_with(busy))
     assert "is in use by another run" in Env().lock(str(tmp_path))
