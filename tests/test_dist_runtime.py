@@ -267,7 +267,7 @@ def test_accumulation_embeds_without_grad_through_the_raw_model():
     model, reference = model_of("3t"), model_of("3t")
     x = inputs_of("3t", 6)
     forward = NoGradCounter(model)
-    parts = train.Parts(model, forward, None, None, None, None, default_weights("3t"))
+    parts = train.Parts(model, forward, None, None, None, default_weights("3t"))
     args = argparse.Namespace(mode="3t", precision="fp32")
     train.accumulated_backward(args, Env(), parts, [tuple(t[i:i + 3] for t in x) for i in (0, 3)])
     plain_step(reference, "3t", x)
