@@ -52,6 +52,10 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+# scripts/gpu_dist_check.py sets this: the gather below runs even in a 1-rank process group (where it is the
+# identity), so one GPU exercises NCCL and the gather's backward. Off, one process skips the collective.
+GATHER_ON_ONE_RANK = False
+
 # torch >= 2.10 renames all_gather_into_tensor to all_gather_single; requirements allow torch 2.4.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -79,13 +83,13 @@ class _GatherRows(torch.autograd.Function):
 def gather_rows(x: Tensor) -> Tensor:
     """Concatenate x (B_local, ...) over ranks -> (B_global, ...); identity on one process.
     All ranks must pass the same B_local (the loaders drop the last incomplete batch)."""
-    return _GatherRows.apply(x) if _world()[1] > 1 else x
+    return _GatherRows.apply(x) if _world()[1] > 1 or GATHER_ON_ONE_RANK else x
 
 
 def gather_many(tensors: list[Tensor]) -> list[Tensor]:
     """Gather several (B_local, D_i) tensors in ONE collective: concatenate along the feature
     dimension (float32), gather, split. One process: returns the inputs themselves."""
-    if _world()[1] == 1:
+    if _world()[1] == 1 and not GATHER_ON_ONE_RANK:
         return tensors
     widths = [t.shape[1] for t in tensors]
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)

@@ -312,17 +312,20 @@ HEADS = ("fc", "heads", "head", "classifier")
 
 
 def strip_classifier(net: nn.Module) -> str | None:
-    """Remove a known classification head of `net` in place (an nn.Linear replaced by Identity) and
-    return its name, or None when there is none: then the model is taken whole, since cutting the last
-    nn.Linear of a headless trunk would cut into its last block."""
+    """Remove a known classification head of `net` in place -- the last nn.Linear inside one of the
+    HEADS attributes (or that attribute itself), replaced by Identity -- and return its name, or None
+    when there is none: then the model is taken whole, since cutting the last nn.Linear of a headless
+    trunk would cut into its last block."""
     for name in HEADS:
-        module = getattr(net, name, None)
-        if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Linear):
-            module[-1] = nn.Identity()
-            return f"{name}.{len(module) - 1}"
-        if isinstance(module, nn.Linear):
+        head = getattr(net, name, None)
+        if isinstance(head, nn.Linear):
             setattr(net, name, nn.Identity())
             return name
+        linears = [n for n, m in head.named_modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
+        if linears:
+            parent, _, child = linears[-1].rpartition(".")
+            setattr(head.get_submodule(parent) if parent else head, child, nn.Identity())
+            return f"{name}.{linears[-1]}"
     if isinstance(net, ConvTower) and isinstance(net[-1], nn.Linear):
         net[-1] = nn.Identity()
         return str(len(net) - 1)
@@ -620,16 +623,43 @@ def checksum(obj) -> str:
     return digest.hexdigest()
 
 
+class _Pieces(list):
+    """A write-only sink for torch.save that keeps what it is given, piece by piece, in order: the
+    file's bytes in memory without the copies a growing io.BytesIO makes when it reallocates."""
+
+    def write(self, data) -> int:
+        self.append(bytes(data))            # a copy: torch passes views of its own buffers
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def checkpoint_pieces(ckpt: dict) -> list[bytes]:
+    """ckpt and its checksum as torch.save serialises them, in memory: the checkpoint file's bytes,
+    in pieces, in order. Serialising before writing lets the writer know the size and see a full
+    disk as an OSError; torch.save's own file writer reports it as a RuntimeError of its zip writer,
+    without the folder. Host memory: one serialised copy of the checkpoint (tensors on a GPU are
+    copied to the host piece by piece as they are serialised); a model held in host memory needs
+    twice its size until the pieces are written, and the writer (runtime.write_file) frees each
+    piece once it is on disk."""
+    ckpt = {k: v for k, v in ckpt.items() if k != "checksum"}
+    pieces = _Pieces()
+    torch.save({**ckpt, "checksum": checksum(ckpt)}, pieces)
+    return list(pieces)
+
+
 def save_checkpoint(ckpt: dict, path: str) -> None:
-    """Write ckpt and its checksum to a temporary file in the same folder, then rename: a crash never
-    leaves half a file under `path`, since only a whole temporary file is renamed into place. A failed
-    save removes its temporary file; one left by a writer killed mid-save (kill -9) has this host's
-    name and is overwritten by the next save here (one writer per path: --out and the auto tower are
-    locked)."""
+    """Write ckpt and its checksum (checkpoint_pieces) to a temporary file in the same folder, then
+    rename: a crash never leaves half a file under `path`, since only a whole temporary file is
+    renamed into place. A failed save removes its temporary file; one left by a writer killed
+    mid-save (kill -9) has this host's name and is overwritten by the next save here (one writer per
+    path). train.py saves through runtime.checkpoint_to, which also flushes the file to disk and
+    says a full disk in one line."""
     tmp = f"{path}.tmp.{socket.gethostname()}"
     try:
-        ckpt = {k: v for k, v in ckpt.items() if k != "checksum"}
-        torch.save({**ckpt, "checksum": checksum(ckpt)}, tmp)
+        with open(tmp, "wb") as f:
+            f.writelines(checkpoint_pieces(ckpt))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

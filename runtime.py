@@ -24,7 +24,8 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator, Sequence
+from datetime import timedelta
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import CHECKPOINT_FORMAT, FrozenTower, checksum, read_checkpoint, save_checkpoint
+from model import CHECKPOINT_FORMAT, FrozenTower, checkpoint_pieces, checksum, read_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,25 +70,14 @@ def raise_if_disk_full(error: OSError, flag: str, folder: str, what: str, needed
                    f"{free}; free some space there or give another {flag}") from None
 
 
-def tensor_bytes(obj: Any) -> int:
-    """The bytes of the tensors in a (nested) checkpoint: about the size its file needs."""
-    if isinstance(obj, Tensor):
-        return obj.nelement() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
 def append_whole(f: BinaryIO, line: bytes) -> None:
     """Append `line` to the unbuffered binary file `f` whole or not at all: a write that fails part-way is cut
     back off, so the file never ends in half a record. Re-raises the error."""
     start = f.seek(0, os.SEEK_END)
     try:
-        done = 0
-        while done < len(line):
-            done += os.write(f.fileno(), line[done:])
+        view, done = memoryview(line), 0          # slices of a view copy nothing
+        while done < len(view):
+            done += os.write(f.fileno(), view[done:])
     except OSError:
         with contextlib.suppress(OSError):
             os.ftruncate(f.fileno(), start)
@@ -95,27 +85,36 @@ def append_whole(f: BinaryIO, line: bytes) -> None:
 
 
 def checkpoint_to(path: str, ckpt: dict, flag: str) -> None:
-    """save_checkpoint (atomic: a failed save leaves the previous file intact and no temporary file), with a
-    full disk said in one line (DiskFull) naming the folder `flag` gave."""
-    try:
-        save_checkpoint(ckpt, path)
-    except OSError as e:
-        raise_if_disk_full(e, flag, os.path.dirname(path) or ".", os.path.basename(path), tensor_bytes(ckpt))
-        raise
+    """Write a checkpoint whole or not at all (write_file): a failed save leaves the previous file
+    intact and no temporary file, and a full disk is said in one line (DiskFull) naming the folder
+    `flag` gave and the bytes needed. It is serialised in memory first (model.checkpoint_pieces,
+    whose docstring gives the memory cost), so that a full disk reaches us as an OSError."""
+    write_file(path, checkpoint_pieces(ckpt), flag)
 
 
-def write_file(path: str, content: bytes, flag: str) -> None:
-    """Write a small file whole or not at all (a temporary file beside it, then a rename), with a full disk said
-    in one line (DiskFull) naming the folder `flag` gave."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+def write_file(path: str, content: bytes | list[bytes], flag: str) -> None:
+    """Write a file whole or not at all: a temporary file beside it (this host's name: one writer
+    per path, since --out and the auto tower are locked, so a writer killed mid-write leaves a file
+    that the next write here replaces), written in full, flushed to the disk, then renamed into
+    place. A full disk is said in one line (DiskFull) naming the folder `flag` gave. A list of
+    pieces is consumed, each freed once written, so the content is held in memory at most until the
+    write."""
+    pieces = [content] if isinstance(content, (bytes, bytearray)) else content
+    size = sum(len(p) for p in pieces)
+    tmp = f"{path}.tmp.{socket.gethostname()}"
     try:
         with open(tmp, "wb", buffering=0) as f:
-            append_whole(f, content)
+            pieces.reverse()
+            while pieces:
+                append_whole(f, pieces.pop())
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
+        pieces.clear()
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise_if_disk_full(e, flag, os.path.dirname(path) or ".", os.path.basename(path), len(content))
+        if isinstance(e, OSError):
+            raise_if_disk_full(e, flag, os.path.dirname(path) or ".", os.path.basename(path), size)
         raise
 
 
@@ -126,6 +125,22 @@ def one_line(error: BaseException) -> str:
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return " ".join(text.split())
+
+
+def take_lock(f: Any, flag: str, folder: str) -> bool:
+    """An exclusive flock on the open file `f`, without waiting: True when this process now holds
+    it, False when another process does -- which only EWOULDBLOCK (BlockingIOError) means. Any other
+    error says the filesystem cannot lock at all (Lustre mounted without -o flock answers ENOSYS;
+    others EOPNOTSUPP or ENOLCK): RunError naming `folder`, since such a folder cannot keep two runs
+    apart."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        raise RunError(f"{flag} {folder!r}: the filesystem does not support file locks (flock: "
+                       f"{e}); mount it with -o flock or use another {flag}") from None
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,8 +165,12 @@ def check_ranges(p: argparse.ArgumentParser, args: argparse.Namespace, ranges: d
 # ----------------------------------------------------------------------------------------------
 
 
+DIST_TIMEOUT = 1800.0       # seconds: --dist-timeout's default, torch's for gloo (NCCL's is 600)
+WAIT_LOG_EVERY = 60.0       # seconds between rank 0's lines about the ranks it waits for
+
+
 class Env:
-    def __init__(self):
+    def __init__(self, dist_timeout: float = DIST_TIMEOUT):
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -170,8 +189,11 @@ class Env:
         self.locks = contextlib.ExitStack()                                           # run folders held
         self.owns_group = self.world > 1 and not dist.is_initialized()
         if self.owns_group:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=dist_timeout))
         self.master = self.rank == 0
+        self.dist_timeout = dist_timeout
+        self.phases: Counter = Counter()                   # how often each phase began (Env.phase)
 
     def workers(self, args: argparse.Namespace) -> int:
         """DataLoader workers per rank: --workers, else 0 on CPU and up to 8 per GPU."""
@@ -195,6 +217,76 @@ class Env:
             raise SystemExit(problem or f"rank {self.rank}: stopping with rank(s) "
                                         f"{flags.nonzero().flatten().tolist()}, see their error")
 
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[Callable[[], None]]:
+        """A stretch of the run in which the ranks may drift further apart than a collective waits
+        (each decodes its share of the h cache; rank 0 waits for another run's lock). It yields
+        `meet`: call it where the stretch ends, before the next collective. Ranks meet through the
+        process group's store, polling it rather than waiting inside a backend collective (NCCL's
+        watchdog ends a collective that waits past its timeout with a traceback). The meeting's
+        outcome is decided once for all ranks: met, or the first stop note -- from a rank that
+        waited --dist-timeout seconds (naming the phase and whom it waited for), or from a rank
+        that failed inside, so the others stop at once rather than at the timeout. A collective
+        that fails inside (a peer died) ends in one line naming the phase."""
+        self.phases[name] += 1
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")   # apart from earlier attempts'
+        key = f"3t-phase/{restart}/{name}/{self.phases[name]}"
+        try:
+            yield lambda: self._meet(name, key)
+        except BaseException as e:
+            note = one_line(e) or type(e).__name__
+            own = note if note.startswith(f"rank {self.rank}:") else f"rank {self.rank}: {note}"
+            if self.world > 1:
+                with contextlib.suppress(Exception):
+                    self._decide(dist.distributed_c10d._get_default_store(), key, own)
+            if isinstance(e, dist.DistError) or type(e) is RuntimeError and "gloo" in str(e):
+                detail = re.sub(r"^\[[^\]]*\]\s*", "", note).split(". ")[0][:200]  # no "[file:N] "
+                raise RunError(f"rank {self.rank}: lost the other ranks in {name!r} ({detail}); "
+                               f"a peer stopped, or waited past --dist-timeout "
+                               f"{self.dist_timeout:g} s") from None
+            raise
+
+    @staticmethod
+    def _decide(store: dist.Store, key: str, outcome: str) -> str:
+        """The meeting's outcome, 'met' or a stop note: the first offered, alike for all ranks."""
+        return store.compare_set(f"{key}/state", "", outcome).decode()
+
+    def _meet(self, name: str, key: str) -> None:
+        """A phase's meeting: mark this rank arrived (the last to arrive decides 'met'), then poll
+        the outcome; after --dist-timeout offer a stop note instead."""
+        if self.world == 1:
+            return
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{key}/rank{self.rank}", "")
+        if store.add(f"{key}/arrived", 1) == self.world:
+            self._decide(store, key, "met")
+        start, pause, said = time.monotonic(), 0.01, 0.0
+        while True:
+            state = store.get(f"{key}/state").decode() if store.check([f"{key}/state"]) else ""
+            waited = time.monotonic() - start
+            if not state and waited >= self.dist_timeout:
+                state = self._decide(store, key, f"rank {self.rank}: timed out after "
+                                                 f"{self.dist_timeout:g} s waiting for "
+                                                 f"{self._absent(store, key)} in {name!r} "
+                                                 f"(--dist-timeout)")
+            if state == "met":
+                return
+            if state:
+                raise RunError(state if state.startswith(f"rank {self.rank}:") else
+                               f"rank {self.rank}: stopping in {name!r} with the others; {state}")
+            if self.master and waited - said >= WAIT_LOG_EVERY:
+                said = waited
+                log(self, f"[wait] {name}: waiting for {self._absent(store, key)} ({waited:.0f} s "
+                          f"of --dist-timeout {self.dist_timeout:g} s)")
+            time.sleep(pause)
+            pause = min(2 * pause, 1.0)
+
+    def _absent(self, store: dist.Store, key: str) -> str:
+        """The ranks that have not reached the meeting `key`: 'rank 1', 'ranks 1, 3 and 9 more'."""
+        missing = [r for r in range(self.world) if not store.check([f"{key}/rank{r}"])]
+        return (("rank " if len(missing) == 1 else "ranks ") + ", ".join(map(str, missing[:8]))
+                + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
     def orphaned(self) -> str | None:
         """Why this worker should stop when torchrun's agent died (it was re-parented), else None."""
         if self.agent is not None and os.getppid() != self.agent:
@@ -202,12 +294,16 @@ class Env:
         return None
 
     def lock(self, folder: str) -> str | None:
-        """Hold an exclusive flock on folder/.lock (it names the holder) until close(); or say who holds
-        it. The kernel drops the lock when its process dies: no stale locks after a crash."""
+        """Hold an exclusive flock on folder/.lock (it names the holder) until close(); or say who
+        holds it, or that the folder's filesystem cannot lock (take_lock). The kernel drops the lock
+        when its process dies: no stale locks after a crash."""
         f = open(os.path.join(folder, ".lock"), "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            held = take_lock(f, "--out", folder)
+        except RunError as e:
+            f.close()
+            return str(e)
+        if not held:
             f.seek(0)
             holder = f.read().strip() or "holder unknown"
             f.close()
@@ -247,13 +343,17 @@ def autocast(args: argparse.Namespace, env: Env):
 
 
 def wrap(model: torch.nn.Module, args: argparse.Namespace, env: Env) -> torch.nn.Module:
-    """What the step calls: the model, compiled if asked (before DDP, so DDP sees the compiled graph), in DDP
-    when there are several processes. Checkpoints and evaluation keep the raw model, whose linear layers
-    `cpu_kernels` first puts on this CPU's faster kernel, in place (the same state_dict)."""
+    """What the step calls: the model in DDP when there are several processes, then compiled if
+    asked. Compiling the DDP module, not wrapping a compiled one, is the order PyTorch's DDP and
+    torch.compile notes give: the compiler then splits the graph at DDP's gradient buckets
+    (DDPOptimizer), so each bucket's all-reduce overlaps the rest of backward. Checkpoints,
+    evaluation and the no-grad pass of --accum-freq use the raw model, so no '_orig_mod.' or
+    'module.' prefix reaches a checkpoint. `cpu_kernels` first puts the raw model's linear layers
+    on this CPU's faster kernel, in place (the same state_dict)."""
     cpu_kernels(model, env.device)
-    if args.compile:
-        model = torch.compile(model)
-    return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.world > 1 else model
+    if env.world > 1:
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,11 +654,13 @@ def save(args: argparse.Namespace, env: Env, model: torch.nn.Module, optimizer, 
 # What a resumed run may set otherwise than the run that wrote its checkpoint: how long it runs (--steps, --epochs:
 # the schedule follows the new total), where and how often it saves, logs and evaluates (and on what data), how
 # many loader workers read map-style data (each sample's crop is seeded by the sample, so the order and the pixels stay the same), and
-# where the third tower's cache lives. Everything else decides which samples come in which order, or how a step
-# computes, and must match, or the resumed run would not continue the one it resumes.
+# where the third tower's cache lives. How long ranks wait for each other (--dist-timeout) may
+# change too.
+# Everything else decides which samples come in which order, or how a step computes, and must match,
+# or the resumed run would not continue the one it resumes.
 RESUME_MAY_CHANGE = ("steps", "epochs", "save_every", "eval_every", "log_every", "quiet", "workers", "out",
                      "eval_data", "eval_images", "max_nonfinite", "compile", "cache_dir", "cache_tower3",
-                     "grad_checkpointing", "zeroshot_data", "retrieval_data")
+                     "grad_checkpointing", "zeroshot_data", "retrieval_data", "dist_timeout")
 # Flags judged by the model they build instead (check_resumable: the model's configuration and the frozen tower's
 # weights, so a third tower moved to another path still resumes); the learned temperature replaces the initial one.
 RESUME_BY_MODEL = ("mode", "image_arch", "image_size", "text_arch", "embed_dim", "no_tower3_heads", "loss",
@@ -784,6 +886,11 @@ class RowTable:
         """Write rows (B, dim) at rows start..start+B-1."""
         os.pwrite(self.fd, rows.float().contiguous().numpy().tobytes(), self.HEADER + start * 4 * self.dim)
 
+    def flush(self) -> None:
+        """Flush what this process wrote to the disk (fsync), so that processes on other nodes of a
+        shared filesystem read it, and a crash after the rename cannot leave a table with holes."""
+        os.fsync(self.fd)
+
     def _digest(self, block: int) -> bytes:
         width, lo = 4 * self.dim, block * self.BLOCK
         count = min(self.BLOCK, self.rows - lo)
@@ -845,12 +952,11 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
         log(env, f"[tower3] cache {path} is stale: recomputing")
     del table
     try:
-        build_cache(args, env, tower3, dataset, path, key)
+        return build_cache(args, env, tower3, dataset, path, key)
     except OSError as e:
         raise_if_disk_full(e, "--cache-dir", args.cache_dir, f"the third tower's cache {os.path.basename(path)}",
                            RowTable.size(key["rows"], key["dim"]))
         raise
-    return RowTable.open(path, **key)
 
 
 def cache_key(args: argparse.Namespace, tower3: FrozenTower, dataset) -> dict[str, Any]:
@@ -862,11 +968,15 @@ def cache_key(args: argparse.Namespace, tower3: FrozenTower, dataset) -> dict[st
     return dict(rows=len(dataset), dim=tower3.dim, fingerprint=fingerprint)
 
 
-def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, path: str, key: dict) -> None:
-    """Compute the table at `path`. Rank r of W computes only rows [r N/W, (r+1) N/W) into a temporary file
-    that every rank writes, each rank seals (checksums) its share of the blocks, and rank 0 renames the file
-    into place once each rank sees the others' rows -- so --cache-dir must be on a filesystem that all nodes
-    share. A failed build leaves no file behind."""
+def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, path: str,
+                key: dict) -> RowTable:
+    """Compute the table at `path` and return it, open. Rank r of W computes only rows [r N/W, (r+1)
+    N/W) into a temporary file that every rank writes and flushes to disk, each rank seals
+    (checksums) its share of the blocks, and rank 0 renames the file into place once each rank sees
+    the others' rows -- so --cache-dir must be on a filesystem that all nodes share. Every rank
+    keeps the descriptor it wrote through, which the rename carries along, rather than opening the
+    path again (on a shared filesystem another node's view of a fresh name may lag). A failed build
+    leaves no file behind."""
     token = [f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"]     # rank 0's: every rank names one file
     if env.world > 1:
         dist.broadcast_object_list(token, src=0)
@@ -878,24 +988,41 @@ def build_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset
             RowTable.create(tmp, **key)
         env.barrier()
         table = RowTable.open(tmp, writable=True, **key)     # None where rank 0's file is not visible
-        first = cache_share(args, env, tower3, dataset, table) if table is not None else None
-        # Every rank must see every rank's rows: each compares the first row of every share in its own view.
-        firsts = [first]
-        if env.world > 1:
-            firsts = [None] * env.world
-            dist.all_gather_object(firsts, first)
-        seen = table is not None and all(torch.equal(table[[i]][0], row) for i, row in filter(None, firsts))
-        if not every_rank(env, seen):
-            raise SystemExit(f"--cache-dir {args.cache_dir}: the ranks do not see each other's rows of {tmp}; use a "
-                             f"folder on a filesystem that every node shares, or --no-cache-tower3")
-        table.seal(env.rank, env.world)
-        env.barrier()
-        if env.master:
-            os.replace(tmp, path)
-        env.barrier()
+        if not every_rank(env, table is not None):
+            raise SystemExit(f"--cache-dir {args.cache_dir}: not every rank could open {tmp}, "
+                             f"which rank 0 created; use a folder on a filesystem that every node "
+                             f"shares, or --no-cache-tower3")
+        with env.phase("building the h cache") as meet:     # shares may take unequal times
+            first = cache_share(args, env, tower3, dataset, table)
+            table.flush()
+            meet()
+            check_rows_seen(args, env, table, first, tmp)
+            table.seal(env.rank, env.world)         # balanced: each digests 1/W of the blocks
+            table.flush()
+            env.barrier()
+            if env.master:
+                os.replace(tmp, path)
+            env.barrier()
+        table.path = path
+        return table
     finally:
         if env.master and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_rows_seen(args: argparse.Namespace, env: Env, table: RowTable,
+                    first: tuple[int, Tensor] | None, tmp: str) -> None:
+    """SystemExit on every rank unless every rank sees every rank's rows: each compares the first
+    row of every share (`first`, gathered) in its own view of the file."""
+    firsts = [first]
+    if env.world > 1:
+        firsts = [None] * env.world
+        dist.all_gather_object(firsts, first)
+    seen = all(torch.equal(table[[i]][0], row) for i, row in filter(None, firsts))
+    if not every_rank(env, seen):
+        raise SystemExit(f"--cache-dir {args.cache_dir}: the ranks do not see each other's rows of "
+                         f"{tmp}; use a folder on a filesystem that every node shares, or "
+                         f"--no-cache-tower3")
 
 
 def cache_share(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset, table: RowTable

@@ -41,9 +41,11 @@ import shapes
 from losses import PAIRS, default_weights, tower_loss
 from model import (CNN_PRESETS, IMAGE_ARCHS, TEXT_PRESETS, VIT_PRESETS, FrozenTower, ThreeTowers, build_image_tower,
                    load_tower3, normalize, read_checkpoint, summary)
-from runtime import (Env, MetricsLog, RunError, StepBatches, apply_gradients, autocast, check_ranges,
-                     check_resumable, checkpoint_to, claim_folders, endless, every_rank, find_checkpoint, log, one_line,
-                     resume, save, schedule, sync_step, tower3_cache, uses_tower3_cache, wrap, write_file)
+from runtime import (DIST_TIMEOUT, Env, MetricsLog, RunError, StepBatches,
+                     apply_gradients, autocast, check_ranges, check_resumable, checkpoint_to,
+                     claim_folders, endless, every_rank, find_checkpoint, log, one_line, resume,
+                     save, schedule, sync_step, take_lock, tower3_cache, uses_tower3_cache, wrap,
+                     write_file)
 from shapes import ShapesLabelled
 from tokenizer import Tokenizer
 
@@ -54,8 +56,9 @@ from tokenizer import Tokenizer
 @dataclass
 class Parts:
     """What a training step touches, built once by `run`."""
-    model: ThreeTowers                  # the raw model: clipping, temperature clamp, checkpoints, eval
-    forward: torch.nn.Module            # what the step calls: the model, compiled and/or in DDP
+    model: ThreeTowers                  # the raw model: clipping, temperature clamp, checkpoints,
+                                        # eval, and the no-grad pass of --accum-freq
+    forward: torch.nn.Module            # what the step calls: the model, in DDP and/or compiled
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     tower3: FrozenTower | None          # h, run every step on the batch's 'image_h' when it is not cached
@@ -160,10 +163,9 @@ def accumulated_backward(args: argparse.Namespace, env: Env, parts: Parts, input
       3. per micro-batch: embed again with activations and backpropagate its rows of that gradient,
          under DDP's no_sync but for the last (one gradient all-reduce per step). The temperatures
          take 1/K of theirs in each pass, so every parameter has a gradient in every pass."""
-    raw = getattr(parts.forward, "module", parts.forward)       # without grad nothing to synchronise
     saved = [b.clone() for b in parts.model.buffers()]
-    with torch.no_grad(), autocast(args, env):
-        cached = [raw(*x) for x in inputs]
+    with torch.no_grad(), autocast(args, env):        # the raw model: nothing to synchronise
+        cached = [parts.model(*x) for x in inputs]
     with torch.no_grad():
         for b, s in zip(parts.model.buffers(), saved):             # the recompute updates them once
             b.copy_(s)
@@ -402,7 +404,12 @@ def optimisation_flags(a: Callable) -> None:
     a("--max-nonfinite", type=int, default=5, help="stop after this many non-finite steps in a row")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast + TF32 on CUDA, fp32 on CPU (bf16 is far slower on most CPUs)")
-    a("--compile", action="store_true", help="torch.compile the towers (before DDP)")
+    a("--compile", action="store_true",
+      help="torch.compile the towers (after DDP, so that gradient all-reduces overlap backward)")
+    a("--dist-timeout", type=float, default=DIST_TIMEOUT,
+      help="seconds a rank waits for the others -- in a collective, or where ranks drift apart "
+           "(building the h cache, rank 0 waiting for the auto tower's lock) -- before the run "
+           f"stops with one line naming the phase (default {DIST_TIMEOUT:g}; NCCL's own is 600)")
     a("--seed", type=int, default=0, help="seeds the towers, the data order and the shapes world")
     a("--out", default=None, help="run folder (default runs/<mode>-s<seed>)")
     a("--resume", default=None, help="'latest' (the run folder's ckpt.pt, if any) or a checkpoint path")
@@ -476,7 +483,7 @@ RANGES = {"train_samples": "[1, inf)", "caption_noise": "[0, 1]", "max_bad_fract
           "max_nonfinite": "[1, inf)", "accum_freq": "[1, inf)", "seed": "[0, inf)", "save_every": "[1, inf)", "eval_every": "[0, inf)",
           "log_every": "[1, inf)", "max_image_pixels": "[1, inf)", "max_file_bytes": "[1, inf)",
           "crop_scale": "(0, 1]", "tower3_size": "[1, inf)", "tower3_resize": "[1, inf)",
-          "tower3_mean": "(-inf, inf)", "tower3_std": "(0, inf)"}
+          "tower3_mean": "(-inf, inf)", "tower3_std": "(0, inf)", "dist_timeout": "(0, inf)"}
 
 
 
@@ -605,22 +612,24 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
 
 @contextlib.contextmanager
 def exclusive(lock_path: str, env: Env, holder_busy: str) -> Iterator[None]:
-    """Rank 0 holds an exclusive flock on `lock_path` for the block; while another run holds it, rank 0 says so
-    (`holder_busy` and who) and waits, and the other ranks wait at a barrier. The kernel drops the lock when its
-    holder dies, so a crashed run never blocks the next one."""
+    """Rank 0 holds an exclusive flock on `lock_path` for the block; while another run holds it,
+    rank 0 says so (`holder_busy` and who) and waits, and the other ranks wait for it through the
+    store (Env.phase), not in a collective, for up to --dist-timeout. The kernel drops the lock when
+    its holder dies, so a crashed run never blocks the next one; a filesystem that cannot lock stops
+    the run with one line (take_lock)."""
     f = open(lock_path, "a+") if env.master else None
     try:
-        if f is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with env.phase("waiting for the third tower's lock") as meet:
+            if f is not None and not take_lock(f, "--cache-dir", os.path.dirname(lock_path)):
                 f.seek(0)
                 log(env, f"{holder_busy} ({f.read().strip() or 'holder unknown'}): waiting for it")
                 fcntl.flock(f, fcntl.LOCK_EX)
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            f.flush()
-        env.barrier()
+            if f is not None:
+                f.truncate(0)
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                f.flush()
+            meet()
+            env.barrier()
         yield
     finally:
         if f is not None:
@@ -661,13 +670,16 @@ def build_suite(args: argparse.Namespace, env: Env, tokenizer: Tokenizer) -> eva
 
 def periodic_eval(args: argparse.Namespace, env: Env, model: ThreeTowers, tower3: FrozenTower | None, suite,
                   metrics_log: MetricsLog) -> dict[str, float]:
-    """Evaluate on every rank, each embedding its share of the images and texts (eval.Embedder), so no
-    rank idles in a collective while one embeds a large set; rank 0 logs a line and a JSONL record."""
+    """Evaluate on every rank, each embedding its share of the images and texts (eval.Embedder), so
+    no rank idles in a collective while one embeds a large set; rank 0 logs a line and a JSONL
+    record. The shares are equal (N/W rows each, give or take one), so the ranks meet in the gather
+    without a store meeting first; a collective that fails there still ends in one line naming the
+    evaluation (Env.phase)."""
     results: dict[str, float] = {}
     if suite is not None:
         alphas = (1.0, 0.5, 0.0) if args.mode == "3t" else (1.0,)
         try:
-            with autocast(args, env):
+            with env.phase(f"evaluation at step {metrics_log.position.step}"), autocast(args, env):
                 results = evaluation.evaluate(model, tower3, suite, device=env.device, alphas=alphas, rank=env.rank,
                                               world=env.world, workers=env.workers(args))
         except data.DataError as e:      # every rank raises it (Embedder): an unusable evaluation image
@@ -688,7 +700,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     errors (data.ProjectError: bad data, a checkpoint that does not load, the non-finite stop) end in their
     one line and exit code 1; any other exception is a bug and keeps its traceback."""
     args = parse_args(argv)
-    env = Env()
+    env = Env(args.dist_timeout)
     try:
         return pretrain(args, env) if args.mode == "supervised" else run(args, env)
     except data.ProjectError as e:

@@ -7,11 +7,15 @@ the step's memory with gradient accumulation and activation checkpointing.
     python scripts/bench.py --gpu-preset    # also a ViT-B/16 + base text preset when CUDA is present
     python scripts/bench.py --scale-only --out results/scale.json   # step memory, the large recipe's model
     python scripts/bench.py --gpu-step 128 256   # CUDA: the ViT-B/16 3t step, with and without checkpointing
+    python scripts/bench.py --loader-only   # tar shards of photo-like JPEGs through data.make_loader
+    python scripts/bench.py --input-only    # the training thread's input time per step (batch 512, cached h)
 
-Prints tables and writes results/bench.json. The training step is train.py's own `train_step` on
+Prints tables and writes results/bench.json (the --loader-only and --input-only figures go into its 'loader' and
+'step_input' entries, the others kept). The training step is train.py's own `train_step` on
 batches from data.py, so what is measured is what `train.py` runs.
 
-MFU = model FLOPs of one forward+backward / step time / matmul peak. FLOPs are counted by
+MFU = model FLOPs of one forward+backward (with --grad-checkpointing too: the recomputed forward is not the
+model's) / step time / matmul peak. FLOPs are counted by
 torch.utils.flop_counter plus `FLOP_FORMULAS` for attention (model FLOPs, see there). As in PaLM's
 MFU (Chowdhery et al. 2022, App. B), attention counts its full L x L matmuls even when causal; the
 table's `attn_share` says how much of the count that is, so the reader can discount it. The peak
@@ -21,6 +25,7 @@ right before and after each step, so both see the same machine -- a practical, n
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import math
@@ -33,6 +38,7 @@ import tarfile
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torchvision
 from torch.utils import flop_counter
@@ -119,7 +125,6 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
     dataset = train.pairs_dataset(args, env, tower3_net)
     tokenizer = train.build_tokenizer(args, env, dataset, None)
     model = ThreeTowers(**train.model_config(args, tokenizer, tower3_net)).to(env.device).train()
-    model.set_grad_checkpointing(args.grad_checkpointing)
     runtime.cpu_kernels(model, env.device)                       # as runtime.wrap does in train.py
     optimizer, scheduler, _ = runtime.schedule(args, env, model, dataset)
     h_rows = runtime.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
@@ -130,8 +135,11 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
     def step(batch):                                             # exactly what train.py runs per step
         train.train_step(args, env, parts, [batch])
 
+    # Model FLOPs (PaLM's MFU, Chowdhery et al. 2022, App. B): counted on a step without checkpointing, since the
+    # forward that checkpointing recomputes is hardware work, not the model's; the timed steps then recompute.
     with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         step(batches[0])
+    model.set_grad_checkpointing(args.grad_checkpointing)
     for b in batches[1:]:
         step(b)                                                  # warm-up
     counts = counter.get_flop_counts()["Global"]
@@ -222,17 +230,23 @@ def bench_loss(sizes: list[int], world: int, dim: int = 128) -> list[dict]:
 
 
 class _TinyImages(torch.utils.data.Dataset):
-    """`rows` 3x4x4 third-tower views made on the fly: the h cache's own cost, without decoding."""
+    """`rows` images made on the fly at almost no cost (3 x size x size, uint8 as the loaders give them)
+    under `key`, with the sample's index and, given `captions`, one of them: what reads the items costs,
+    not decoding. The default items are third-tower views at 4 px, for the h cache's own cost."""
 
-    def __init__(self, rows: int):
-        self.rows = rows
+    def __init__(self, rows: int, size: int = 4, key: str = "image_h", captions: list[str] | None = None):
+        self.rows, self.size, self.key, self.captions = rows, size, key, captions
 
     def __len__(self) -> int:
         return self.rows
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        views = torch.tensor(indices, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 4, 4) % 251 / 251
-        return [{"image_h": v, "index": i} for v, i in zip(views, indices)]
+        values = (torch.tensor(indices).view(-1, 1, 1, 1) % 251).to(torch.uint8)
+        views = values.expand(-1, 3, self.size, self.size)
+        items = [{self.key: v, "index": i} for v, i in zip(views, indices)]
+        for item in items if self.captions else []:
+            item["caption"] = self.captions[item["index"] % len(self.captions)]
+        return items
 
 
 def cache_memory_child(rows: int, dim: int, folder: str) -> None:
@@ -337,39 +351,57 @@ GPU_PRESET = ["--image-arch", "vit-b/16", "--image-size", "224", "--text-arch", 
 H200_BF16_DENSE_PEAK = 989e12        # NVIDIA's datasheet, dense (no sparsity)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory count from what is allocated now (CUDA; nothing to count elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most memory allocated since `reset_peak_memory` (CUDA), or None."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
 def bench_gpu_step(batches: list[int], repeats: int = 10, device: torch.device = torch.device("cuda")) -> list[dict]:
     """The 3t step (cached h; GPU_PRESET: ViT-B/16 at 224 px as f and as h, CLIP's base text tower, bf16
-    on CUDA) at each per-GPU batch size, without and with --grad-checkpointing: samples/s, MFU against
-    the matmul peak measured here and against the datasheet's dense bf16 peak, and the peak memory the
-    step allocates (torch.cuda.max_memory_allocated; None off CUDA). tests/test_bench.py runs it on the
-    CPU with tiny towers."""
-    cuda = device.type == "cuda"
-    peak, rows = matmul_peak(device, torch.bfloat16 if cuda else torch.float32), []
+    on CUDA) at each per-GPU batch size, without and with --grad-checkpointing (`gpu_step_case`): samples/s,
+    MFU against the matmul peak measured here and against the datasheet's dense bf16 peak, and peak memory.
+    Each case starts once the previous one's model, optimiser and data are freed. tests/test_bench.py runs it
+    on the CPU with tiny towers."""
+    peak, rows = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32), []
     towers = train.parse_args(GPU_PRESET)
     with tempfile.TemporaryDirectory() as tmp:
         tower3 = random_tower3(tmp, towers.image_arch, towers.image_size)
         for batch in batches:
             for checkpointing in (False, True):
-                preset = GPU_PRESET + ["--batch-size", str(batch), "--train-samples", str(4 * batch)]
-                if cuda:
+                gc.collect()           # the previous case's model and optimiser, unreachable since its case returned
+                if device.type == "cuda":
                     torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                step, data_batches, flops, info, _ = setup_mode(
-                    "3t", True, preset + (["--grad-checkpointing"] if checkpointing else []), tower3)
-                sync(device)
-                start = time.perf_counter()
-                for i in range(repeats):
-                    step(data_batches[i % len(data_batches)])
-                sync(device)
-                seconds = (time.perf_counter() - start) / repeats
-                rows.append({**info, "step_ms": 1e3 * seconds, "samples_per_s": batch / seconds,
-                             "mfu_measured_peak": flops / seconds / peak,
-                             "mfu_datasheet_peak": flops / seconds / H200_BF16_DENSE_PEAK,
-                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                             "matmul_peak_tflops": peak / 1e12})
-                print(table(rows[-1:], ["batch", "checkpointing", "step_ms", "samples_per_s", "mfu_measured_peak",
-                                        "mfu_datasheet_peak", "peak_mem_gib"]), flush=True)
+                rows.append(gpu_step_case(batch, checkpointing, tower3, repeats, peak, device))
+                print(table(rows[-1:], ["batch", "checkpointing", "step_ms", "samples_per_s", "gflops_per_sample",
+                                        "mfu_measured_peak", "mfu_datasheet_peak", "peak_mem_gib"]), flush=True)
     return rows
+
+
+def gpu_step_case(batch: int, checkpointing: bool, tower3: str, repeats: int, peak: float,
+                  device: torch.device) -> dict:
+    """One row of bench_gpu_step. Its model, optimiser and data live in this frame only. Peak memory: what is
+    allocated from the timed steps' start (this case's model, optimiser state, gradients, h cache reads) plus
+    what they add (torch.cuda.max_memory_allocated; None off CUDA); the FLOP-counting step before is left out."""
+    preset = GPU_PRESET + ["--batch-size", str(batch), "--train-samples", str(4 * batch)]
+    step, data_batches, flops, info, _ = setup_mode(
+        "3t", True, preset + (["--grad-checkpointing"] if checkpointing else []), tower3)
+    sync(device)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    for i in range(repeats):
+        step(data_batches[i % len(data_batches)])
+    sync(device)
+    seconds = (time.perf_counter() - start) / repeats
+    return {**info, "step_ms": 1e3 * seconds, "samples_per_s": batch / seconds,
+            "gflops_per_sample": flops / batch / 1e9,
+            "mfu_measured_peak": flops / seconds / peak, "mfu_datasheet_peak": flops / seconds / H200_BF16_DENSE_PEAK,
+            "peak_mem_gib": peak_memory_gib(device), "matmul_peak_tflops": peak / 1e12}
 
 
 def meta_flops(net: torch.nn.Module, *inputs: torch.Tensor) -> float:
@@ -426,14 +458,20 @@ SCALE_KEYS = ["tower3", "gpus", "batch_per_gpu", "activations_gib", "activations
               "h_share_of_step", "h_cache_read_mib_per_gpu"]
 
 
-def write_shard(path: str, count: int, size: int = 256) -> None:
-    """A tar shard of `count` JPEG + caption pairs in the img2dataset layout."""
-    world = shapes.ShapesWorld(0, size)
+def write_shard(path: str, count: int, size: int = 256, short_side: tuple[int, int] | None = None,
+                start: int = 0) -> None:
+    """A tar shard of `count` JPEG + caption pairs (samples start, start + 1, ...) in the img2dataset layout,
+    KEY.jpg + KEY.txt: the shapes world's images at `size` px, or with `short_side` = (lo, hi) photo-like
+    ones (`photo_jpeg`) of random size, captioned by the shapes world."""
+    world, rng = shapes.ShapesWorld(0, size), np.random.default_rng(start)
     with tarfile.open(path, "w") as tar:
-        for i in range(count):
-            sample = world.sample(i)
-            for name, payload in ((f"{i:06d}.jpg", bytes(data_jpeg(sample["image"]))),
-                                  (f"{i:06d}.txt", sample["caption"].encode())):
+        for i in range(start, start + count):
+            if short_side is None:
+                sample = world.sample(i)
+                jpeg, caption = bytes(data_jpeg(sample["image"])), sample["caption"]
+            else:
+                jpeg, caption = photo_jpeg(rng, short_side), world.captions(i)[0]
+            for name, payload in ((f"{i:06d}.jpg", jpeg), (f"{i:06d}.txt", caption.encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
@@ -442,6 +480,18 @@ def write_shard(path: str, count: int, size: int = 256) -> None:
 def data_jpeg(image: torch.Tensor) -> torch.Tensor:
     from torchvision.io import encode_jpeg
     return encode_jpeg(image, quality=90).numpy()
+
+
+def photo_jpeg(rng: np.random.Generator, short_side: tuple[int, int]) -> bytes:
+    """A JPEG that compresses about like a photo: smooth colour gradients (a random 4 x 4 colour grid, upsampled
+    bicubically) plus pixel noise, enough of it for a photo's bytes per pixel at quality 90; short side drawn
+    from [lo, hi], landscape or portrait at 4:3."""
+    short = int(rng.integers(short_side[0], short_side[1] + 1))
+    shape = (short, short * 4 // 3) if rng.random() < 0.5 else (short * 4 // 3, short)
+    grid = torch.from_numpy(rng.uniform(0, 255, (1, 3, 4, 4)).astype(np.float32))
+    image = torch.nn.functional.interpolate(grid, size=shape, mode="bicubic", align_corners=False)[0]
+    image += torch.from_numpy(rng.normal(0, 10, (3, *shape)).astype(np.float32))
+    return bytes(data_jpeg(image.clamp(0, 255).to(torch.uint8)))
 
 
 def render_throughput(num_images: int, image_size: int, batch_size: int = 256) -> float:
@@ -474,6 +524,74 @@ def bench_data(image_size: int, count: int = 512) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     return {"shapes_render_per_s_per_core": render_per_s, "shapes_pairs_loader_per_s_per_core": pairs_per_s,
             "tar_256px_jpeg_to_224_per_s_per_core": tar_per_s}
+
+
+def batch_bytes(batch: dict) -> int:
+    """The bytes of a batch's tensors: what a loader worker ships to the training process for it."""
+    return sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+def bench_loader(shards: int = 4, per_shard: int = 256, short_side: tuple[int, int] = (320, 448),
+                 image_size: int = 224, h_size: int = 224, batch: int = 48, workers: int = 2, epochs: int = 2) -> dict:
+    """data.TarShards + data.make_loader, as a tar-shard run reads its data: `shards` shards of photo-like JPEGs
+    (short side in `short_side`), f's random crop at image_size, captions tokenised (BPE) in the workers, whole
+    epochs timed (worker start-up included). For f's view only ('f') and with h's view at h_size added ('f+h'):
+    samples/s, samples/s per worker, and bytes shipped per sample (a batch's tensors / its size)."""
+    out = {"shards": shards, "per_shard": per_shard, "short_side": list(short_side), "image_size": image_size,
+           "h_size": h_size, "batch": batch, "workers": workers, "epochs": epochs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(shards):
+            write_shard(os.path.join(tmp, f"{k:06d}.tar"), per_shard, short_side=short_side, start=k * per_shard)
+        pattern = os.path.join(tmp, "*.tar")
+        tokenizer = Tokenizer.learn(data.TarShards(pattern).sample_captions(train.VOCAB_CAPTIONS), 8192, 77)
+        for name, h in (("f", None), ("f+h", h_size)):
+            dataset = data.TarShards(pattern, image_size=image_size, tower3_view=h and data.View(h, h))
+            loader = data.make_loader(dataset, batch, tokenizer=tokenizer, workers=workers)
+            samples, shipped, start = 0, 0, time.perf_counter()
+            for epoch in range(epochs):
+                data.set_epoch(loader, epoch)
+                for b in loader:
+                    samples, shipped = samples + len(b["text"]), shipped + batch_bytes(b)
+            seconds = time.perf_counter() - start
+            out[name] = {"samples": samples, "samples_per_s": samples / seconds,
+                         "samples_per_s_per_worker": samples / seconds / max(1, workers),
+                         "bytes_per_sample": shipped / max(1, samples)}
+    return out
+
+
+def bench_step_input(rows: int = 512 * 24, batch: int = 512, image_size: int = 224, dim: int = 768,
+                     steps: int = 20, workers: int = 2) -> dict:
+    """The time the training thread spends on a step's input with a cached h: taking the next batch from
+    data.make_loader (synthetic items, `_TinyImages`, f's view at image_size and a caption, tokenised in
+    `workers` workers; pinned on CUDA, as train.py loads) plus train.step_inputs -- the h cache's rows of the
+    batch from a RowTable of `rows` rows x D_h `dim` (runtime.tower3_cache), the token trim, the copies to the
+    device (issued, not awaited; none on the CPU). Medians over `steps` steps of one epoch, in ms."""
+    env = runtime.Env()
+    captions = [shapes.ShapesWorld(0, 32).captions(i)[0] for i in range(256)]
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, dim))      # h of the 4 px views: the table
+    tower = FrozenTower(net, data.View(4, 4), "bench").to(env.device)
+    args = argparse.Namespace(mode="3t", precision="auto", cache_tower3=True, train_data="bench-input", seed=0,
+                              image_size=image_size, workers=0, quiet=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.cache_dir = tmp
+        table = runtime.tower3_cache(args, env, tower, _TinyImages(rows))
+        parts = train.Parts(None, None, None, None, tower, {})
+        dataset = _TinyImages(rows, image_size, "image", captions)
+        loader = data.make_loader(dataset, batch, tokenizer=Tokenizer.learn(captions, 8192, 77), workers=workers,
+                                  pin_memory=env.device.type == "cuda", rows=table)
+        fetch, inputs, batches = [], [], iter(loader)
+        for _ in range(min(steps, rows // batch)):
+            start = time.perf_counter()
+            b = next(batches)
+            fetched = time.perf_counter()
+            train.step_inputs(args, env, parts, b)
+            fetch.append(fetched - start)
+            inputs.append(time.perf_counter() - fetched)
+        del batches, table, parts
+    return {"rows": rows, "batch": batch, "image_size": image_size, "dim": dim, "workers": workers,
+            "device": env.device.type, "steps": len(fetch), "fetch_ms": 1e3 * statistics.median(fetch),
+            "step_inputs_ms": 1e3 * statistics.median(inputs),
+            "input_ms": 1e3 * statistics.median(f + i for f, i in zip(fetch, inputs))}
 
 
 def bench_main_job(processes: int = 2) -> dict:
@@ -534,6 +652,13 @@ def parse_args() -> argparse.Namespace:
                         "memory and traffic model derived from it (~10 minutes on 2 CPU cores)")
     p.add_argument("--cache-only", action="store_true", help="only the h cache figures (1M rows)")
     p.add_argument("--main-job-only", action="store_true", help="only time the README's main command")
+    p.add_argument("--loader-only", action="store_true",
+                   help="only the tar-shard loader (bench_loader: photo-like JPEGs, 224 px crops, batch 48, 2 "
+                        "workers, with and without h's view): samples/s, per worker, bytes shipped per sample; "
+                        "into --out's 'loader'")
+    p.add_argument("--input-only", action="store_true",
+                   help="only the training thread's input time per step at batch 512 with a cached h "
+                        "(bench_step_input: next batch + train.step_inputs); into --out's 'step_input'")
     return p.parse_args()
 
 
@@ -554,24 +679,47 @@ def run_scale(a: argparse.Namespace) -> None:
     write_json(a.out, {"memory": memory, "loss_bytes_per_logit": per_logit, "scale_model": rows})
 
 
-def main() -> None:
-    a = parse_args()
+def update_json(path: str, key: str, value) -> None:
+    """Set one part's figures in the JSON file at `path`, keeping the others'."""
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    write_json(path, {**old, key: value})
+
+
+def run_part(a: argparse.Namespace) -> bool:
+    """The modes that run one part only (internal children included); False when none was asked for."""
     if a.loss_child:
-        return loss_memory_child(*a.loss_child)
-    if a.cache_child:
-        return cache_memory_child(int(a.cache_child[0]), int(a.cache_child[1]), a.cache_child[2])
-    if a.memory_child:
-        return step_memory_child(json.loads(a.memory_child))
-    if a.gpu_step:
+        loss_memory_child(*a.loss_child)
+    elif a.cache_child:
+        cache_memory_child(int(a.cache_child[0]), int(a.cache_child[1]), a.cache_child[2])
+    elif a.memory_child:
+        step_memory_child(json.loads(a.memory_child))
+    elif a.gpu_step:
         if not torch.cuda.is_available():
             raise SystemExit("--gpu-step: no CUDA device present")
-        return write_json(a.out, bench_gpu_step(a.gpu_step))
-    if a.scale_only:
-        return run_scale(a)
-    if a.cache_only:
-        return print(json.dumps(bench_cache(), indent=1))
-    if a.main_job_only:
-        return print(json.dumps(bench_main_job(), indent=1))
+        write_json(a.out, bench_gpu_step(a.gpu_step))
+    elif a.scale_only:
+        run_scale(a)
+    elif a.cache_only:
+        print(json.dumps(bench_cache(), indent=1))
+    elif a.main_job_only:
+        print(json.dumps(bench_main_job(), indent=1))
+    elif a.loader_only or a.input_only:
+        key, figures = ("loader", bench_loader()) if a.loader_only else ("step_input", bench_step_input())
+        print(json.dumps(figures, indent=1))
+        update_json(a.out, key, figures)
+        print(f"[bench] wrote {a.out}: {key!r}")
+    else:
+        return False
+    return True
+
+
+def main() -> None:
+    a = parse_args()
+    if run_part(a):
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = 3 if a.quick else 16

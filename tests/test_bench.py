@@ -1,10 +1,16 @@
 """scripts/bench.py's MFU. Numerator: the CPU attention kernel, which torch.utils.flop_counter
 does not know, must be counted with the same formula as the CUDA kernels (2 matmuls of
 2*B*H*L*L*d FLOPs forward, twice that backward: model FLOPs, without the scores that a flash
-kernel recomputes) -- no more, no less. Denominator: each step against the peak around it."""
+kernel recomputes) -- no more, no less, and with --grad-checkpointing not the recomputed forward. Denominator:
+each step against the peak around it. Memory: a case's peak holds no earlier case. The loader and step-input
+measurements run on tiny sizes."""
+import weakref
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.io import decode_jpeg
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import load_script
@@ -88,12 +94,17 @@ def test_data_path_figures_are_positive_rates():
     assert all(v > 0 for v in figures.values())
 
 
-def test_gpu_step_rows_on_the_cpu_with_tiny_towers(monkeypatch):
-    """bench_gpu_step (what scripts/gpu_check.sh prints as its step table) on tiny towers: one row per
-    batch size and checkpointing setting, and checkpointing really switched on where the row says so."""
+TINY_GPU_PRESET = ["--image-arch", "vit-micro", "--image-size", "16", "--text-arch", "micro", "--embed-dim", "16",
+                   "--context-length", "16"]
+
+
+def test_gpu_step_rows_on_the_cpu_with_tiny_towers_count_model_flops(monkeypatch):
+    """bench_gpu_step (what scripts/gpu_check.sh prints as its step table) on tiny towers: one row per batch size
+    and checkpointing setting, checkpointing really switched on where the row says so -- and, since MFU counts
+    model FLOPs (PaLM, App. B), not the forward that checkpointing recomputes, the FLOPs per sample behind each
+    row's MFU are the same with and without it."""
     bench = load_script("bench")
-    monkeypatch.setattr(bench, "GPU_PRESET", ["--image-arch", "vit-micro", "--image-size", "16", "--text-arch", "micro",
-                                              "--embed-dim", "16", "--context-length", "16"])
+    monkeypatch.setattr(bench, "GPU_PRESET", TINY_GPU_PRESET)
     switched = []
     real = bench.ThreeTowers.set_grad_checkpointing
     monkeypatch.setattr(bench.ThreeTowers, "set_grad_checkpointing",
@@ -102,3 +113,64 @@ def test_gpu_step_rows_on_the_cpu_with_tiny_towers(monkeypatch):
     assert [(r["batch"], r["checkpointing"]) for r in rows] == [(4, False), (4, True), (8, False), (8, True)]
     assert switched == [False, True, False, True]
     assert all(r["samples_per_s"] > 0 and 0 < r["mfu_measured_peak"] < 2 and r["peak_mem_gib"] is None for r in rows)
+    used = [r["mfu_measured_peak"] * r["matmul_peak_tflops"] * 1e12 * r["step_ms"] / 1e3 / r["batch"]
+            for r in rows]                                             # FLOPs/sample = MFU x peak x step time
+    for plain, checkpointed in ((0, 1), (2, 3)):
+        assert used[checkpointed] == pytest.approx(used[plain], rel=1e-9) and used[plain] > 0
+        assert rows[checkpointed]["gflops_per_sample"] == rows[plain]["gflops_per_sample"] == \
+            pytest.approx(used[plain] / 1e9)
+
+
+def test_gpu_step_memory_of_a_case_holds_no_earlier_case(monkeypatch):
+    """Each case's peak memory is counted once the previous case's model and optimiser are gone. The CPU has
+    no allocator peaks, so a fake stands in for torch.cuda's: the bytes of the ThreeTowers alive when the
+    count starts and when it is read. A case that still held the previous case's model would count two."""
+    bench = load_script("bench")
+    monkeypatch.setattr(bench, "GPU_PRESET", TINY_GPU_PRESET)
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: 1e12)
+    live = weakref.WeakSet()
+
+    class Counted(bench.ThreeTowers):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            live.add(self)
+
+    held = lambda: sum(p.numel() * p.element_size() for m in list(live) for p in m.parameters())  # noqa: E731
+    peak = [0]
+    monkeypatch.setattr(bench, "ThreeTowers", Counted)
+    monkeypatch.setattr(bench, "reset_peak_memory", lambda device: peak.__setitem__(0, held()))
+    monkeypatch.setattr(bench, "peak_memory_gib", lambda device: max(peak[0], held()) / 2**30)
+    rows = bench.bench_gpu_step([8], repeats=1, device=torch.device("cpu"))
+    assert [r["checkpointing"] for r in rows] == [False, True]
+    assert [r["peak_mem_gib"] * 2**30 for r in rows] == [4 * r["trainable_params"] for r in rows]   # one model, fp32
+
+
+def test_loader_figures_and_the_bytes_each_view_ships():
+    """bench_loader on two tiny shards (one per worker): every full batch of an epoch arrives, and the bytes a
+    sample ships are its uint8 views (f's crop, h's view) and its int64 token ids, cut after the batch's
+    longest caption (at most 77)."""
+    f = load_script("bench").bench_loader(shards=2, per_shard=10, short_side=(20, 28), image_size=16, h_size=8,
+                                          batch=4, workers=2, epochs=1)
+    assert 3 * 16 * 16 < f["f"]["bytes_per_sample"] < 3 * 16 * 16 + 77 * 8
+    assert f["f+h"]["bytes_per_sample"] - f["f"]["bytes_per_sample"] == 3 * 8 * 8     # the same batches, plus h
+    for view in ("f", "f+h"):
+        assert f[view]["samples"] == 2 * 8                          # per worker: 10 samples, 2 full batches of 4
+        assert f[view]["samples_per_s"] > 0
+        assert f[view]["samples_per_s_per_worker"] == pytest.approx(f[view]["samples_per_s"] / 2)
+
+
+def test_photo_like_jpegs_have_the_asked_short_side():
+    bench = load_script("bench")
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        image = decode_jpeg(torch.frombuffer(bytearray(bench.photo_jpeg(rng, (40, 48))), dtype=torch.uint8))
+        assert image.shape[0] == 3 and 40 <= min(image.shape[1:]) <= 48
+        assert max(image.shape[1:]) == min(image.shape[1:]) * 4 // 3
+        assert image.float().std() > 10                               # not a flat image
+
+
+def test_step_input_figures_are_positive():
+    """bench_step_input on a tiny table: it runs the steps it names and reports positive medians."""
+    f = load_script("bench").bench_step_input(rows=64, batch=8, image_size=8, dim=16, steps=4, workers=1)
+    assert f["steps"] == 4 and f["device"] in ("cpu", "cuda")
+    assert f["fetch_ms"] > 0 and f["step_inputs_ms"] > 0 and f["input_ms"] > 0

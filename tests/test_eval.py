@@ -375,13 +375,13 @@ class ColourModel(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         solid = torch.tensor([colour_of(k) for k in range(len(names))], dtype=torch.uint8)
         transform = data.image_transform(image_size, train=False)
-        self.colours = torch.stack([transform(c.view(3, 1, 1).expand(3, 8, 8)).mean((1, 2))
+        self.colours = torch.stack([transform(c.view(3, 1, 1).expand(3, 8, 8)).float().mean((1, 2))
                                     for c in solid])
         self.prompt_class = {t.format(name): k for k, name in enumerate(names) for t in templates}
         self.tokenizer, self.n = Tokenizer(128), len(names)
 
     def encode_image(self, image, h=None):
-        k = torch.cdist(image.mean((2, 3)), self.colours).argmin(1)
+        k = torch.cdist(image.float().mean((2, 3)), self.colours).argmin(1)
         return {"f": F.one_hot(k, self.n).float()}
 
     def encode_text(self, ids):
@@ -470,6 +470,7 @@ def test_karpathy_split_groups_five_captions_per_image(tmp_path, coco):
     assert r.captions[5:] == [f"green picture, caption {c}." for c in range(5)]
     assert r.caption_image.tolist() == [0] * 5 + [1] * 5
     red, green = r.images[0]["image"], r.images[1]["image"]
+    red, green = red.float(), green.float()
     assert red[0].mean() > red[1].mean() and green[1].mean() > green[0].mean()  # the right files
     assert os.path.dirname(r.images.paths[0]).endswith("val2014") == coco
 

@@ -104,7 +104,17 @@ def test_a_headless_trunk_is_taken_whole():
     assert strip_classifier(trunk) is None
     assert trunk(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))).equal(reference)
     classifier = tiny_vit()
-    assert strip_classifier(classifier) == "heads.0" and isinstance(classifier.heads[0], nn.Identity)
+    assert strip_classifier(classifier) == "heads.head" and isinstance(classifier.heads.head, nn.Identity)
+
+    class NestedHead(nn.Module):               # a head module with a hidden layer, as some hub ViTs have
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Linear(4, 8)
+            self.head = nn.Module()
+            self.head.layers = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 10))
+    nested = NestedHead()
+    assert strip_classifier(nested) == "head.layers.2" and isinstance(nested.head.layers[2], nn.Identity)
+    assert isinstance(nested.trunk, nn.Linear) and isinstance(nested.head.layers[0], nn.Linear)
 
 
 def write_places_checkpoint(path, arch: str = "resnet18", classes: int = 365) -> nn.Module:
