@@ -58,7 +58,8 @@ from tqdm import tqdm
 from data import (CsvPairs, DataError, LabelledImages, RetrievalSet, collate, image_folder,
                   image_transform, with_tower3_view)
 from losses import PAIRS
-from model import CHECKPOINT_FORMAT, FrozenTower, ThreeTowers, load_trained
+from model import FrozenTower, ThreeTowers
+from checkpoints import CHECKPOINT_FORMAT, load_trained
 from runtime import check_ranges, unwritable
 from shapes import ShapesLabelled, shapes_retrieval, zeroshot_tasks
 from tokenizer import Tokenizer

@@ -52,8 +52,9 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-# scripts/gpu_dist_check.py sets this: the gather below runs even in a 1-rank process group (where it is the
-# identity), so one GPU exercises NCCL and the gather's backward. Off, one process skips the collective.
+# scripts/gpu_dist_check.py sets this: the gather below runs even in a 1-rank process group (where
+# it is the identity), so one GPU exercises NCCL and the gather's backward. Off, one process skips
+# the collective.
 GATHER_ON_ONE_RANK = False
 
 # torch >= 2.10 renames all_gather_into_tensor to all_gather_single; requirements allow torch 2.4.
@@ -180,7 +181,8 @@ def tower_loss(out: dict[str, Tensor], mode: str, weights: dict[str, float] | No
         total = total + weights[term] * loss
         metrics[f"loss/{term}"] = loss.detach()
         with torch.no_grad():      # a->b top-1 of this rank's rows
-            hits = (out[a] @ gathered[b].T).argmax(dim=1) == positive_columns(len(out[a]), out[a].device)
+            best = (out[a] @ gathered[b].T).argmax(dim=1)
+            hits = best == positive_columns(len(out[a]), out[a].device)
         metrics[f"acc/{term}"] = hits.float().mean()
         metrics[f"t/{term}"] = out[f"t_{term}"].detach()
     return total, metrics

@@ -1,9 +1,14 @@
-"""What every run needs besides the method: processes and devices, the CPU's kernels for linear layers,
-run folders, the optimiser and its update, the run's position and checkpoints, the metrics log.
+"""What every run needs besides the method, each behind one call from train.py: processes and
+devices (`Env`, and `Env.phase` where ranks drift apart), run folders and locks (`claim_folders`,
+`exclusive`), where a run stands and its checkpoints (`save`, `find_checkpoint`, `resume`), the
+third tower's cache (`tower3_cache`), the metrics log (`MetricsLog`), and the optional oneDNN
+routing of linear layers on AVX-512 CPUs, applied to a built model as --compile is (`wrap`).
 
-train.run (CLIP, LiT, 3T) and train.pretrain (a third tower's pretraining) share all of it, so both resume
-exactly, write checkpoints atomically and stop together on every rank. Nothing here knows which
-embeddings a loss compares: that is losses.py and train.train_step.
+Read `Env` first, then `wrap`, `save` / `resume` and `tower3_cache`, in the order `train.run`
+calls them. train.run (CLIP, LiT, 3T) and train.pretrain (a third tower's pretraining) share all
+of it, so both resume exactly, write checkpoints atomically and stop together on every rank.
+Nothing here is on the step's path: the step (forward, loss, backward, update) is train.py,
+model.py and losses.py.
 """
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ import fcntl
 import glob
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -36,7 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import CHECKPOINT_FORMAT, FrozenTower, checkpoint_pieces, checksum, read_checkpoint
+from checkpoints import CHECKPOINT_FORMAT, checkpoint_pieces, checksum, read_checkpoint, tower3_digest
+from model import FrozenTower, precision
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,14 +339,6 @@ def log(env: Env, message: str) -> None:
         tqdm.write(message)
 
 
-def autocast(args: argparse.Namespace, env: Env):
-    """bf16 autocast on CUDA (the paper's towers train in bf16); nothing on CPU."""
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
-    if bf16:
-        return torch.autocast(env.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def wrap(model: torch.nn.Module, args: argparse.Namespace, env: Env) -> torch.nn.Module:
     """What the step calls: the model in DDP when there are several processes, then compiled if
     asked. Compiling the DDP module, not wrapping a compiled one, is the order PyTorch's DDP and
@@ -354,6 +351,32 @@ def wrap(model: torch.nn.Module, args: argparse.Namespace, env: Env) -> torch.nn
     if env.world > 1:
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     return torch.compile(model) if args.compile else model
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str, env: Env, holder_busy: str) -> Iterator[None]:
+    """Rank 0 holds an exclusive flock on `lock_path` for the block; while another run holds it,
+    rank 0 says so (`holder_busy` and who) and waits, and the other ranks wait for it through the
+    store (Env.phase), not in a collective, for up to --dist-timeout. The kernel drops the lock when
+    its holder dies, so a crashed run never blocks the next one; a filesystem that cannot lock stops
+    the run with one line (take_lock)."""
+    f = open(lock_path, "a+") if env.master else None
+    try:
+        with env.phase("waiting for the third tower's lock") as meet:
+            if f is not None and not take_lock(f, "--cache-dir", os.path.dirname(lock_path)):
+                f.seek(0)
+                log(env, f"{holder_busy} ({f.read().strip() or 'holder unknown'}): waiting for it")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            if f is not None:
+                f.truncate(0)
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                f.flush()
+            meet()
+            env.barrier()
+        yield
+    finally:
+        if f is not None:
+            f.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,69 +489,12 @@ def claim_folders(args: argparse.Namespace, env: Env) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The optimiser and the update
+# The host's view of the steps: non-finite steps counted, and the steps at which it reads the device
 # ----------------------------------------------------------------------------------------------
-
-
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on weight matrices -- not on biases, norms, embeddings (token,
-    positional, class token) or the temperatures/biases of the loss (CLIP, Sec. 2.5). Fused: one
-    kernel over every parameter, ~5x faster than the multi-tensor path on a CPU (14M parameters:
-    10 vs 50 ms a step, scripts/bench.py's figures in results/README.md), and the AdamW that can skip
-    a step on the device (apply_gradients)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "embedding" in name or "class_token" in name or name.startswith(("log_temperature", "bias."))
-        (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=True)
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def schedule(args: argparse.Namespace, env: Env, model: torch.nn.Module, dataset
-             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
-    """AdamW, its warm-up + cosine schedule, and the number of steps: --steps, else --epochs over a
-    finite dataset. A step reads --accum-freq batches of --batch-size on each rank."""
-    accum = args.accum_freq
-    step_samples = args.batch_size * env.world * accum
-    per_epoch = len(dataset) // step_samples if hasattr(dataset, "__len__") else None
-    if per_epoch == 0:
-        raise SystemExit(f"--train-data {args.train_data!r}: no full batch of --batch-size {args.batch_size}: "
-                         f"{len(dataset)} samples, fewer than one global batch ({args.batch_size} x {env.world} processes"
-                         + (f" x --accum-freq {accum})" if accum > 1 else ")"))
-    if args.steps is None and per_epoch is None:
-        raise SystemExit("--steps is required for streaming (tar-shard) data")
-    total = args.steps or max(1, int(args.epochs * per_epoch))
-    optimizer = build_optimizer(model, args)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, total)), total
-
-
-def apply_gradients(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> Tensor:
-    """After backward: clip the global gradient norm, AdamW step, schedule step. Returns whether the
-    gradient was finite, a 0-d bool tensor on the device. A non-finite gradient makes no update (the
-    step still counts, as with AMP's loss scaling); the norm is that of the all-reduced gradient, so
-    every rank skips the same step. The skip happens on the device (fused AdamW's found_inf), so the
-    host never waits for the GPU here: it reads the flag at sync steps only (MetricsLog)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    finite = torch.isfinite(norm)
-    optimizer.found_inf = (~finite).float()
-    optimizer.step()
-    scheduler.step()
-    return finite
-
-
 class NonFiniteSteps:
     """Non-finite steps, counted on the device and read by the host only at sync steps (`sync_step`):
     a warning with their number, and NonFinite after --max-nonfinite in a row. The flag is
-    rank-identical (apply_gradients), so every rank stops at the same step."""
+    rank-identical (train.adamw_update), so every rank stops at the same step."""
 
     def __init__(self, limit: int, device: torch.device):
         self.limit = limit
@@ -963,7 +929,7 @@ def cache_key(args: argparse.Namespace, tower3: FrozenTower, dataset) -> dict[st
     """The cache's RowTable header: rows, D_h and a fingerprint (model.checksum, the checkpoints' own) of
     everything h's rows depend on -- the tower's weights and view (FrozenTower.digest), and the data (for files: every
     image's size and modification time, the dataset's `stamp`)."""
-    fingerprint = checksum([tower3.digest(), args.train_data, len(dataset), args.seed, args.image_size,
+    fingerprint = checksum([tower3_digest(tower3), args.train_data, len(dataset), args.seed, args.image_size,
                             getattr(dataset, "stamp", None)])[:16]
     return dict(rows=len(dataset), dim=tower3.dim, fingerprint=fingerprint)
 
@@ -1034,7 +1000,7 @@ def cache_share(args: argparse.Namespace, env: Env, tower3: FrozenTower, dataset
                                          num_workers=env.workers(args), collate_fn=data.collate)  # index list
     row, first = lo, None
     for batch in tqdm(loader, desc="caching h", disable=not env.master or args.quiet):
-        with autocast(args, env):
+        with precision(args.precision, env.device):
             h = tower3(batch["image_h"].to(env.device, non_blocking=True)).float().cpu()
         table.write(row, h)
         first, row = first or (lo, h[0].clone()), row + len(h)

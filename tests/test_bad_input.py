@@ -19,7 +19,7 @@ import torch
 
 import eval as ev
 import train
-from model import save_checkpoint
+from checkpoints import save_checkpoint
 from test_data import good_shard, write_tar
 from test_train import ROOT, tiny, torchrun, without
 
@@ -228,7 +228,7 @@ def test_flipped_bytes_are_caught_by_the_checksum(tmp_path, run_3t, towers):
 
 
 def test_a_checkpoint_without_checksum_is_refused(tmp_path, run_3t):
-    from model import read_checkpoint
+    from checkpoints import read_checkpoint
     ckpt = torch.load(run_3t, weights_only=True)
     ckpt.pop("checksum")
     torch.save(ckpt, tmp_path / "bare.pt")
@@ -240,10 +240,10 @@ def test_a_checkpoint_without_checksum_is_refused(tmp_path, run_3t):
 
 
 def test_no_temporary_files_left_behind(tmp_path, monkeypatch):
-    import model
+    import checkpoints
     stale = tmp_path / f"ckpt.pt.tmp.{socket.gethostname()}"          # a writer killed mid-save
     stale.write_bytes(b"half a checkpoint")
-    model.save_checkpoint({"x": torch.ones(3)}, str(tmp_path / "ckpt.pt"))
+    checkpoints.save_checkpoint({"x": torch.ones(3)}, str(tmp_path / "ckpt.pt"))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
     real = torch.save
 
@@ -252,9 +252,9 @@ def test_no_temporary_files_left_behind(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        model.save_checkpoint({"x": torch.zeros(3)}, str(tmp_path / "ckpt.pt"))
+        checkpoints.save_checkpoint({"x": torch.zeros(3)}, str(tmp_path / "ckpt.pt"))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
-    assert torch.equal(model.read_checkpoint(str(tmp_path / "ckpt.pt"))["x"], torch.ones(3))
+    assert torch.equal(checkpoints.read_checkpoint(str(tmp_path / "ckpt.pt"))["x"], torch.ones(3))
 
 
 def test_eval_with_a_third_tower_of_another_width(tmp_path, run_3t):
@@ -410,7 +410,7 @@ def run_clip(tmp_path_factory):
 
 
 def test_a_stored_tokenizer_that_does_not_load_is_one_line_on_resume(tmp_path, run_clip):
-    from model import read_checkpoint, save_checkpoint
+    from checkpoints import read_checkpoint, save_checkpoint
     ckpt = read_checkpoint(str(run_clip))
     ckpt["tokenizer"] = {"context_length": 77, "merges": [[1]]}          # a merge is a pair
     save_checkpoint(ckpt, str(tmp_path / "bad-tokenizer.pt"))
@@ -515,7 +515,7 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one(tmp_path, monk
     needed = int(re.search(r"needs about ([\d,]+) bytes", str(stop.value.code))[1].replace(",", ""))
     assert abs(needed - len(before[0])) < 100               # the serialised file's own size
     assert ckpt.read_bytes() == before[0]                   # the last good one, untouched
-    from model import read_checkpoint
+    from checkpoints import read_checkpoint
     assert read_checkpoint(str(ckpt))["step"] == 2
     assert sorted(os.listdir(tmp_path / "run")) == [".lock", "ckpt.pt", "metrics.jsonl", "tokenizer.json"]
 
@@ -523,7 +523,7 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one(tmp_path, monk
 def test_checkpoint_pieces_are_freed_as_they_are_written(tmp_path):
     """A checkpoint held in host memory needs its size again only until the write: write_file
     consumes the pieces (model.checkpoint_pieces) one by one, and the file reads back whole."""
-    from model import checkpoint_pieces, read_checkpoint
+    from checkpoints import checkpoint_pieces, read_checkpoint
     from runtime import write_file
     pieces = checkpoint_pieces({"format": "3t", "x": torch.arange(1000.0)})
     size = sum(map(len, pieces))

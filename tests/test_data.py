@@ -487,7 +487,7 @@ def test_persistent_workers_follow_the_epoch(tmp_path):
 
 def test_workers_read_h_rows_and_the_step_only_copies(tmp_path, monkeypatch):
     """The training thread does no file I/O per step: the loader workers read h's cached rows (and trim
-    the token ids), and train.step_inputs hands the batch's own tensors to the device (on the CPU: the
+    the token ids), and train.tower_inputs hands the batch's own tensors to the device (on the CPU: the
     very same objects, no host-side slice or copy that a pinned transfer would have to wait for)."""
     pairs = shapes.ShapesPairs("train", 16, image_size=16)
     path = str(tmp_path / "h.bin")
@@ -504,6 +504,6 @@ def test_workers_read_h_rows_and_the_step_only_copies(tmp_path, monkeypatch):
     env, parts = runtime.Env(), train.Parts(None, None, None, None, None, {})
     for batch in batches:
         assert torch.equal(batch["h"], rows[batch["index"]])
-        image, text, h = train.step_inputs(args, env, parts, batch)
+        image, text, h = train.tower_inputs(args, env, parts, batch)
         assert image is batch["image"] and text is batch["text"] and h is batch["h"]
         assert text.is_contiguous() and (text[:, -1] != tok.PAD).any()     # cut after the longest caption

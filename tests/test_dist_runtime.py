@@ -296,7 +296,7 @@ def test_a_filesystem_without_locks_is_said_not_read_as_in_use(tmp_path, monkeyp
     with pytest.raises(RunError, match=rf"^--cache-dir '.*{tmp_path.name}': the filesystem does "
                                        rf"not support file locks \(flock: \[Errno {code}\].*use "
                                        rf"another --cache-dir$"):
-        with train.exclusive(str(tmp_path / "tower.pt.lock"), env, "busy"):
+        with runtime.exclusive(str(tmp_path / "tower.pt.lock"), env, "busy"):
             pass
     with pytest.raises(SystemExit, match=r"^--out .*: the filesystem does not support file locks"):
         train.main(["--mode", "clip", "--steps", "1", "--out", str(tmp_path / "run")])

@@ -17,7 +17,8 @@ import train
 from shapes import ShapesPairs
 from tokenizer import Tokenizer
 from losses import tower_loss
-from model import CHECKPOINT_FORMAT, ThreeTowers, build_image_tower, load_trained, load_tower3, save_checkpoint
+from model import ThreeTowers, build_image_tower
+from checkpoints import CHECKPOINT_FORMAT, load_trained, load_tower3, save_checkpoint
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:

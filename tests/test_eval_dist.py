@@ -17,7 +17,8 @@ from torch.utils.data import Subset
 import data
 import eval as ev
 import train
-from model import ThreeTowers, build_image_tower, load_tower3
+from model import ThreeTowers, build_image_tower
+from checkpoints import load_tower3
 from test_files import image_bytes
 from test_train import TINY, torchrun
 from tokenizer import Tokenizer

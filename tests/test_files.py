@@ -28,7 +28,8 @@ import shapes
 from tokenizer import Tokenizer
 import eval as ev
 import train
-from model import build_image_tower, load_trained, load_tower3
+from model import build_image_tower
+from checkpoints import load_trained, load_tower3
 from test_data import write_tar
 from test_train import ROOT, crash_at_step, torchrun, weights
 

@@ -12,7 +12,8 @@ import data
 import model as model_lib
 import runtime
 from losses import tower_loss
-from model import FrozenTower, ThreeTowers, build_image_tower, load_tower3, strip_classifier, summary
+from model import FrozenTower, ThreeTowers, build_image_tower, summary
+from checkpoints import load_tower3, strip_classifier
 from test_losses import tiny_batch, tiny_model
 
 
@@ -150,9 +151,9 @@ def test_small_vits_pool_the_mean_of_their_patch_tokens_and_train_every_paramete
     (S/patch)^2 patch tokens (no class token), the embedding is the head applied to their mean,
     and one backward reaches every parameter -- an unused one would stop DDP. The large presets
     read a class token. Position embeddings and the class token take no weight decay (their
-    names say so to runtime.build_optimizer)."""
+    names say so to train.build_optimizer)."""
     import argparse
-    import runtime
+    import train
     torch.manual_seed(0)
     net = build_image_tower("vit-micro", 32, 8)
     assert net.class_token is None and "class_token" not in net.state_dict()
@@ -167,7 +168,7 @@ def test_small_vits_pool_the_mean_of_their_patch_tokens_and_train_every_paramete
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     big = build_image_tower("vit-b/32", 64, 8)
     assert big.class_token.shape == (1, 1, 768) and big.positional_embedding.shape == (5, 768)
-    optimizer = runtime.build_optimizer(big, argparse.Namespace(lr=1e-3, wd=0.1, beta2=0.98))
+    optimizer = train.build_optimizer(big, argparse.Namespace(lr=1e-3, wd=0.1, beta2=0.98))
     no_decay = {id(p) for p in optimizer.param_groups[1]["params"]}
     assert id(big.class_token) in no_decay and id(big.positional_embedding) in no_decay
     assert id(big.head.weight) not in no_decay and id(big.blocks[0].qkv.weight) not in no_decay

@@ -15,7 +15,7 @@ def model_and_optimizer():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     args = argparse.Namespace(lr=1e-2, wd=0.1, beta2=0.98)
-    optimizer = runtime.build_optimizer(model, args)
+    optimizer = train.build_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     return model, optimizer, scheduler
 
@@ -34,13 +34,13 @@ def test_deferred_update_reads_nothing_on_the_host_and_skips_on_the_device(monke
     with monkeypatch.context() as patch:
         for name in ("item", "tolist", "__bool__"):
             patch.setattr(torch.Tensor, name, no_host_read)
-        finite = runtime.apply_gradients(model, optimizer, scheduler, 1.0)
+        finite = train.adamw_update(model, optimizer, scheduler, 1.0)
     assert finite.dtype == torch.bool and bool(finite)
     after_good = [p.detach().clone() for p in model.parameters()]
     state = {k: v.clone() for k, v in optimizer.state[next(model.parameters())].items()}
     optimizer.zero_grad()
     backward(model, poison=True)
-    finite = runtime.apply_gradients(model, optimizer, scheduler, 1.0)
+    finite = train.adamw_update(model, optimizer, scheduler, 1.0)
     assert not bool(finite)
     assert all(torch.equal(a, p) for a, p in zip(after_good, model.parameters()))      # no update
     assert all(torch.equal(v, optimizer.state[next(model.parameters())][k]) for k, v in state.items())  # step too
@@ -54,7 +54,7 @@ def test_update_on_finite_gradients_is_plain_clipped_adamw():
     for _ in range(3):
         optimizer_s.zero_grad()
         backward(skipping)
-        runtime.apply_gradients(skipping, optimizer_s, scheduler_s, 1.0)
+        train.adamw_update(skipping, optimizer_s, scheduler_s, 1.0)
         optimizer_p.zero_grad()
         backward(plain)
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)

@@ -13,10 +13,12 @@ from torch import nn
 from torchvision.models import EfficientNet_B0_Weights, MobileNet_V3_Small_Weights, ResNet50_Weights
 from torchvision.models import ViT_B_16_Weights
 
+import checkpoints
 import data
 import runtime
 import train
-from model import DEFAULT_VIEW, load_trained, load_tower3, normalize, strip_classifier, weights_view
+from model import normalize
+from checkpoints import DEFAULT_VIEW, load_trained, load_tower3, strip_classifier, weights_view
 from test_train import tiny
 
 def photo_like(height: int, width: int) -> torch.Tensor:
@@ -215,7 +217,7 @@ def test_view_is_recorded_cached_and_reused_by_eval(hub_repo, tmp_path, capsys):
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["tower3_view"]["crop"] == 16 and ckpt["tower3_view"]["interpolation"] == "bicubic"
     _, tower, _ = load_trained(str(tmp_path / "run" / "ckpt.pt"))
-    assert tower.view == data.View(16, 20, "bicubic") and tower.digest() == ckpt["tower3_digest"]
+    assert tower.view == data.View(16, 20, "bicubic") and checkpoints.tower3_digest(tower) == ckpt["tower3_digest"]
     caches = lambda: sorted(f for f in os.listdir(tmp_path / "cache") if f.startswith("h-"))
     first = caches()
     train.main(tiny(tmp_path, *flags[:-2], out="bilinear"))

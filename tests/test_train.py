@@ -13,7 +13,7 @@ from PIL import Image
 
 import eval as evaluation
 import runtime
-from model import CHECKPOINT_FORMAT
+from checkpoints import CHECKPOINT_FORMAT
 import shapes
 from tokenizer import Tokenizer
 import train
@@ -96,7 +96,7 @@ def test_auto_tower3_is_pretrained_once_then_reused(tmp_path, capsys):
 
 
 def test_supervised_checkpoint_loads_as_tower3(tower3_file):
-    from model import load_tower3
+    from checkpoints import load_tower3
     tower3 = load_tower3(tower3_file)
     assert tower3.dim == 32 and tower3.view.crop == 32        # vit-micro width, --image-size
     assert tower3(torch.randn(2, 3, 32, 32)).shape == (2, 32)
@@ -131,7 +131,7 @@ def test_resume_is_exact(tmp_path, tower3_file, monkeypatch):
 
 def test_frozen_tower_unchanged_and_outside_optimizer(tmp_path, tower3_file, monkeypatch):
     seen = {}
-    real_load, real_opt = train.load_tower3, runtime.build_optimizer
+    real_load, real_opt = train.load_tower3, train.build_optimizer
 
     def spy_load(spec, view=None):
         seen["tower3"] = real_load(spec, view)
@@ -215,7 +215,7 @@ def test_nonfinite_steps_make_no_update_then_stop(tmp_path, monkeypatch):
     """A non-finite step makes no update but counts as a step (as with AMP's loss scaling); a streak of
     --max-nonfinite of them stops the run at the next sync step, before its checkpoint."""
     real, calls, states = train.tower_loss, [0], []
-    real_apply = train.apply_gradients
+    real_apply = train.adamw_update
 
     def nan_on_second_call(out, mode, w):
         calls[0] += 1
@@ -227,7 +227,7 @@ def test_nonfinite_steps_make_no_update_then_stop(tmp_path, monkeypatch):
         states.append((bool(finite), [p.detach().clone() for p in model.parameters()]))
         return finite
     monkeypatch.setattr(train, "tower_loss", nan_on_second_call)
-    monkeypatch.setattr(train, "apply_gradients", recording_apply)
+    monkeypatch.setattr(train, "adamw_update", recording_apply)
     train.main(tiny(tmp_path, "--mode", "clip", "--steps", "3", "--eval-data", "none"))
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and calls[0] == 3 and [ok for ok, _ in states] == [True, False, True]
