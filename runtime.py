@@ -926,7 +926,7 @@ def tower3_cache(args: argparse.Namespace, env: Env, tower3: FrozenTower, datase
 
 
 def cache_key(args: argparse.Namespace, tower3: FrozenTower, dataset) -> dict[str, Any]:
-    """The cache's RowTable header: rows, D_h and a fingerprint (model.checksum, the checkpoints' own) of
+    """The cache's RowTable header: rows, D_h and a fingerprint (checkpoints.checksum, the checkpoints' own) of
     everything h's rows depend on -- the tower's weights and view (FrozenTower.digest), and the data (for files: every
     image's size and modification time, the dataset's `stamp`)."""
     fingerprint = checksum([tower3_digest(tower3), args.train_data, len(dataset), args.seed, args.image_size,
