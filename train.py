@@ -487,7 +487,8 @@ def auto_tower3(args: argparse.Namespace, env: Env) -> str:
     busy = f"[tower3] another run is pretraining the third tower {path}"
     with exclusive(f"{path}.lock", env, busy):
         if every_rank(env, os.path.exists(path)):
-            log(env, f"[tower3] reusing the third tower another run pretrained meanwhile: {path}")
+            log(env, "[tower3] reusing the third tower that another run pretrained meanwhile: "
+                     + path)
             return path
         log(env, f"[tower3] no pretrained third tower yet: pretraining one on the shapes world's "
                  f"'{args.tower3_label}' labels ({' '.join(recipe)}); it is saved to {path} and "
