@@ -1,5 +1,8 @@
 """The shapes world: a procedural world of images, captions and labels, embedded, no download.
 
+Read `ShapesWorld.sample` first: one sample from (seed, split, index) alone -- `_draw` picks its
+attributes, `_captions` words them, `_paint` renders them, `_labels` names its classes.
+
 3T (Kossen et al. 2023) trains its image and text towers on web image-text pairs, while the frozen
 third tower comes from a classifier pretrained on labelled images: JFT or ImageNet-21k, whose labels
 name much of what captions say, or Places365, whose scene labels name little (where 3T beats LiT,

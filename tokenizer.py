@@ -1,5 +1,8 @@
 """The tokenizer: byte-level BPE whose merges are learned from the training captions.
 
+Read `Tokenizer.encode` first: captions to rows of ids (BOS, tokens, EOS, PAD), the call data.collate
+and eval.py make; `Tokenizer.learn` is where its merges come from.
+
 CLIP tokenises captions with byte-level BPE (Radford et al. 2021, Sec. 2.4; a GPT-2-style
 vocabulary). A downloaded vocabulary is not an option offline, so this one learns its merges from
 the run's own captions in seconds (`Tokenizer.learn`), stores them with the run and the checkpoint
