@@ -20,15 +20,15 @@ sys.path (the script adds it); `prepare`, `ours` and `report` run in either envi
 Both trainers run in-process with 2 threads, fp32, workers 0, batch 256, lr 2e-3, warmup 30, AdamW
 (0.9, 0.98, eps 1e-6), wd 0.1, cosine, grad clip 1, and start from the same temperature: open_clip's
 1/0.07 (our default is 10, README "Where this project chooses"). The start matters here: t moves by
-at most ~lr per step, so it stays near its start for the whole run. Wall time is the
-training call's (model build, data setup, training, checkpoint), not the interpreter start's. open_clip opens CSV paths relative to
-the working directory, so its launcher chdirs into the data folder; an experiment `--name` must be
-new (open_clip refuses an existing one). Towers: ViT 4 x 128, patch 8, 32 px; text 4 x 128, 2 heads;
-embed 128; open_clip's BPE tokenizer (context 77), ours what `our_tokenizer` says. Our patch-8 ViTs
-have a conv stem and pool the mean of their patch tokens (model.VIT_PRESETS), open_clip's ViT has a
-plain patchify layer and a class token. Retrieval: per pair
-over the 1,000 held-out pairs, R@1 both ways, a negative scoring >= the positive ranking above it
-(eval.py's convention), cross-checked against eval.recall_at_k and open_clip's get_clip_metrics.
+at most ~lr per step, so it stays near its start for the whole run. Wall time is the training call's
+(model build, data setup, training, checkpoint), not the interpreter start's. open_clip opens CSV
+paths relative to the working directory, so its launcher chdirs into the data folder; an experiment
+`--name` must be new (open_clip refuses an existing one). Towers: ViT 4 x 128, patch 8, 32 px; text
+4 x 128, 2 heads; embed 128; open_clip's BPE tokenizer (context 77), ours what `our_tokenizer` says.
+Our patch-8 ViTs have a conv stem and pool the mean of their patch tokens (model.VIT_PRESETS),
+open_clip's ViT has a plain patchify layer and a class token. Retrieval: per pair over the 1,000
+held-out pairs, R@1 both ways, a negative scoring >= the positive ranking above it (eval.py's
+convention), cross-checked against eval.recall_at_k and open_clip's get_clip_metrics.
 """
 from __future__ import annotations
 
@@ -264,9 +264,10 @@ def step_models(equal: bool) -> tuple[dict, torch.nn.Module, object, object]:
     VIT_PRESETS["vit-6x192"] = (8, 192, 6, 3, (), "token") if equal else (8, 192, 6, 3, (16, 32, 64), "mean")
     TEXT_PRESETS["4x192"] = (192, 4, 3)
     tok, oc_tok = our_tokenizer(context_length=64), open_clip.get_tokenizer(OC_STEPS_MODEL)
-    towers = dict(image_arch="vit-6x192", image_size=64, text_arch="4x192", vocab_size=49408 if equal else tok.vocab_size,
-                  context_length=64, eos_id=tok.EOS, embed_dim=128)
-    ours = {mode: runtime.cpu_kernels(ThreeTowers(mode, **towers, tower3_dim=192 if mode == "3t" else None), torch.device("cpu"))
+    towers = dict(image_arch="vit-6x192", image_size=64, text_arch="4x192",
+                  vocab_size=49408 if equal else tok.vocab_size, context_length=64, eos_id=tok.EOS, embed_dim=128)
+    ours = {mode: runtime.cpu_kernels(ThreeTowers(mode, **towers, tower3_dim=192 if mode == "3t" else None),
+                                      torch.device("cpu"))
             for mode in ("clip", "3t")}                                                  # as runtime.wrap does
     theirs = open_clip.create_model(OC_STEPS_MODEL, precision="fp32", output_dict=True)   # as its trainer
     return ours, theirs, tok, oc_tok
