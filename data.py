@@ -1,5 +1,8 @@
 """Data: what the towers read, after the image helpers they share.
 
+Read `CsvPairs` first: the simplest reader, whose items follow the conventions at the end of this
+docstring, then `make_loader` and `collate`, which turn a rank's items into training batches.
+
 - The shapes world, embedded, no download, is its own file, shapes.py (image-text pairs, labelled
   images for a third tower, the retrieval test set, zero-shot prompts).
 - File readers: a CSV/TSV of image paths and captions (open_clip's keys), img2dataset/WebDataset tar

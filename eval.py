@@ -1,6 +1,9 @@
 """Evaluation of CLIP / LiT / 3T checkpoints on the paper's three task families (Kossen et al. 2023,
 Sec. 5; README "Evaluation"), and 3T's choice of embeddings at test time.
 
+Read `evaluate` first: one evaluation of a model over a suite of tasks built once (`build_eval_suite`),
+scored by `_zeroshot`, `_retrieval` and `_fewshot` on the embeddings of `Embedder`.
+
     zero-shot classification   class names x prompt templates, text embeddings averaged over the
                                templates (normalise, mean, normalise); top-1 / top-5 accuracy
     retrieval                  image->text and text->image Recall@1/5/10 with several captions per

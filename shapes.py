@@ -1,5 +1,8 @@
 """The shapes world: a procedural world of images, captions and labels, embedded, no download.
 
+Read `ShapesWorld.sample` first: one sample from (seed, split, index) alone -- `_draw` picks its
+attributes, `_captions` words them, `_paint` renders them, `_labels` names its classes.
+
 3T (Kossen et al. 2023) trains its image and text towers on web image-text pairs, while the frozen
 third tower comes from a classifier pretrained on labelled images: JFT or ImageNet-21k, whose labels
 name much of what captions say, or Places365, whose scene labels name little (where 3T beats LiT,
@@ -153,7 +156,8 @@ class ShapesWorld:
         self._coords = np.stack([x, y, (x + y) / np.sqrt(2)])  # (3, S, S): horizontal, vertical, diagonal
         self._ramps = self._coords / self._coords.max(axis=(1, 2), keepdims=True)  # the same, scaled to [0, 1]
         # Per-pixel noise comes from a few seeded tiles cropped at a per-sample offset: as random-looking
-        # as fresh noise per image, but ~50x cheaper than drawing 3*S*S normals per sample.
+        # as fresh noise per image, but far cheaper than drawing 3*S*S normals per sample (results/README.md,
+        # "Benchmarks", has the timings).
         rng = np.random.default_rng([seed, 7919])
         self._noise = rng.standard_normal((_NOISE_TILES, 3, 2 * s, 2 * s), dtype=np.float32)
         self._high = np.array([len(SHAPES), len(COLOURS), len(SIZES), 9, len(SCENES), len(_BG_RGB),

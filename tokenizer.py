@@ -1,5 +1,8 @@
 """The tokenizer: byte-level BPE whose merges are learned from the training captions.
 
+Read `Tokenizer.encode` first: captions to rows of ids (BOS, tokens, EOS, PAD), the call data.collate
+and eval.py make; `Tokenizer.learn` is where its merges come from.
+
 CLIP tokenises captions with byte-level BPE (Radford et al. 2021, Sec. 2.4; a GPT-2-style
 vocabulary). A downloaded vocabulary is not an option offline, so this one learns its merges from
 the run's own captions in seconds (`Tokenizer.learn`), stores them with the run and the checkpoint
@@ -29,8 +32,9 @@ class Tokenizer:
     (`learn`) and stored with the run, so no vocabulary file is needed and no text is ever unknown: what
     the merges do not cover stays bytes. With no merges it is a plain byte tokenizer.
 
-    Why merges: a shapes caption is ~73 bytes but ~15 BPE tokens, so the text tower costs several times
-    less per caption, and it learns from the first steps (a word is one token, not a dozen bytes).
+    Why merges: a shapes caption is several times shorter in BPE tokens than in bytes (results/README.md,
+    "History that explains today's choices", has the counts), so the text tower costs several times less
+    per caption, and it learns from the first steps (a word is one token, not a dozen bytes).
 
     Ids: 0..255 bytes, 256 BOS, 257 EOS, 258 PAD, 259 + k merge k. A row is BOS, ids..., EOS, PAD...
     of length context_length; truncation keeps EOS (the text tower pools there, and its causal mask

@@ -1,8 +1,8 @@
 """Benchmarks: training throughput and MFU per mode, the loss's cost versus batch size, the data path,
 the step's memory with gradient accumulation and activation checkpointing.
 
-    python scripts/bench.py                 # two CPU presets, ~7 minutes on 2 cores
-    python scripts/bench.py --main-job-only  # the README's main command, timed end to end (~5 minutes)
+    python scripts/bench.py                 # two CPU presets
+    python scripts/bench.py --main-job-only  # the README's main command, timed end to end
     python scripts/bench.py --quick         # fewer repeats
     python scripts/bench.py --gpu-preset    # also a ViT-B/16 + base text preset when CUDA is present
     python scripts/bench.py --scale-only --out results/scale.json   # step memory, the large recipe's model
@@ -12,7 +12,8 @@ the step's memory with gradient accumulation and activation checkpointing.
 
 Prints tables and writes results/bench.json (the --loader-only and --input-only figures go into its 'loader' and
 'step_input' entries, the others kept). The training step is train.py's own `train_step` on
-batches from data.py, so what is measured is what `train.py` runs.
+batches from data.py, so what is measured is what `train.py` runs. Its figures, and how long its longer
+commands take, are in results/README.md ("Benchmarks").
 
 MFU = model FLOPs of one forward+backward (with --grad-checkpointing too: the recomputed forward is not the
 model's) / step time / matmul peak. FLOPs are counted by
@@ -76,7 +77,8 @@ FLOP_FORMULAS = {
 def kernel_peaks(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """FLOP/s of a square matmul (a short burst) by each kernel the step's matmuls may use: torch.mm
     (MKL on a CPU, cuBLAS on CUDA) and, on a CPU, oneDNN's (runtime.linear's kernel on AVX-512: on an AMD
-    processor ~1.4x MKL's, as MKL's kernels there stop at AVX2; on an AVX2-only one ~0.87x, unused)."""
+    processor faster than MKL's, as MKL's kernels there stop at AVX2; on an AVX2-only one slower, unused;
+    the measured rates of both kernels on both processors are in results/README.md, "Benchmarks")."""
     size, repeats = (8192, 10) if device.type == "cuda" else (2048, 2)
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     onednn = {"onednn": lambda x, w: onednn_linear(x, w, None)} if device.type == "cpu" and ONEDNN_OP else {}
@@ -639,7 +641,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer repeats and loss sizes (a smoke run)")
     p.add_argument("--gpu-preset", action="store_true", help="with CUDA: also ViT-B/16 + base text at 224px")
     p.add_argument("--main-job", action="store_true",
-                   help="also time the README's main command end to end (~5 minutes on 2 CPU cores)")
+                   help="also time the README's main command end to end (minutes on a CPU: results/README.md)")
     p.add_argument("--out", default="results/bench.json", help="where to write the JSON figures")
     p.add_argument("--loss-child", nargs=3, type=int, help=argparse.SUPPRESS)   # internal: one loss run
     p.add_argument("--cache-child", nargs=3, help=argparse.SUPPRESS)            # internal: one h cache
@@ -649,7 +651,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--memory-child", help=argparse.SUPPRESS)                    # internal: one step's memory
     p.add_argument("--scale-only", action="store_true",
                    help="only the step memory with --accum-freq and --grad-checkpointing, and the large recipe's "
-                        "memory and traffic model derived from it (~10 minutes on 2 CPU cores)")
+                        "memory and traffic model derived from it (minutes on a CPU: results/README.md)")
     p.add_argument("--cache-only", action="store_true", help="only the h cache figures (1M rows)")
     p.add_argument("--main-job-only", action="store_true", help="only time the README's main command")
     p.add_argument("--loader-only", action="store_true",

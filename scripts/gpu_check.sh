@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA path in one command, <= 6 minutes on one H200 once requirements.txt is installed, no internet
-# needed (the 3t stages' third tower is pretrained here, once):
+# The CUDA path in one command, sized to finish within 6 minutes on one H200 once requirements.txt is
+# installed, no internet needed (the 3t stages' third tower is pretrained here, once):
 #   1. clip, lit and 3t for 40 steps each in bf16 on small towers (vit-tiny + tiny text, 32 px);
 #   2. 3t again, killed at step 22 and restarted by torchrun (--max-restarts 1), which resumes from the
 #      step-20 checkpoint: its final weights against the straight run's, beside the difference between

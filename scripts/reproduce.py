@@ -1,8 +1,8 @@
 """Reproduce the orderings claimed by the 3T paper at laptop scale, or show where they fail.
 
-    python scripts/reproduce.py              # towers + 5 methods x 2 regimes x 3 seeds (~40 min, 2 cores)
-    python scripts/reproduce.py --sweep      # also the data-scale sweep and results/scaling.png (~60 min more)
-    python scripts/reproduce.py --quick      # a smoke run of the whole pipeline (~3 minutes)
+    python scripts/reproduce.py              # towers + 5 methods x 2 regimes x 3 seeds
+    python scripts/reproduce.py --sweep      # also the data-scale sweep and results/scaling.png
+    python scripts/reproduce.py --quick      # a smoke run of the whole pipeline
 
 The paper's claims (Kossen et al. 2023, abstract and Sec. 5):
   R1  retrieval: 3T beats LiT and the from-scratch CLIP-style baseline;
@@ -27,6 +27,7 @@ like web alt-text). The sweep varies the number of distinct training pairs at th
 An ordering A > B is decided only when the mean over seeds of the paired difference A - B (same seed,
 same data) exceeds two standard errors of that mean; otherwise it is "within noise".
 Writes results/reproduce.md and .json (and results/scaling.png, results/scaling.md with --sweep).
+How long each command takes on 2 CPU cores: results/README.md ("Reproduction").
 """
 from __future__ import annotations
 

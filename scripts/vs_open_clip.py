@@ -20,15 +20,15 @@ sys.path (the script adds it); `prepare`, `ours` and `report` run in either envi
 Both trainers run in-process with 2 threads, fp32, workers 0, batch 256, lr 2e-3, warmup 30, AdamW
 (0.9, 0.98, eps 1e-6), wd 0.1, cosine, grad clip 1, and start from the same temperature: open_clip's
 1/0.07 (our default is 10, README "Where this project chooses"). The start matters here: t moves by
-at most ~lr per step, so it stays near its start for the whole run. Wall time is the
-training call's (model build, data setup, training, checkpoint), not the interpreter start's. open_clip opens CSV paths relative to
-the working directory, so its launcher chdirs into the data folder; an experiment `--name` must be
-new (open_clip refuses an existing one). Towers: ViT 4 x 128, patch 8, 32 px; text 4 x 128, 2 heads;
-embed 128; open_clip's BPE tokenizer (context 77), ours what `our_tokenizer` says. Our patch-8 ViTs
-have a conv stem and pool the mean of their patch tokens (model.VIT_PRESETS), open_clip's ViT has a
-plain patchify layer and a class token. Retrieval: per pair
-over the 1,000 held-out pairs, R@1 both ways, a negative scoring >= the positive ranking above it
-(eval.py's convention), cross-checked against eval.recall_at_k and open_clip's get_clip_metrics.
+at most ~lr per step, so it stays near its start for the whole run. Wall time is the training call's
+(model build, data setup, training, checkpoint), not the interpreter start's. open_clip opens CSV
+paths relative to the working directory, so its launcher chdirs into the data folder; an experiment
+`--name` must be new (open_clip refuses an existing one). Towers: ViT 4 x 128, patch 8, 32 px; text
+4 x 128, 2 heads; embed 128; open_clip's BPE tokenizer (context 77), ours what `our_tokenizer` says.
+Our patch-8 ViTs have a conv stem and pool the mean of their patch tokens (model.VIT_PRESETS),
+open_clip's ViT has a plain patchify layer and a class token. Retrieval: per pair over the 1,000
+held-out pairs, R@1 both ways, a negative scoring >= the positive ranking above it (eval.py's
+convention), cross-checked against eval.recall_at_k and open_clip's get_clip_metrics.
 """
 from __future__ import annotations
 
@@ -253,6 +253,78 @@ def score(a: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------- 5. step speed
+def step_models(equal: bool) -> tuple[dict, torch.nn.Module, object, object]:
+    """The towers of `steps` and each side's tokenizer: ours in clip and 3t (as runtime.wrap builds them
+    for a CPU run), open_clip's as its trainer builds it. Returns (ours by mode, theirs, tok, oc_tok)."""
+    import open_clip
+    import runtime
+    from model import TEXT_PRESETS, VIT_PRESETS, ThreeTowers
+    # Equal work (--equal-tokens): open_clip's own tower shapes -- a patchify ViT with a class token, its
+    # 49,408-row embedding table -- and every caption padded to 64 tokens, none trimmed.
+    VIT_PRESETS["vit-6x192"] = (8, 192, 6, 3, (), "token") if equal else (8, 192, 6, 3, (16, 32, 64), "mean")
+    TEXT_PRESETS["4x192"] = (192, 4, 3)
+    tok, oc_tok = our_tokenizer(context_length=64), open_clip.get_tokenizer(OC_STEPS_MODEL)
+    towers = dict(image_arch="vit-6x192", image_size=64, text_arch="4x192",
+                  vocab_size=49408 if equal else tok.vocab_size, context_length=64, eos_id=tok.EOS, embed_dim=128)
+    ours = {mode: runtime.cpu_kernels(ThreeTowers(mode, **towers, tower3_dim=192 if mode == "3t" else None),
+                                      torch.device("cpu"))
+            for mode in ("clip", "3t")}                                                  # as runtime.wrap does
+    theirs = open_clip.create_model(OC_STEPS_MODEL, precision="fp32", output_dict=True)   # as its trainer
+    return ours, theirs, tok, oc_tok
+
+
+def oc_optimizer(theirs: torch.nn.Module) -> torch.optim.Optimizer:
+    """open_clip's trainer's AdamW: no decay on gains, biases and logit_scale, 0.1 on the rest."""
+    decay = {0.0: [], 0.1: []}
+    for n, p in theirs.named_parameters():
+        decay[0.0 if p.ndim < 2 or any(k in n for k in ("bn", "ln", "bias", "logit_scale")) else 0.1].append(p)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": wd} for wd, ps in decay.items()],
+                             lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+
+
+def oc_step(model: torch.nn.Module, optim: torch.optim.Optimizer, loss_fn, images: torch.Tensor,
+            text: torch.Tensor) -> None:
+    """One step as open_clip's train_one_epoch runs it: loss, backward, clip at 1, AdamW, logit_scale clamp."""
+    out = model(images, text)
+    loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optim.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+
+
+def our_step(mode: str, model: torch.nn.Module, optim: torch.optim.Optimizer, sched, images: torch.Tensor,
+             text: torch.Tensor, h: torch.Tensor | None) -> None:
+    """One step as train.py runs it: tower_loss, backward, runtime.apply_gradients (clip at 1), temperature clamp."""
+    import runtime
+    from losses import default_weights, tower_loss
+    optim.zero_grad(set_to_none=True)
+    tower_loss(model(images, text, h), mode, default_weights(mode))[0].backward()
+    runtime.apply_gradients(model, optim, sched, 1.0)
+    model.clamp_temperatures_()
+
+
+def report_steps(a: argparse.Namespace, order: tuple[str, ...], rounds: list[list[float]], counts: dict,
+                 batches: list) -> None:
+    """The table of `steps` (median step times, the median paired ratio of samples/s) and its JSON."""
+    B = a.batch
+    t = {who: statistics.median(r[i] for r in rounds) for i, who in enumerate(order)}
+    ratio = {who: statistics.median(r[2] / r[i] for r in rounds) for i, who in enumerate(order[:2])}   # samples/s
+    print(f"{'step':<16}{'ms/step':>10}{'samples/s':>11}{'params':>12}{'vs open_clip':>14}")
+    for who in order:
+        name = who if who == "open_clip" else f"ours {who}"
+        print(f"{name:<16}{1000 * t[who]:>10.0f}{B / t[who]:>11.0f}{counts[who]:>12,}"
+              f"{f'{ratio[who]:.2f}x' if who in ratio else '':>14}")
+    print(f"median of {a.pairs} paired ratios (ours samples/s over open_clip's, per round)")
+    write_json(a.out, {"batch": B, "threads": a.threads, "equal_tokens": a.equal_tokens, "pairs": a.pairs,
+                       "warmup": a.warmup, "ms_per_step": {w: 1000 * x for w, x in t.items()},
+                       "ratio_ours_over_open_clip": ratio, "params": counts,
+                       "ours_text_len": [b[0].shape[1] for b in batches],
+                       "open_clip_text_len": batches[0][1].shape[1], "rounds_s": rounds})
+
+
 def steps(a: argparse.Namespace) -> None:
     """One full training step of each trainer, as each trainer runs it -- forward, loss, backward,
     gradient clipping at 1, AdamW with its parameter groups, temperature clamp -- in turn in one
@@ -264,22 +336,11 @@ def steps(a: argparse.Namespace) -> None:
     import shapes
     import open_clip
     import runtime
-    from losses import default_weights, tower_loss
-    from model import TEXT_PRESETS, VIT_PRESETS, ThreeTowers
     register_oc_configs()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    # Equal work (--equal-tokens): open_clip's own tower shapes -- a patchify ViT with a class token, its
-    # 49,408-row embedding table -- and every caption padded to 64 tokens, none trimmed.
     equal = a.equal_tokens
-    VIT_PRESETS["vit-6x192"] = (8, 192, 6, 3, (), "token") if equal else (8, 192, 6, 3, (16, 32, 64), "mean")
-    TEXT_PRESETS["4x192"] = (192, 4, 3)
-    tok, oc_tok = our_tokenizer(context_length=64), open_clip.get_tokenizer(OC_STEPS_MODEL)
-    towers = dict(image_arch="vit-6x192", image_size=64, text_arch="4x192", vocab_size=49408 if equal else tok.vocab_size,
-                  context_length=64, eos_id=tok.EOS, embed_dim=128)
-    ours = {mode: runtime.cpu_kernels(ThreeTowers(mode, **towers, tower3_dim=192 if mode == "3t" else None), torch.device("cpu"))
-            for mode in ("clip", "3t")}                                                  # as runtime.wrap does
-    theirs = open_clip.create_model(OC_STEPS_MODEL, precision="fp32", output_dict=True)   # as its trainer
+    ours, theirs, tok, oc_tok = step_models(equal)
     world, B, oc_loss = shapes.ShapesWorld(seed=0, image_size=64), a.batch, open_clip.ClipLoss()
     captions = [[world.captions(i, "train", 1)[0] for i in range(k * B, (k + 1) * B)] for k in range(4)]
     batches = [(tok.encode(c) if equal else tok.trim(tok.encode(c)), oc_tok(c)) for c in captions]  # train.py trims
@@ -287,47 +348,21 @@ def steps(a: argparse.Namespace) -> None:
     hyper = argparse.Namespace(lr=1e-3, wd=0.1, beta2=0.98)
     optim = {mode: runtime.build_optimizer(m, hyper) for mode, m in ours.items()}
     sched = {mode: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for mode, o in optim.items()}
-    decay = {0.0: [], 0.1: []}                 # open_clip's trainer: no decay on gains, biases, logit_scale
-    for n, p in theirs.named_parameters():
-        decay[0.0 if p.ndim < 2 or any(k in n for k in ("bn", "ln", "bias", "logit_scale")) else 0.1].append(p)
-    oc_optim = torch.optim.AdamW([{"params": ps, "weight_decay": wd} for wd, ps in decay.items()],
-                                 lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    oc_optim = oc_optimizer(theirs)
 
     def step(who: str, k: int) -> float:
         t0 = time.perf_counter()
         text = batches[k % len(batches)]
         if who == "open_clip":
-            out = theirs(images, text[1])
-            loss = oc_loss(out["image_features"], out["text_features"], out["logit_scale"])
-            oc_optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
-            oc_optim.step()
-            with torch.no_grad():
-                theirs.logit_scale.clamp_(0, math.log(100))
+            oc_step(theirs, oc_optim, oc_loss, images, text[1])
         else:
-            model = ours[who]
-            optim[who].zero_grad(set_to_none=True)
-            tower_loss(model(images, text[0], h if who == "3t" else None), who, default_weights(who))[0].backward()
-            runtime.apply_gradients(model, optim[who], sched[who], 1.0)
-            model.clamp_temperatures_()
+            our_step(who, ours[who], optim[who], sched[who], images, text[0], h if who == "3t" else None)
         return time.perf_counter() - t0
 
     order = ("clip", "3t", "open_clip")
     rounds = [[step(who, k) for who in order] for k in range(a.warmup + a.pairs)][a.warmup:]
-    t = {who: statistics.median(r[i] for r in rounds) for i, who in enumerate(order)}
-    ratio = {who: statistics.median(r[2] / r[i] for r in rounds) for i, who in enumerate(order[:2])}   # samples/s
     counts = {who: sum(p.numel() for p in m.parameters()) for who, m in (*ours.items(), ("open_clip", theirs))}
-    print(f"{'step':<16}{'ms/step':>10}{'samples/s':>11}{'params':>12}{'vs open_clip':>14}")
-    for who in order:
-        name = who if who == "open_clip" else f"ours {who}"
-        print(f"{name:<16}{1000 * t[who]:>10.0f}{B / t[who]:>11.0f}{counts[who]:>12,}"
-              f"{f'{ratio[who]:.2f}x' if who in ratio else '':>14}")
-    print(f"median of {a.pairs} paired ratios (ours samples/s over open_clip's, per round)")
-    write_json(a.out, {"batch": B, "threads": a.threads, "equal_tokens": equal, "pairs": a.pairs, "warmup": a.warmup,
-                       "ms_per_step": {w: 1000 * x for w, x in t.items()}, "ratio_ours_over_open_clip": ratio,
-                       "params": counts, "ours_text_len": [b[0].shape[1] for b in batches],
-                       "open_clip_text_len": batches[0][1].shape[1], "rounds_s": rounds})
+    report_steps(a, order, rounds, counts, batches)
 
 
 def seed_of(argv: list[str]) -> int:
