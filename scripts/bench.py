@@ -128,7 +128,7 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
     tokenizer = train.build_tokenizer(args, env, dataset, None)
     model = ThreeTowers(**train.model_config(args, tokenizer, tower3_net)).to(env.device).train()
     runtime.cpu_kernels(model, env.device)                       # as runtime.wrap does in train.py
-    optimizer, scheduler, _ = runtime.schedule(args, env, model, dataset)
+    optimizer, scheduler, _ = train.schedule(args, env, model, dataset)
     h_rows = runtime.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
     parts = train.Parts(model, model, optimizer, scheduler, tower3_net, default_weights(mode))
     loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, seed=0, rows=h_rows)
@@ -565,7 +565,7 @@ def bench_step_input(rows: int = 512 * 24, batch: int = 512, image_size: int = 2
                      steps: int = 20, workers: int = 2) -> dict:
     """The time the training thread spends on a step's input with a cached h: taking the next batch from
     data.make_loader (synthetic items, `_TinyImages`, f's view at image_size and a caption, tokenised in
-    `workers` workers; pinned on CUDA, as train.py loads) plus train.step_inputs -- the h cache's rows of the
+    `workers` workers; pinned on CUDA, as train.py loads) plus train.tower_inputs -- the h cache's rows of the
     batch from a RowTable of `rows` rows x D_h `dim` (runtime.tower3_cache), the token trim, the copies to the
     device (issued, not awaited; none on the CPU). Medians over `steps` steps of one epoch, in ms."""
     env = runtime.Env()
@@ -586,7 +586,7 @@ def bench_step_input(rows: int = 512 * 24, batch: int = 512, image_size: int = 2
             start = time.perf_counter()
             b = next(batches)
             fetched = time.perf_counter()
-            train.step_inputs(args, env, parts, b)
+            train.tower_inputs(args, env, parts, b)
             fetch.append(fetched - start)
             inputs.append(time.perf_counter() - fetched)
         del batches, table, parts
@@ -660,7 +660,7 @@ def parse_args() -> argparse.Namespace:
                         "into --out's 'loader'")
     p.add_argument("--input-only", action="store_true",
                    help="only the training thread's input time per step at batch 512 with a cached h "
-                        "(bench_step_input: next batch + train.step_inputs); into --out's 'step_input'")
+                        "(bench_step_input: next batch + train.tower_inputs); into --out's 'step_input'")
     return p.parse_args()
 
 

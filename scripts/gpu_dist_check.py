@@ -81,7 +81,7 @@ def make_parts(args: argparse.Namespace, env: runtime.Env, built: dict, ddp: boo
     torch.manual_seed(args.seed)
     model = ThreeTowers(**built["config"]).to(env.device).train()
     model.set_grad_checkpointing(args.grad_checkpointing)
-    optimizer, scheduler, _ = runtime.schedule(args, env, model, built["dataset"])
+    optimizer, scheduler, _ = train.schedule(args, env, model, built["dataset"])
     forward = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if ddp else model
     weights = (dict(zip(losses.PAIRS[args.mode], args.loss_weights)) if args.loss_weights
                else losses.default_weights(args.mode))

@@ -195,10 +195,10 @@ def run_ours(a: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------- 4. one scorer
 def embed_ours(path: str, images: list[str], captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our checkpoint: model.load_trained (what eval.py uses), data.py's decoder and eval transform, our tokenizer."""
+    """Our checkpoint: checkpoints.load_trained (what eval.py uses), data.py's decoder and eval transform, our tokenizer."""
     import data
     import eval as evaluation
-    from model import load_trained
+    from checkpoints import load_trained
     model, tower3, ckpt = load_trained(path)
     model.eval()
     transform = data.image_transform(ckpt["model_config"]["image_size"], train=False)
@@ -297,12 +297,12 @@ def oc_step(model: torch.nn.Module, optim: torch.optim.Optimizer, loss_fn, image
 
 def our_step(mode: str, model: torch.nn.Module, optim: torch.optim.Optimizer, sched, images: torch.Tensor,
              text: torch.Tensor, h: torch.Tensor | None) -> None:
-    """One step as train.py runs it: tower_loss, backward, runtime.apply_gradients (clip at 1), temperature clamp."""
-    import runtime
+    """One step as train.py runs it: tower_loss, backward, train.adamw_update (clip at 1), temperature clamp."""
+    import train
     from losses import default_weights, tower_loss
     optim.zero_grad(set_to_none=True)
     tower_loss(model(images, text, h), mode, default_weights(mode))[0].backward()
-    runtime.apply_gradients(model, optim, sched, 1.0)
+    train.adamw_update(model, optim, sched, 1.0)
     model.clamp_temperatures_()
 
 
@@ -329,13 +329,13 @@ def steps(a: argparse.Namespace) -> None:
     """One full training step of each trainer, as each trainer runs it -- forward, loss, backward,
     gradient clipping at 1, AdamW with its parameter groups, temperature clamp -- in turn in one
     process, on the same random images and shapes captions (each its own tokenizer). Ours runs
-    train.py's own update (runtime.build_optimizer, runtime.apply_gradients); open_clip's the update
+    train.py's own update (train.build_optimizer, train.adamw_update); open_clip's the update
     of its train_one_epoch: torch.optim.AdamW without decay on gains, biases and logit_scale, then
     clip_grad_norm_. Ours steps clip and 3t (h cached: a fixed (B, 192) tensor, h as wide as f),
     open_clip clip; rounds go ours-clip, ours-3t, open_clip."""
     import shapes
     import open_clip
-    import runtime
+    import train
     register_oc_configs()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -346,7 +346,7 @@ def steps(a: argparse.Namespace) -> None:
     batches = [(tok.encode(c) if equal else tok.trim(tok.encode(c)), oc_tok(c)) for c in captions]  # train.py trims
     images, h = torch.randn(B, 3, 64, 64), torch.randn(B, 192)
     hyper = argparse.Namespace(lr=1e-3, wd=0.1, beta2=0.98)
-    optim = {mode: runtime.build_optimizer(m, hyper) for mode, m in ours.items()}
+    optim = {mode: train.build_optimizer(m, hyper) for mode, m in ours.items()}
     sched = {mode: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for mode, o in optim.items()}
     oc_optim = oc_optimizer(theirs)
 

@@ -27,6 +27,7 @@ import runtime
 import shapes
 from tokenizer import Tokenizer
 import eval as ev
+import flags
 import train
 from model import build_image_tower
 from checkpoints import load_trained, load_tower3
@@ -168,7 +169,7 @@ def test_csv_is_used_whole_unless_asked(files, tmp_path, capsys):
     assert len(train.pairs_dataset(args, env, None)) == 10
     assert "10 of 24 rows used (10 image files; 0 rows without a caption dropped; the first 10 kept)" in \
         capsys.readouterr().out
-    assert train.parse_args(["--mode", "clip"]).train_samples == train.SHAPES_TRAIN_SAMPLES
+    assert train.parse_args(["--mode", "clip"]).train_samples == flags.SHAPES_TRAIN_SAMPLES
 
 
 # ----------------------------------------------------------------------------- 5. exact resume on augmented files

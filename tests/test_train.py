@@ -142,7 +142,7 @@ def test_frozen_tower_unchanged_and_outside_optimizer(tmp_path, tower3_file, mon
         seen["opt"] = real_opt(model, args, **kwargs)
         return seen["opt"]
     monkeypatch.setattr(train, "load_tower3", spy_load)
-    monkeypatch.setattr(runtime, "build_optimizer", spy_opt)
+    monkeypatch.setattr(train, "build_optimizer", spy_opt)
     train.main(tiny(tmp_path, "--mode", "3t", "--tower3", tower3_file, "--steps", "3", "--no-cache-tower3",
                     "--eval-data", "none", "--lr", "1e-2"))
     after = seen["tower3"].state_dict()
