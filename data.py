@@ -58,7 +58,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class View:
     """How an image becomes a tower's input: its short side resized to `resize` pixels (`interpolation`,
     antialiased), a centre crop of `crop` x `crop`, then (on the device, in the tower) mean/std. The
-    third tower's view is the one its weights were trained with (model.load_tower3 reads it from a
+    third tower's view is the one its weights were trained with (checkpoints.load_tower3 reads it from a
     torchvision weight's metadata); items carry uint8 pixels, so only the geometry happens here."""
     crop: int
     resize: int

@@ -27,6 +27,7 @@ Modes (README, "The method in one paragraph"):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import OrderedDict
 from typing import Sequence
@@ -265,9 +266,18 @@ def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     normalises its own input. Float input is taken as normalised already."""
     if images.is_floating_point():
         return images
-    mean_ = torch.tensor(mean, device=images.device).view(3, 1, 1)
-    std_ = torch.tensor(std, device=images.device).view(3, 1, 1)
+    mean_, std_ = _channel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() / 255.0 - mean_) / std_
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                   ) -> tuple[Tensor, Tensor]:
+    """mean and std as (3, 1, 1) tensors on `device`, made once: a tensor built from a Python list
+    on a GPU is a blocking copy, which would make every step wait for the device."""
+    with torch.inference_mode(False), torch.no_grad():
+        return (torch.tensor(mean, device=device).view(3, 1, 1),
+                torch.tensor(std, device=device).view(3, 1, 1))
 
 
 class FrozenTower(nn.Module):
