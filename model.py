@@ -187,7 +187,8 @@ class ViT(nn.Module):
         nn.init.normal_(self.head.weight, std=self.head.in_features ** -0.5)
 
     def forward(self, image: Tensor) -> Tensor:                  # (B, 3, S, S) -> (B, out_dim)
-        x = self.patchify(image).flatten(2).transpose(1, 2)         # (B, N, W), N = (S / patch)^2
+        # (B, N, W), N = (S / patch)^2; contiguous, since each residual sum x + ... takes x's layout
+        x = self.patchify(image).flatten(2).transpose(1, 2).contiguous()
         if self.class_token is not None:
             x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)   # (B, 1 + N, W)
         x = self.ln_final(self.blocks(x + self.positional_embedding))               # (B, L, W)

@@ -174,6 +174,21 @@ def test_small_vits_pool_the_mean_of_their_patch_tokens_and_train_every_paramete
     assert id(big.head.weight) not in no_decay and id(big.blocks[0].qkv.weight) not in no_decay
 
 
+@pytest.mark.parametrize("arch", ["vit-micro", "vit-b/32"])
+def test_the_residual_stream_is_contiguous_in_every_block(arch):
+    """Each residual sum x + ... takes x's memory layout. The patch tokens come out of the patchify
+    convolution transposed, (B, W, N) -> (B, N, W); left so, every block's input, residual add
+    and LayerNorm ran on a strided tensor (an extra copy per norm: ~3 % of a vit-small step,
+    results/README.md). Both towers' blocks must see row-major (B, L, W) input."""
+    torch.manual_seed(0)
+    model = ThreeTowers("clip", image_arch=arch, image_size=64, text_arch="micro", embed_dim=8)
+    seen = []
+    for block in (*model.image.blocks, *model.text.blocks):
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    model(torch.randn(2, 3, 64, 64), torch.randint(0, 256, (2, 6)))
+    assert len(seen) == len(model.image.blocks) + len(model.text.blocks) and all(seen), seen
+
+
 def test_vit_starts_from_torchvision_s_init_and_the_text_tower_from_pytorch_s_defaults():
     """The shared Block, initialised per tower: the ViT's q/k/v and MLP weights Xavier-uniform
     (their largest entry near sqrt(6 / (fan_in + fan_out))) and zero biases, position embeddings
