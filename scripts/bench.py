@@ -9,9 +9,10 @@ the step's memory with gradient accumulation and activation checkpointing.
     python scripts/bench.py --gpu-step 128 256   # CUDA: the ViT-B/16 3t step, with and without checkpointing
     python scripts/bench.py --loader-only   # tar shards of photo-like JPEGs through data.make_loader
     python scripts/bench.py --input-only    # the training thread's input time per step (batch 512, cached h)
+    python scripts/bench.py --linears-only  # the vit-small step with oneDNN linears against F.linear, paired
 
-Prints tables and writes results/bench.json (the --loader-only and --input-only figures go into its 'loader' and
-'step_input' entries, the others kept). The training step is train.py's own `train_step` on
+Prints tables and writes results/bench.json (the --loader-only, --input-only and --linears-only figures go into
+its 'loader', 'step_input' and 'linears' entries, the others kept). The training step is train.py's own `train_step` on
 batches from data.py, so what is measured is what `train.py` runs. Its figures, and how long its longer
 commands take, are in results/README.md ("Benchmarks").
 
@@ -106,6 +107,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+# "cpu" is train.py's default towers (cnn-tiny at 32 px, text mini); "cpu-vit-small" is the paper's kind
+# of image tower at CPU size (vit-small, width 256, 6 blocks, 64 px): wider matmuls, which run closer to
+# the peak.
+CPU_PRESETS = {"cpu": ["--batch-size", "128"],
+               "cpu-vit-small": ["--batch-size", "128", "--image-arch", "vit-small", "--image-size", "64"]}
+
+
 def random_tower3(folder: str, arch: str, image_size: int) -> str:
     """A classifier of the same architecture as f, saved as a supervised checkpoint: 'equal towers'.
     Its weights do not matter for speed."""
@@ -116,8 +124,9 @@ def random_tower3(folder: str, arch: str, image_size: int) -> str:
     return path
 
 
-def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
-    """train.py's own model, optimiser, data and step for one mode; returns (step, batches, flops, info)."""
+def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str, linears: str = "wrap") -> tuple:
+    """train.py's own model, optimiser, data and step for one mode; returns (step, batches, flops, info).
+    `linears`: "wrap" as runtime.wrap chooses for this CPU, or forced "onednn" / "f.linear" (bench_linears)."""
     args = train.parse_args(preset + ["--mode", mode, "--tower3", tower3, "--out", tempfile.mkdtemp(),
                                       "--cache-dir", os.path.dirname(tower3), "--quiet", "--eval-data", "none"]
                             + ([] if cache else ["--no-cache-tower3"]))
@@ -127,7 +136,10 @@ def setup_mode(mode: str, cache: bool, preset: list[str], tower3: str) -> tuple:
     dataset = train.pairs_dataset(args, env, tower3_net)
     tokenizer = train.build_tokenizer(args, env, dataset, None)
     model = ThreeTowers(**train.model_config(args, tokenizer, tower3_net)).to(env.device).train()
-    runtime.cpu_kernels(model, env.device)                       # as runtime.wrap does in train.py
+    if linears == "wrap":
+        runtime.cpu_kernels(model, env.device)                   # as runtime.wrap does in train.py
+    elif linears == "onednn":
+        runtime.use_onednn_linears(model)
     optimizer, scheduler, _ = train.schedule(args, env, model, dataset)
     h_rows = runtime.tower3_cache(args, env, tower3_net, dataset) if tower3_net is not None and cache else None
     parts = train.Parts(model, model, optimizer, scheduler, tower3_net, default_weights(mode))
@@ -184,6 +196,32 @@ def bench_modes(preset: list[str], tower3: str, repeats: int, dtype: torch.dtype
     for r in rows:
         r["vs_clip"] = r["step_ms"] / rows[0]["step_ms"]
     return rows, statistics.median(p for peaks in around for p in peaks)
+
+
+def bench_linears(preset: list[str], tower3: str, pairs: int) -> list[dict]:
+    """What runtime's oneDNN linears (runtime.cpu_kernels, taken on AVX-512 CPUs) buy on this CPU:
+    train.py's step in clip and 3t (h cached), once with every linear on oneDNN and once on F.linear,
+    one step of each in turn for `pairs` rounds after one warm-up round. Per mode: the median
+    step times and the median, min and max of the per-round ratio F.linear time / oneDNN time."""
+    cases = [(mode, linears) for mode in ("clip", "3t") for linears in ("onednn", "f.linear")]
+    setups = [setup_mode(mode, True, preset, tower3, linears) for mode, linears in cases]
+    times: list[list[float]] = [[] for _ in setups]
+    for i in range(pairs + 1):
+        for k, (step, batches, *_) in enumerate(setups):
+            start = time.perf_counter()
+            step(batches[i % len(batches)])
+            times[k].append(time.perf_counter() - start)
+    rows = []
+    for mode, k in (("clip", 0), ("3t", 2)):
+        onednn, plain = times[k][1:], times[k + 1][1:]
+        ratio = [p / o for p, o in zip(plain, onednn)]
+        rows.append({"mode": mode, "batch": setups[k][3]["batch"], "onednn_ms": 1e3 * statistics.median(onednn),
+                     "f_linear_ms": 1e3 * statistics.median(plain), "onednn_speedup": statistics.median(ratio),
+                     "speedup_min": min(ratio), "speedup_max": max(ratio), "pairs": pairs,
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                     "wrap_takes": "onednn" if runtime.prefers_onednn(torch.backends.cpu.get_cpu_capability())
+                     else "f.linear"})
+    return rows
 
 
 def _rss_kib(field: str) -> int:
@@ -661,6 +699,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--input-only", action="store_true",
                    help="only the training thread's input time per step at batch 512 with a cached h "
                         "(bench_step_input: next batch + train.tower_inputs); into --out's 'step_input'")
+    p.add_argument("--linears-only", action="store_true",
+                   help="only the vit-small step (clip, 3t with h cached) with every linear on oneDNN against "
+                        "F.linear, one of each in turn (bench_linears); into --out's 'linears'")
+    p.add_argument("--pairs", type=int, default=20, help="--linears-only: rounds of the paired steps")
     return p.parse_args()
 
 
@@ -708,6 +750,13 @@ def run_part(a: argparse.Namespace) -> bool:
         print(json.dumps(bench_cache(), indent=1))
     elif a.main_job_only:
         print(json.dumps(bench_main_job(), indent=1))
+    elif a.linears_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            tower3 = random_tower3(tmp, "vit-small", 64)
+            rows = bench_linears(CPU_PRESETS["cpu-vit-small"] + ["--train-samples", "2048"], tower3, a.pairs)
+        print(table(rows, list(rows[0])))
+        update_json(a.out, "linears", rows)
+        print(f"[bench] wrote {a.out}: 'linears'")
     elif a.loader_only or a.input_only:
         key, figures = ("loader", bench_loader()) if a.loader_only else ("step_input", bench_step_input())
         print(json.dumps(figures, indent=1))
@@ -729,11 +778,7 @@ def main() -> None:
                           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                           "torch": torch.__version__}}
     print(f"[bench] {result['machine']}")
-    # "cpu" is train.py's default towers (cnn-tiny at 32 px, text mini); "cpu-vit-small" is the paper's
-    # kind of image tower at CPU size (vit-small, width 256, 6 blocks, 64 px): wider matmuls, which run
-    # closer to the peak.
-    presets = {"cpu": ["--batch-size", "128"],
-               "cpu-vit-small": ["--batch-size", "128", "--image-arch", "vit-small", "--image-size", "64"]}
+    presets = dict(CPU_PRESETS)
     if a.gpu_preset and device.type == "cuda":
         presets["gpu-vit-b16"] = ["--batch-size", "256"] + GPU_PRESET
     with tempfile.TemporaryDirectory() as tmp:

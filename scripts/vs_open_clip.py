@@ -14,7 +14,7 @@ sys.path (the script adds it); `prepare`, `ours` and `report` run in either envi
     .venv-oc/bin/python scripts/vs_open_clip.py openclip        # 1 epoch (open_clip trains whole epochs)
     python scripts/vs_open_clip.py ours --steps 490 [--extra "--seed 1"]    # or --seconds S
     .venv-oc/bin/python scripts/vs_open_clip.py score CHECKPOINT                  # either kind
-    .venv-oc/bin/python scripts/vs_open_clip.py steps [--equal-tokens]   # step time at equal towers
+    .venv-oc/bin/python scripts/vs_open_clip.py steps [--equal-tokens] [--both-linears]   # step time, equal towers
     python scripts/vs_open_clip.py report RUN_FOLDER ...        # markdown table, mean ± std over seeds
 
 Both trainers run in-process with 2 threads, fp32, workers 0, batch 256, lr 2e-3, warmup 30, AdamW
@@ -253,9 +253,12 @@ def score(a: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------- 5. step speed
-def step_models(equal: bool) -> tuple[dict, torch.nn.Module, object, object]:
+def step_models(equal: bool, both_linears: bool) -> tuple[dict, torch.nn.Module, object, object]:
     """The towers of `steps` and each side's tokenizer: ours in clip and 3t (as runtime.wrap builds them
-    for a CPU run), open_clip's as its trainer builds it. Returns (ours by mode, theirs, tok, oc_tok)."""
+    for a CPU run), open_clip's as its trainer builds it. With `both_linears`, ours also on the other
+    linear kernel (runtime's oneDNN linears where wrap keeps nn.Linear, and the reverse), the same
+    weights, named "clip oneDNN" / "clip F.linear". Returns (ours by name, theirs, tok, oc_tok)."""
+    import copy
     import open_clip
     import runtime
     from model import TEXT_PRESETS, VIT_PRESETS, ThreeTowers
@@ -266,9 +269,15 @@ def step_models(equal: bool) -> tuple[dict, torch.nn.Module, object, object]:
     tok, oc_tok = our_tokenizer(context_length=64), open_clip.get_tokenizer(OC_STEPS_MODEL)
     towers = dict(image_arch="vit-6x192", image_size=64, text_arch="4x192",
                   vocab_size=49408 if equal else tok.vocab_size, context_length=64, eos_id=tok.EOS, embed_dim=128)
-    ours = {mode: runtime.cpu_kernels(ThreeTowers(mode, **towers, tower3_dim=192 if mode == "3t" else None),
-                                      torch.device("cpu"))
-            for mode in ("clip", "3t")}                                                  # as runtime.wrap does
+    ours = {}
+    for mode in ("clip", "3t"):
+        built = ThreeTowers(mode, **towers, tower3_dim=192 if mode == "3t" else None)
+        other = copy.deepcopy(built) if both_linears else None
+        ours[mode] = runtime.cpu_kernels(built, torch.device("cpu"))                     # as runtime.wrap does
+        if other is not None:
+            wrap_took_onednn = any(isinstance(m, runtime.OneDNNLinear) for m in built.modules())
+            name = "F.linear" if wrap_took_onednn else "oneDNN"
+            ours[f"{mode} {name}"] = other if wrap_took_onednn else runtime.use_onednn_linears(other)
     theirs = open_clip.create_model(OC_STEPS_MODEL, precision="fp32", output_dict=True)   # as its trainer
     return ours, theirs, tok, oc_tok
 
@@ -308,19 +317,32 @@ def our_step(mode: str, model: torch.nn.Module, optim: torch.optim.Optimizer, sc
 
 def report_steps(a: argparse.Namespace, order: tuple[str, ...], rounds: list[list[float]], counts: dict,
                  batches: list) -> None:
-    """The table of `steps` (median step times, the median paired ratio of samples/s) and its JSON."""
-    B = a.batch
+    """The table of `steps` (median step times, the median paired ratio of samples/s against
+    open_clip's; with --both-linears also oneDNN's over F.linear's, per mode) and its JSON."""
+    B, last = a.batch, len(order) - 1                                          # open_clip runs last
     t = {who: statistics.median(r[i] for r in rounds) for i, who in enumerate(order)}
-    ratio = {who: statistics.median(r[2] / r[i] for r in rounds) for i, who in enumerate(order[:2])}   # samples/s
-    print(f"{'step':<16}{'ms/step':>10}{'samples/s':>11}{'params':>12}{'vs open_clip':>14}")
+    ratio = {who: statistics.median(r[last] / r[i] for r in rounds) for i, who in enumerate(order[:last])}
+    print(f"{'step':<20}{'ms/step':>10}{'samples/s':>11}{'params':>12}{'vs open_clip':>14}")
     for who in order:
         name = who if who == "open_clip" else f"ours {who}"
-        print(f"{name:<16}{1000 * t[who]:>10.0f}{B / t[who]:>11.0f}{counts[who]:>12,}"
+        print(f"{name:<20}{1000 * t[who]:>10.0f}{B / t[who]:>11.0f}{counts[who]:>12,}"
               f"{f'{ratio[who]:.2f}x' if who in ratio else '':>14}")
     print(f"median of {a.pairs} paired ratios (ours samples/s over open_clip's, per round)")
+    gain = {}
+    for mode in ("clip", "3t"):
+        other = next((who for who in order if who.startswith(f"{mode} ")), None)
+        if other is not None:
+            i, j = order.index(mode), order.index(other)
+            per_round = [r[j] / r[i] if other.endswith("F.linear") else r[i] / r[j] for r in rounds]
+            gain[mode] = {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+            print(f"{mode}: oneDNN linears' samples/s over F.linear's {gain[mode]['median']:.2f}x "
+                  f"({gain[mode]['min']:.2f}-{gain[mode]['max']:.2f}, {a.pairs} rounds; this CPU: "
+                  f"{torch.backends.cpu.get_cpu_capability()}, where runtime.wrap takes "
+                  f"{'F.linear' if other.endswith('oneDNN') else 'oneDNN'})")
     write_json(a.out, {"batch": B, "threads": a.threads, "equal_tokens": a.equal_tokens, "pairs": a.pairs,
-                       "warmup": a.warmup, "ms_per_step": {w: 1000 * x for w, x in t.items()},
-                       "ratio_ours_over_open_clip": ratio, "params": counts,
+                       "warmup": a.warmup, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                       "ms_per_step": {w: 1000 * x for w, x in t.items()},
+                       "ratio_ours_over_open_clip": ratio, "onednn_over_f_linear": gain, "params": counts,
                        "ours_text_len": [b[0].shape[1] for b in batches],
                        "open_clip_text_len": batches[0][1].shape[1], "rounds_s": rounds})
 
@@ -332,7 +354,8 @@ def steps(a: argparse.Namespace) -> None:
     train.py's own update (train.build_optimizer, train.adamw_update); open_clip's the update
     of its train_one_epoch: torch.optim.AdamW without decay on gains, biases and logit_scale, then
     clip_grad_norm_. Ours steps clip and 3t (h cached: a fixed (B, 192) tensor, h as wide as f),
-    open_clip clip; rounds go ours-clip, ours-3t, open_clip."""
+    open_clip clip; rounds go ours-clip, ours-3t, open_clip. --both-linears adds ours on the other
+    linear kernel to each round (what runtime's oneDNN routing buys or would cost on this CPU)."""
     import shapes
     import open_clip
     import train
@@ -340,7 +363,7 @@ def steps(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     equal = a.equal_tokens
-    ours, theirs, tok, oc_tok = step_models(equal)
+    ours, theirs, tok, oc_tok = step_models(equal, a.both_linears)
     world, B, oc_loss = shapes.ShapesWorld(seed=0, image_size=64), a.batch, open_clip.ClipLoss()
     captions = [[world.captions(i, "train", 1)[0] for i in range(k * B, (k + 1) * B)] for k in range(4)]
     batches = [(tok.encode(c) if equal else tok.trim(tok.encode(c)), oc_tok(c)) for c in captions]  # train.py trims
@@ -356,10 +379,11 @@ def steps(a: argparse.Namespace) -> None:
         if who == "open_clip":
             oc_step(theirs, oc_optim, oc_loss, images, text[1])
         else:
-            our_step(who, ours[who], optim[who], sched[who], images, text[0], h if who == "3t" else None)
+            mode = who.split()[0]                                       # "3t oneDNN": mode 3t
+            our_step(mode, ours[who], optim[who], sched[who], images, text[0], h if mode == "3t" else None)
         return time.perf_counter() - t0
 
-    order = ("clip", "3t", "open_clip")
+    order = (*ours, "open_clip")
     rounds = [[step(who, k) for who in order] for k in range(a.warmup + a.pairs)][a.warmup:]
     counts = {who: sum(p.numel() for p in m.parameters()) for who, m in (*ours.items(), ("open_clip", theirs))}
     report_steps(a, order, rounds, counts, batches)
@@ -427,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--equal-tokens", action="store_true",
                    help="equal work: open_clip's tower shapes (patchify ViT, class token, 49,408-token table) and "
                         "64-token captions on both sides, none trimmed")
+    c.add_argument("--both-linears", action="store_true",
+                   help="also ours on the other linear kernel (runtime's oneDNN linears where runtime.wrap keeps "
+                        "nn.Linear on this CPU, and the reverse), in the same rounds: what the routing buys here")
     c = sub.add_parser("report", help="markdown table of run folders (run.json, score.json), mean ± std over seeds")
     c.add_argument("runs", nargs="+")
     a = p.parse_args(argv)

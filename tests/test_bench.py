@@ -85,6 +85,50 @@ def test_each_step_is_paired_with_the_peak_around_it(monkeypatch):
     assert peak == 87.5                        # median over all steps of the peak around them
 
 
+def test_linears_ab_forces_each_kernel_and_pairs_the_rounds(monkeypatch, tmp_path):
+    """bench_linears (what runtime's oneDNN routing buys on this CPU, on train.py's own step): the
+    "onednn" case runs its linears through runtime's oneDNN matmul and the "f.linear" case never does,
+    whatever this CPU's capability; each mode's speedup is the median of per-round ratios F.linear
+    time / oneDNN time, the warm-up round dropped."""
+    import runtime
+    bench = load_script("bench")
+    if not runtime.ONEDNN_OP:
+        pytest.skip("this PyTorch has no oneDNN linear")
+    monkeypatch.setattr(runtime, "ONEDNN_MIN_MACS", 0)                    # tiny layers take oneDNN too
+    calls = []
+    real = runtime.onednn_linear
+    monkeypatch.setattr(runtime, "onednn_linear", lambda *a: calls.append(1) or real(*a))
+    tower3 = bench.random_tower3(str(tmp_path), "vit-micro", 16)
+    preset = TINY_GPU_PRESET + ["--batch-size", "4", "--train-samples", "16", "--cache-dir", str(tmp_path)]
+    for linears, used in (("onednn", True), ("f.linear", False), ("wrap", runtime.prefers_onednn(
+            torch.backends.cpu.get_cpu_capability()))):
+        step, batches, *_ = bench.setup_mode("3t", True, preset, tower3, linears)
+        calls.clear()
+        step(batches[0])
+        assert bool(calls) is used, linears
+
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    seconds = iter([9, 9, 9, 9] + [1, 2, 1, 3] * 2 + [1, 4, 1, 1])     # warm-up round, then 3 rounds
+    cases = []
+
+    def fake_setup(mode, cache, preset, tower3, linears):
+        cases.append((mode, cache, linears))
+
+        def step(batch):
+            clock[0] += next(seconds)
+        return step, [None], 1.0, {"mode": mode, "batch": 4}, torch.device("cpu")
+
+    monkeypatch.setattr(bench, "setup_mode", fake_setup)
+    rows = bench.bench_linears([], "", pairs=3)
+    assert cases == [("clip", True, "onednn"), ("clip", True, "f.linear"), ("3t", True, "onednn"),
+                     ("3t", True, "f.linear")]
+    clip, three = rows                                     # clip ratios 2, 2, 4; 3t ratios 3, 3, 1
+    assert (clip["onednn_speedup"], clip["speedup_min"], clip["speedup_max"]) == (2, 2, 4)
+    assert (three["onednn_speedup"], three["speedup_min"], three["speedup_max"]) == (3, 1, 3)
+    assert (clip["onednn_ms"], clip["f_linear_ms"], three["f_linear_ms"]) == (1000, 2000, 3000)
+
+
 def test_data_path_figures_are_positive_rates():
     """bench_data runs what it names (renderer, tokenising loader, tar reader) and reports rates; a
     name clash with an imported module once broke it without any other test noticing."""

@@ -1,6 +1,7 @@
 """scripts/vs_open_clip.py without open_clip: the one scorer both trainers are judged by, and the flags
 our side of the comparison trains with (the start temperature is open_clip's, and --extra can override it)."""
 import argparse
+import json
 
 import torch
 
@@ -56,3 +57,20 @@ def test_report_groups_runs_that_differ_only_in_seed(tmp_path, capsys):
     assert "| ours, 490 steps (--log-every 10) | 1 |" in lines[2] and "| 0 |" in lines[3] and "| 2 |" in lines[4]
     assert lines[5] == "| **ours, 490 steps (--log-every 10)**, mean ± std | 2 seeds | 400 | 300 | 65.0 ± 7.1 | 66.0 ± 7.1 |"
     assert lines[6].startswith("| **open_clip 3.3.0, 1 epoch of 60000 pairs**, mean ± std | 1 seeds |") and "12.0 ± nan" in lines[6]
+
+
+def test_steps_report_pairs_each_mode_with_its_other_linear_kernel(tmp_path, capsys):
+    """`steps --both-linears`: per mode, oneDNN's samples/s over F.linear's is the median of the
+    per-round ratios, whichever of the two runtime.wrap took; every side against open_clip (last)."""
+    vs = load_script("vs_open_clip")
+    a = argparse.Namespace(batch=4, threads=2, equal_tokens=True, pairs=3, warmup=0, out=str(tmp_path / "s.json"))
+    order = ("clip", "clip oneDNN", "3t", "3t F.linear", "open_clip")
+    rounds = [[2.0, 1.0, 2.0, 4.0, 4.0], [2.0, 0.5, 2.0, 2.0, 4.0], [2.0, 2.0, 2.0, 6.0, 4.0]]
+    batches = [(torch.zeros(4, 7), torch.zeros(4, 77))]
+    vs.report_steps(a, order, rounds, dict.fromkeys(order, 1), batches)
+    out = capsys.readouterr().out
+    assert "clip: oneDNN linears' samples/s over F.linear's 2.00x (1.00-4.00, 3 rounds" in out   # 2/1, 2/.5, 2/2
+    assert "3t: oneDNN linears' samples/s over F.linear's 2.00x (1.00-3.00, 3 rounds" in out     # 4/2, 2/2, 6/2
+    got = json.load(open(a.out))
+    assert got["ratio_ours_over_open_clip"] == {"clip": 2.0, "clip oneDNN": 4.0, "3t": 2.0, "3t F.linear": 1.0}
+    assert got["onednn_over_f_linear"]["3t"]["median"] == 2.0
