@@ -97,13 +97,18 @@ def tower3_view(images: Tensor, view: View) -> Tensor:
     return v2.functional.center_crop(resize(images, view), view.crop)
 
 
-def both_views(image: Tensor, transform: Callable[[Tensor], Tensor], view: View | None,
-               key: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor | None]:
-    """f's view (`transform`, seeded by `key` = (seed, epoch, sample) in training) and h's view (None
-    without a view) of one decoded uint8 image. Both are taken from the full image, so f's pixels do not
-    depend on whether h runs every step, reads its cache, or is absent (clip)."""
-    f = transform(image) if key is None else seeded(transform, image, *key)
-    return f, (None if view is None else tower3_view(image, view))
+def both_views(image: Tensor, transform: Callable[[Tensor], Tensor] | None, view: View | None,
+               key: tuple[int, ...] | None = None) -> dict[str, Tensor]:
+    """The views of one decoded uint8 image that a dataset's items carry: f's ('image': `transform`,
+    seeded by `key` = (seed, epoch, sample) in training; none without a transform, see
+    with_tower3_view) and h's ('image_h': none without a view). Both are taken from the full image,
+    so f's pixels do not depend on whether h runs every step, reads its cache, or is absent (clip)."""
+    views = {}
+    if transform is not None:
+        views["image"] = transform(image) if key is None else seeded(transform, image, *key)
+    if view is not None:
+        views["image_h"] = tower3_view(image, view)
+    return views
 
 
 def seeded(transform: Callable[[Tensor], Tensor], image: Tensor, *key: int) -> Tensor:
@@ -307,9 +312,8 @@ class CsvPairs(SharedEpoch, Dataset):
             raise UnusableData(f"{self.path}: 16 consecutive unusable images from row {index}")
         caption = self.rows[noisy_source(self.seed, row, len(self.rows), self.caption_noise)][1]
         key = (self.seed, self.epoch, index) if self.train else None
-        f, h = both_views(image, self.transform, self.tower3_view, key)
-        item = {"image": f, "caption": caption, "index": index, "data_errors": dict(errors)}
-        return item if h is None else {**item, "image_h": h}
+        views = both_views(image, self.transform, self.tower3_view, key)
+        return {**views, "caption": caption, "index": index, "data_errors": dict(errors)}
 
 
 def _file_stat(path: str) -> tuple[int, int] | None:
@@ -531,8 +535,8 @@ class TarShards(SharedEpoch, IterableDataset):
                 held["data_errors"] = log.take()
                 yield held
             sample = zlib.crc32(f"{os.path.basename(shard)}/{key}".encode())     # the crop's seed: not the reader's
-            f, h = both_views(image, self.transform, self.tower3_view, (self.seed, epoch, sample) if self.train else None)
-            held = {"image": f, "caption": caption} if h is None else {"image": f, "caption": caption, "image_h": h}
+            held = {**both_views(image, self.transform, self.tower3_view, (self.seed, epoch, sample) if self.train
+                                 else None), "caption": caption}
         if held is not None:
             held["data_errors"] = log.take()
             yield held
@@ -613,9 +617,9 @@ class LabelledImages(SharedEpoch, Dataset):
                 image = decode_rgb(_read_bytes(self.paths[index], self.max_file_bytes), self.max_image_pixels)
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"cannot use image {self.paths[index]}: {e}") from None
-        f, h = both_views(image, self.transform, self.tower3_view,
-                          (self.seed, self.epoch, index) if self.train else None)
-        return {"image": f, "label": self.targets[index]} | ({} if h is None else {"image_h": h})
+        views = both_views(image, self.transform, self.tower3_view, (self.seed, self.epoch, index) if self.train
+                           else None)
+        return {**views, "label": self.targets[index]}
 
 
 def image_folder(root: str, transform: Callable[[Tensor], Tensor], **kwargs: Any) -> LabelledImages:
@@ -639,15 +643,21 @@ def streamed(train_data: str, mode: str) -> bool:
     return mode != "supervised" and train_data != "shapes" and not train_data.lower().endswith((".csv", ".tsv"))
 
 
-def with_tower3_view(dataset: Dataset, view: View) -> Dataset:
+def with_tower3_view(dataset: Dataset, view: View | None, f_view: bool = True) -> Dataset:
     """A shallow copy of `dataset` whose items also carry 'image_h', the third tower's own view
-    (tower3_view): the cache and evaluation give h the pixels it sees in training, never f's view resized."""
+    (tower3_view; none when `view` is None): the cache and evaluation give h the pixels it sees in
+    training, never f's view resized. f_view=False drops f's view ('image') where it is cut from a
+    decoded image (files and shards), for readers that never use it: LiT, whose image tower is h,
+    and the build of h's cache -- the decode stays, so bad images are skipped and counted as before.
+    The shapes world renders f's view as its image and keeps it."""
     if isinstance(dataset, Subset):
-        return Subset(with_tower3_view(dataset.dataset, view), dataset.indices)
+        return Subset(with_tower3_view(dataset.dataset, view, f_view), dataset.indices)
     if not hasattr(dataset, "tower3_view"):
         raise TypeError(f"{type(dataset).__name__} has no third-tower view (no tower3_view)")
     out = copy.copy(dataset)
     out.tower3_view = view
+    if not f_view and hasattr(out, "transform"):
+        out.transform = None
     return out
 
 

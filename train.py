@@ -231,8 +231,8 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
     if args.grad_checkpointing:
         stacks = ", ".join(model.set_grad_checkpointing()) or "no blocks"
         log(env, f"[memory] activation checkpointing of {stacks}")
-    h_rows = (tower3_cache(args, env, tower3, data.with_tower3_view(dataset, tower3.view))
-              if cached else None)
+    h_only = data.with_tower3_view(dataset, tower3.view, f_view=False) if cached else None
+    h_rows = tower3_cache(args, env, tower3, h_only) if cached else None
     parts = Parts(model, wrap(model, args, env), optimizer, scheduler, tower3, weights)
     loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, rows=h_rows,
                               workers=env.workers(args), rank=env.rank, world_size=env.world,
@@ -371,7 +371,8 @@ def classifier_accuracy(model: torch.nn.Module, dataset, device: torch.device) -
 def pairs_dataset(args: argparse.Namespace, env: Env, tower3: FrozenTower | None):
     """The image-text pairs --train-data names: the shapes world, a CSV/TSV of image paths and
     captions, or tar shards (data.py). Given the third tower that runs every step, items also
-    carry its own view ('image_h', data.tower3_view). Logs how much of the data is used."""
+    carry its own view ('image_h', data.tower3_view); LiT's carry no view for f, which it lacks
+    (data.with_tower3_view). Logs how much of the data is used."""
     h_view = tower3.view if tower3 is not None else None
     common = dict(image_size=args.image_size, tower3_view=h_view, seed=args.seed)
     limits = dict(max_image_pixels=args.max_image_pixels, max_file_bytes=args.max_file_bytes)
@@ -386,6 +387,8 @@ def pairs_dataset(args: argparse.Namespace, env: Env, tower3: FrozenTower | None
     else:
         dataset = data.TarShards(args.train_data, rank=env.rank, world_size=env.world,
                                  max_bad_fraction=args.max_bad_fraction, **common, **limits)
+    if args.mode == "lit":
+        dataset = data.with_tower3_view(dataset, h_view, f_view=False)
     used = getattr(dataset, "summary", None) or (
         f"{len(dataset):,} pairs" if hasattr(dataset, "__len__")
         else f"{len(dataset.shards)} shards, streamed whole")

@@ -575,8 +575,9 @@ def bench_loader(shards: int = 4, per_shard: int = 256, short_side: tuple[int, i
                  image_size: int = 224, h_size: int = 224, batch: int = 48, workers: int = 2, epochs: int = 2) -> dict:
     """data.TarShards + data.make_loader, as a tar-shard run reads its data: `shards` shards of photo-like JPEGs
     (short side in `short_side`), f's random crop at image_size, captions tokenised (BPE) in the workers, whole
-    epochs timed (worker start-up included). For f's view only ('f') and with h's view at h_size added ('f+h'):
-    samples/s, samples/s per worker, and bytes shipped per sample (a batch's tensors / its size)."""
+    epochs timed (worker start-up included). For f's view only ('f'), with h's view at h_size added ('f+h'), and
+    h's view only ('h': LiT, which has no f; data.with_tower3_view with f_view=False): samples/s, samples/s per
+    worker, and bytes shipped per sample (a batch's tensors / its size)."""
     out = {"shards": shards, "per_shard": per_shard, "short_side": list(short_side), "image_size": image_size,
            "h_size": h_size, "batch": batch, "workers": workers, "epochs": epochs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -584,8 +585,10 @@ def bench_loader(shards: int = 4, per_shard: int = 256, short_side: tuple[int, i
             write_shard(os.path.join(tmp, f"{k:06d}.tar"), per_shard, short_side=short_side, start=k * per_shard)
         pattern = os.path.join(tmp, "*.tar")
         tokenizer = Tokenizer.learn(data.TarShards(pattern).sample_captions(train.VOCAB_CAPTIONS), 8192, 77)
-        for name, h in (("f", None), ("f+h", h_size)):
+        for name, h in (("f", None), ("f+h", h_size), ("h", h_size)):
             dataset = data.TarShards(pattern, image_size=image_size, tower3_view=h and data.View(h, h))
+            if name == "h":
+                dataset = data.with_tower3_view(dataset, dataset.tower3_view, f_view=False)
             loader = data.make_loader(dataset, batch, tokenizer=tokenizer, workers=workers)
             samples, shipped, start = 0, 0, time.perf_counter()
             for epoch in range(epochs):
@@ -694,8 +697,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--main-job-only", action="store_true", help="only time the README's main command")
     p.add_argument("--loader-only", action="store_true",
                    help="only the tar-shard loader (bench_loader: photo-like JPEGs, 224 px crops, batch 48, 2 "
-                        "workers, with and without h's view): samples/s, per worker, bytes shipped per sample; "
-                        "into --out's 'loader'")
+                        "workers; f's view, f's and h's, h's alone): samples/s, per worker, bytes shipped per "
+                        "sample; into --out's 'loader'")
     p.add_argument("--input-only", action="store_true",
                    help="only the training thread's input time per step at batch 512 with a cached h "
                         "(bench_step_input: next batch + train.tower_inputs); into --out's 'step_input'")

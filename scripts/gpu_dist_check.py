@@ -68,7 +68,7 @@ def build(args: argparse.Namespace, env: runtime.Env) -> dict:
     cached = runtime.uses_tower3_cache(args, env)
     dataset = train.pairs_dataset(args, env, None if cached else tower3)
     tokenizer = train.build_tokenizer(args, env, dataset, None)
-    h_rows = (runtime.tower3_cache(args, env, tower3, data.with_tower3_view(dataset, tower3.view))
+    h_rows = (runtime.tower3_cache(args, env, tower3, data.with_tower3_view(dataset, tower3.view, f_view=False))
               if cached else None)
     loader = data.make_loader(dataset, args.batch_size, tokenizer=tokenizer, seed=args.seed, rows=h_rows)
     return dict(config=train.model_config(args, tokenizer, tower3), dataset=dataset, tower3=tower3,

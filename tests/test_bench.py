@@ -191,13 +191,14 @@ def test_gpu_step_memory_of_a_case_holds_no_earlier_case(monkeypatch):
 
 def test_loader_figures_and_the_bytes_each_view_ships():
     """bench_loader on two tiny shards (one per worker): every full batch of an epoch arrives, and the bytes a
-    sample ships are its uint8 views (f's crop, h's view) and its int64 token ids, cut after the batch's
-    longest caption (at most 77)."""
+    sample ships are its uint8 views (f's crop, h's view; h's alone for LiT) and its int64 token ids, cut
+    after the batch's longest caption (at most 77)."""
     f = load_script("bench").bench_loader(shards=2, per_shard=10, short_side=(20, 28), image_size=16, h_size=8,
                                           batch=4, workers=2, epochs=1)
     assert 3 * 16 * 16 < f["f"]["bytes_per_sample"] < 3 * 16 * 16 + 77 * 8
     assert f["f+h"]["bytes_per_sample"] - f["f"]["bytes_per_sample"] == 3 * 8 * 8     # the same batches, plus h
-    for view in ("f", "f+h"):
+    assert f["f+h"]["bytes_per_sample"] - f["h"]["bytes_per_sample"] == 3 * 16 * 16   # LiT: no f crop shipped
+    for view in ("f", "f+h", "h"):
         assert f[view]["samples"] == 2 * 8                          # per worker: 10 samples, 2 full batches of 4
         assert f[view]["samples_per_s"] > 0
         assert f[view]["samples_per_s_per_worker"] == pytest.approx(f[view]["samples_per_s"] / 2)

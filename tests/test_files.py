@@ -156,6 +156,46 @@ def test_cached_equals_uncached_on_augmented_csv(files, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("source, cache", [("csv", True), ("csv", False), ("shards", False)])
+def test_lit_and_the_h_cache_make_no_view_for_f_and_train_as_if_they_did(files, tmp_path, monkeypatch, source,
+                                                                          cache):
+    """LiT has no f, and h's cache reads h's view only, so their items carry no f view
+    (data.with_tower3_view, f_view=False): the decode stays (bad images are skipped and counted as
+    before), f's crop and its bytes go. Final weights: bitwise those of a run whose items do carry it."""
+    seen: dict[str, list[set]] = {}
+    real_collate, real_views = data.collate, data.with_tower3_view
+    for name, keep_f in (("lean", False), ("with-f", True)):
+        seen[name] = []
+        monkeypatch.setattr(data, "collate", lambda samples, *a, **k: seen[name].append(set(samples[0]))
+                            or real_collate(samples, *a, **k))
+        if keep_f:                                                       # the code before: f's view made
+            monkeypatch.setattr(data, "with_tower3_view", lambda ds, view, f_view=True: real_views(ds, view))
+        train.main(run(tmp_path, "--mode", "lit", "--tower3", files.micro, "--steps", "3", "--train-data",
+                       files.csv if source == "csv" else files.shards, *([] if cache else ["--no-cache-tower3"]),
+                       "--cache-dir", str(tmp_path / name), out=name))
+    assert seen["lean"] and not any("image" in keys for keys in seen["lean"])
+    assert all("image" in keys for keys in seen["with-f"])
+    assert any("image_h" in keys for keys in seen["lean"])             # the cache's build, or h every step
+    a, b = weights(tmp_path / "lean"), weights(tmp_path / "with-f")
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_a_dataset_without_f_view_still_skips_and_counts_bad_images(tmp_path):
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        (tmp_path / "img" / f"{i}.png").write_bytes(image_bytes(i, 40, 40) if i != 1 else b"not an image")
+    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "".join(f"img/{i}.png,caption {i}\n" for i in range(4)))
+    pairs = data.CsvPairs(str(tmp_path / "pairs.csv"), image_size=32)
+    lean = data.with_tower3_view(pairs, data.View(crop=24, resize=24), f_view=False)
+    item, full = lean[1], data.with_tower3_view(pairs, data.View(crop=24, resize=24))[1]
+    assert set(item) == {"image_h", "caption", "index", "data_errors"} and "image" in full
+    assert item["data_errors"] == full["data_errors"] == {"decode_error": 1}    # row 2 stands in, counted
+    assert item["caption"] == full["caption"] == "caption 2" and torch.equal(item["image_h"], full["image_h"])
+    assert pairs.transform is not None                                    # a copy; the original keeps f's view
+    world = shapes.ShapesPairs("train", 4, image_size=32)                 # renders f's view: kept
+    assert "image" in data.with_tower3_view(world, None, f_view=False)[0]
+
+
 # ----------------------------------------------------------------------------- 4. files are used whole
 def test_csv_is_used_whole_unless_asked(files, tmp_path, capsys):
     rows = 30_010                              # more than the shapes world's default of --train-samples
