@@ -254,11 +254,17 @@ def run(args: argparse.Namespace, env: Env) -> dict[str, float]:
         if args.eval_every and position.step % args.eval_every == 0 and position.step < total:
             periodic_eval(args, env, model, tower3, suite, metrics_log)
     final = periodic_eval(args, env, model, tower3, suite, metrics_log)
+    finish(args, env, metrics_log)
+    return final
+
+
+def finish(args: argparse.Namespace, env: Env, metrics_log: MetricsLog) -> None:
+    """The end of a run or a pretraining: close the metrics log, draw curves.png from it (rank 0;
+    a drawing failure only warns), and wait for every rank."""
     metrics_log.close()
-    if env.master:                 # curves.png from metrics.jsonl; a drawing failure only warns
+    if env.master:
         evaluation.write_curves(args.out)
     env.barrier()
-    return final
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,10 +314,7 @@ def pretrain(args: argparse.Namespace, env: Env) -> dict[str, float]:
         if position.step % args.save_every == 0 or position.step == total:
             save(args, env, model, optimizer, scheduler, position, classifier=config)
     results = held_out_accuracy(args, env, model, metrics_log)
-    metrics_log.close()
-    if env.master:                 # curves.png from metrics.jsonl; a drawing failure only warns
-        evaluation.write_curves(args.out)
-    env.barrier()
+    finish(args, env, metrics_log)
     return results
 
 
