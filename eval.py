@@ -605,7 +605,8 @@ class Embedder:
         third tower is used; and the labels, if the items have them. h reads its own view of each
         image (data.tower3_view), the pixels it saw in training, never f's view resized."""
         if id(dataset) not in self.cache:
-            source = dataset if self.tower3 is None else with_tower3_view(dataset, self.tower3.view)
+            source = dataset if self.tower3 is None else with_tower3_view(      # LiT has no f: no f view
+                dataset, self.tower3.view, f_view=self.model.mode != "lit")
             embedded = self._sharded(len(source), lambda rows: self._embed_images(
                 source if len(rows) == len(source) else Subset(source, rows)))
             # The entry holds the dataset: a freed one's id could be reused by another set, a wrong hit.
@@ -616,7 +617,7 @@ class Embedder:
         loader = DataLoader(source, self.batch_size, shuffle=False, collate_fn=collate, num_workers=self.workers)
         parts = []
         for batch in tqdm(loader, desc="images", disable=not self.progress, leave=False):
-            image, h = batch["image"].to(self.device), None
+            image, h = (batch["image"].to(self.device) if "image" in batch else None), None
             if self.tower3 is not None:
                 h = self.tower3(batch["image_h"].to(self.device))
             out = self.model.encode_image(image, h)

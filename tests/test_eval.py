@@ -646,3 +646,22 @@ def test_curves_command_without_records_is_one_line(tmp_path):
         ev.main([])                                          # neither --checkpoint nor --curves
     assert stop.value.code == 2
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_lit_evaluation_makes_no_view_for_f_and_embeds_as_if_it_did(ckpts, monkeypatch):
+    """A LiT model has no f: evaluation embeds h's view of each image only (data.with_tower3_view,
+    f_view=False) and gets the embeddings of an evaluation that also cut f's view; 3t still gets both."""
+    rng = np.random.default_rng(0)
+    images = data.LabelledImages(data.image_transform(32, train=False), ["a", "b"], [0, 1, 0, 1],
+                                 array=rng.integers(0, 256, (4, 40, 44, 3), dtype=np.uint8))
+    seen, real_collate, real_views = [], ev.collate, data.with_tower3_view
+    monkeypatch.setattr(ev, "collate", lambda samples, *a, **k: seen.append(set(samples[0])) or real_collate(samples))
+    got = {}
+    for mode, keep_f in (("lit", False), ("3t", False), ("lit", True)):
+        if keep_f:                                                       # the code before: f's view made
+            monkeypatch.setattr(ev, "with_tower3_view", lambda ds, view, f_view=True: real_views(ds, view))
+        model, tower3, _ = load_trained(ckpts[mode])
+        got[mode, keep_f] = ev.Embedder(model, tower3, "cpu").images(images)[0]
+    assert seen == [{"image_h", "label"}, {"image", "image_h", "label"}, {"image", "image_h", "label"}]
+    assert got["lit", False].keys() == got["lit", True].keys() == {"h"}
+    assert torch.equal(got["lit", False]["h"], got["lit", True]["h"]) and "f" in got["3t", False]
