@@ -97,7 +97,7 @@ def tower3_view(images: Tensor, view: View) -> Tensor:
     return v2.functional.center_crop(resize(images, view), view.crop)
 
 
-def both_views(image: Tensor, transform: Callable[[Tensor], Tensor] | None, view: View | None,
+def item_views(image: Tensor, transform: Callable[[Tensor], Tensor] | None, view: View | None,
                key: tuple[int, ...] | None = None) -> dict[str, Tensor]:
     """The views of one decoded uint8 image that a dataset's items carry: f's ('image': `transform`,
     seeded by `key` = (seed, epoch, sample) in training; none without a transform, see
@@ -312,7 +312,7 @@ class CsvPairs(SharedEpoch, Dataset):
             raise UnusableData(f"{self.path}: 16 consecutive unusable images from row {index}")
         caption = self.rows[noisy_source(self.seed, row, len(self.rows), self.caption_noise)][1]
         key = (self.seed, self.epoch, index) if self.train else None
-        views = both_views(image, self.transform, self.tower3_view, key)
+        views = item_views(image, self.transform, self.tower3_view, key)
         return {**views, "caption": caption, "index": index, "data_errors": dict(errors)}
 
 
@@ -535,7 +535,7 @@ class TarShards(SharedEpoch, IterableDataset):
                 held["data_errors"] = log.take()
                 yield held
             sample = zlib.crc32(f"{os.path.basename(shard)}/{key}".encode())     # the crop's seed: not the reader's
-            held = {**both_views(image, self.transform, self.tower3_view, (self.seed, epoch, sample) if self.train
+            held = {**item_views(image, self.transform, self.tower3_view, (self.seed, epoch, sample) if self.train
                                  else None), "caption": caption}
         if held is not None:
             held["data_errors"] = log.take()
@@ -617,7 +617,7 @@ class LabelledImages(SharedEpoch, Dataset):
                 image = decode_rgb(_read_bytes(self.paths[index], self.max_file_bytes), self.max_image_pixels)
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"cannot use image {self.paths[index]}: {e}") from None
-        views = both_views(image, self.transform, self.tower3_view, (self.seed, self.epoch, index) if self.train
+        views = item_views(image, self.transform, self.tower3_view, (self.seed, self.epoch, index) if self.train
                            else None)
         return {**views, "label": self.targets[index]}
 

@@ -211,16 +211,15 @@ def bench_linears(preset: list[str], tower3: str, pairs: int) -> list[dict]:
             start = time.perf_counter()
             step(batches[i % len(batches)])
             times[k].append(time.perf_counter() - start)
-    rows = []
+    rows, capability = [], torch.backends.cpu.get_cpu_capability()
     for mode, k in (("clip", 0), ("3t", 2)):
         onednn, plain = times[k][1:], times[k + 1][1:]
         ratio = [p / o for p, o in zip(plain, onednn)]
         rows.append({"mode": mode, "batch": setups[k][3]["batch"], "onednn_ms": 1e3 * statistics.median(onednn),
                      "f_linear_ms": 1e3 * statistics.median(plain), "onednn_speedup": statistics.median(ratio),
                      "speedup_min": min(ratio), "speedup_max": max(ratio), "pairs": pairs,
-                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                     "wrap_takes": "onednn" if runtime.prefers_onednn(torch.backends.cpu.get_cpu_capability())
-                     else "f.linear"})
+                     "cpu_capability": capability,
+                     "wrap_takes": "onednn" if runtime.prefers_onednn(capability) else "f.linear"})
     return rows
 
 
